@@ -1,0 +1,117 @@
+"""Dataset containers shared by every loader.
+
+Every split is held as one dense tensor ``x`` of shape ``(N, T_max, C)`` (sample-major on
+disk and in memory), per-sample valid lengths and integer labels. Batches are produced
+time-major, ``(T, B, C)``, zero-padded to the longest sample of the batch, as in the
+published code. Holding whole splits as tensors lets them live on the training device, so
+an epoch never goes back to the host for data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Split:
+    """One split: inputs ``x`` (N, T_max, C), ``lengths`` (N,) valid steps, ``y`` (N,) labels."""
+
+    x: Tensor
+    lengths: Tensor
+    y: Tensor
+
+    def __post_init__(self) -> None:
+        n = self.x.shape[0]
+        if self.lengths.shape != (n,) or self.y.shape != (n,):
+            raise ValueError(
+                f"split tensors disagree: x {tuple(self.x.shape)}, "
+                f"lengths {tuple(self.lengths.shape)}, y {tuple(self.y.shape)}"
+            )
+        # Lengths stay on the CPU: batch lengths are read there without a device sync.
+        self.lengths = self.lengths.cpu().long()
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def to(self, device: torch.device | str) -> Split:
+        return Split(self.x.to(device), self.lengths, self.y.to(device))
+
+    def subset(self, index: Tensor) -> Split:
+        index = index.cpu().long()
+        dev = self.x.device
+        return Split(self.x[index.to(dev)], self.lengths[index], self.y[index.to(dev)])
+
+
+@dataclass
+class DataBundle:
+    """Train / validation / test splits and the sizes the model is built from."""
+
+    name: str
+    train: Split
+    valid: Split
+    test: Split
+    n_inputs: int
+    n_classes: int
+    dt_ms: float
+    class_names: list[str] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> DataBundle:
+        return DataBundle(
+            self.name,
+            self.train.to(device),
+            self.valid.to(device),
+            self.test.to(device),
+            self.n_inputs,
+            self.n_classes,
+            self.dt_ms,
+            list(self.class_names),
+        )
+
+
+def batches(
+    split: Split,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+    indices: Tensor | None = None,
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Yield ``(x, y, index)``: ``x`` float32 (T, B, C) padded to the batch's longest sample.
+
+    ``indices`` restricts the iteration to a subset (a distributed shard, say); ``generator``
+    (a CPU generator) makes the shuffle reproducible.
+    """
+    order = indices if indices is not None else torch.arange(len(split))
+    order = order.cpu().long()
+    if shuffle:
+        order = order[torch.randperm(len(order), generator=generator)]
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    dev = split.x.device
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        t = int(split.lengths[idx].max())
+        idx_dev = idx.to(dev, non_blocking=True)
+        x = split.x[idx_dev, :t].float().transpose(0, 1)
+        yield x, split.y[idx_dev], idx
+
+
+def stratified_split(
+    labels: Tensor, fraction: float, seed: int
+) -> tuple[Tensor, Tensor]:
+    """Indices ``(keep, held_out)``: ``fraction`` of every class held out, seeded."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"dataset.valid_fraction must be in [0, 1), got {fraction}")
+    gen = torch.Generator().manual_seed(seed)
+    keep, held = [], []
+    labels = labels.cpu()
+    for c in torch.unique(labels):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_held = int(round(fraction * len(idx)))
+        held.append(idx[:n_held])
+        keep.append(idx[n_held:])
+    return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(held)).values
