@@ -1,0 +1,341 @@
+"""SHD/SSC loading: binning, splits, cache, downloads (file:// only) and bad-file errors."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import inspect
+import os
+import re
+import shutil
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from spike_files import make_shd_root, make_spike_dataset, make_ssc_root, write_spike_h5
+
+from snn_delays.data import download, spikes
+from snn_delays.data.base import stratified_split
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Hand example: 12 channels in groups of 5 -> 3 inputs, the last one of 2 channels.
+HAND_TIMES = [
+    np.array([0.105, 0.107, 0.118, 0.131]),
+    np.array([]),
+    np.array([0.0, 0.001, 0.009, 0.0095, 0.02]),
+]
+HAND_UNITS = [np.array([0, 4, 5, 11]), np.array([], np.int64), np.array([11, 10, 11, 3, 7])]
+
+
+def _dense(n_bins: int, entries: dict[tuple[int, int], int]) -> np.ndarray:
+    x = np.zeros((n_bins, 3), np.int64)
+    for (b, c), v in entries.items():
+        x[b, c] = v
+    return x
+
+
+def _bin_hand(**kwargs):
+    return spikes.bin_spikes(HAND_TIMES, HAND_UNITS, dt_ms=10.0, pool=5, n_channels=12, **kwargs)
+
+
+def test_bins_start_at_first_spike():
+    x, lengths = _bin_hand()
+    assert x.shape == (3, 3, 3)
+    assert lengths.tolist() == [3, 1, 3]
+    # sample 0: 0, 2, 13, 26 ms after its first spike; channels 0, 4 | 5 | 11
+    np.testing.assert_array_equal(x[0], _dense(3, {(0, 0): 2, (1, 1): 1, (2, 2): 1}))
+    np.testing.assert_array_equal(x[1], 0)
+    # sample 2: 0, 1, 9, 9.5, 20 ms; channels 11, 10, 11 (partial group) | 3 | 7
+    np.testing.assert_array_equal(x[2], _dense(3, {(0, 2): 3, (0, 0): 1, (2, 1): 1}))
+
+
+def test_bins_start_at_zero():
+    x, lengths = _bin_hand(start_at_first_spike=False)
+    assert lengths.tolist() == [14, 1, 3]
+    np.testing.assert_array_equal(x[0], _dense(14, {(10, 0): 2, (11, 1): 1, (13, 2): 1}))
+    np.testing.assert_array_equal(x[2, :3], _dense(3, {(0, 2): 3, (0, 0): 1, (2, 1): 1}))
+
+
+def test_bins_max_duration_drops_late_spikes():
+    x, lengths = _bin_hand(max_duration_s=0.02)  # keeps [0, 20) ms after the first spike
+    assert lengths.tolist() == [2, 1, 1]
+    np.testing.assert_array_equal(x[0], _dense(2, {(0, 0): 2, (1, 1): 1}))
+    np.testing.assert_array_equal(x[2], _dense(2, {(0, 2): 3, (0, 0): 1}))  # zero-padded
+
+
+def test_hand_file_loads_exactly(tmp_path):
+    for name in ("shd_train.h5", "shd_test.h5"):
+        write_spike_h5(tmp_path / name, HAND_TIMES, HAND_UNITS, [0, 1, 1], time_dtype=np.float64)
+    data = spikes.load_shd(tmp_path, n_channels=12, n_classes=2, valid_fraction=0.0, download=False)
+    expected, lengths = _bin_hand()
+    assert data.n_inputs == 3 and data.n_classes == 2 and data.dt_ms == 10.0 and data.name == "shd"
+    for split in (data.train, data.test):
+        assert split.x.dtype == torch.uint8
+        np.testing.assert_array_equal(split.x.numpy(), expected)
+        assert split.lengths.tolist() == lengths.tolist()
+        assert split.y.dtype == torch.int64 and split.y.tolist() == [0, 1, 1]
+    assert data.valid.x.shape == (0, 3, 3) and len(data.valid) == 0
+    assert data.class_names == ["class-0", "class-1"]
+
+
+def test_large_counts_are_kept_as_int16(tmp_path):
+    times, units = [np.full(300, 0.01), np.array([0.5])], [np.zeros(300, np.int64), np.array([699])]
+    path = write_spike_h5(tmp_path / "a.h5", times, units, [0, 1], time_dtype=np.float64)
+    binning = spikes._binning(10.0, 5, 700, None, True)
+    split, _ = spikes.load_spike_split(path, binning, n_classes=2, cache_dir=None)
+    assert split.x.dtype == torch.int16 and int(split.x[0, 0, 0]) == 300 and int(split.x[1, 0, 139]) == 1
+    assert split.lengths.tolist() == [1, 1]
+
+
+def test_random_file_matches_binning_and_labels(tmp_path):
+    written = make_spike_dataset(tmp_path / "shd_train.h5", 50, 5, seed=3)
+    shutil.copy(tmp_path / "shd_train.h5", tmp_path / "shd_test.h5")
+    data = spikes.load_shd(tmp_path, n_classes=5, valid_fraction=0.0, download=False, cache=False)
+    x, lengths = spikes.bin_spikes(written["times"], written["units"])
+    assert data.train.x.shape == (50, lengths.max(), 140) and data.n_inputs == 140
+    np.testing.assert_array_equal(data.train.x.numpy(), x)
+    assert data.train.lengths.tolist() == lengths.tolist()
+    assert data.train.y.tolist() == written["labels"].tolist()
+    assert int(data.train.x.sum()) == sum(len(t) for t in written["times"])
+
+
+def test_shd_validation_is_stratified_and_seeded(tmp_path):
+    make_shd_root(tmp_path, n_train=200, n_test=20, n_classes=4)
+    full = spikes.load_shd(tmp_path, n_classes=4, valid_fraction=0.0, download=False).train
+    data = spikes.load_shd(tmp_path, n_classes=4, valid_fraction=0.1, seed=7, download=False)
+    assert torch.bincount(data.valid.y).tolist() == [5] * 4
+    assert torch.bincount(data.train.y).tolist() == [45] * 4
+    keep, held = stratified_split(full.y, 0.1, 7)
+    assert torch.equal(data.valid.x, full.x[held]) and torch.equal(data.train.x, full.x[keep])
+    other = spikes.load_shd(tmp_path, n_classes=4, valid_fraction=0.1, seed=8, download=False)
+    assert not torch.equal(other.valid.x, data.valid.x)
+    assert len(data.test) == 20
+
+
+def test_ssc_uses_its_own_validation_file(tmp_path):
+    make_ssc_root(tmp_path, n_train=70, n_valid=35, n_test=35)
+    data = spikes.load_ssc(tmp_path, download=False)
+    assert (len(data.train), len(data.valid), len(data.test)) == (70, 35, 35)
+    assert data.name == "ssc" and data.n_classes == 35 and data.n_inputs == 140
+    assert sorted(data.valid.y.tolist()) == list(range(35))
+
+
+def test_cache_is_reused_and_keyed(tmp_path, monkeypatch):
+    make_shd_root(tmp_path, n_train=40, n_test=10, n_classes=4)
+    first = spikes.load_shd(tmp_path, n_classes=4, download=False)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    assert not list((tmp_path / "cache").glob("*.part"))
+
+    def no_binning(*args, **kwargs):
+        raise AssertionError("binned again instead of using the cache")
+
+    monkeypatch.setattr(spikes, "bin_spikes", no_binning)
+    second = spikes.load_shd(tmp_path, n_classes=4, download=False)
+    assert torch.equal(first.train.x, second.train.x) and torch.equal(first.test.y, second.test.y)
+    assert second.class_names == first.class_names
+    with pytest.raises(AssertionError, match="binned again"):  # another option, another key
+        spikes.load_shd(tmp_path, n_classes=4, dt_ms=5.0, download=False)
+    stat = (tmp_path / "shd_test.h5").stat()
+    os.utime(tmp_path / "shd_test.h5", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError, match="binned again"):  # a changed file, another key
+        spikes.load_shd(tmp_path, n_classes=4, download=False)
+
+
+def test_damaged_cache_is_rebuilt(tmp_path):
+    make_shd_root(tmp_path, n_train=20, n_test=10, n_classes=4)
+    first = spikes.load_shd(tmp_path, n_classes=4, download=False)
+    for cached in (tmp_path / "cache").glob("*.pt"):
+        cached.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="cache"):
+        again = spikes.load_shd(tmp_path, n_classes=4, download=False)
+    assert torch.equal(first.test.x, again.test.x)
+
+
+def _no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def test_existing_files_are_used_without_download(tmp_path, monkeypatch):
+    _no_network(monkeypatch)
+    monkeypatch.setattr(spikes, "MIRRORS", ("https://invalid.example/",))
+    make_ssc_root(tmp_path)
+    assert len(spikes.load_ssc(tmp_path, download=True).train) == 70
+    assert (
+        download.ensure_file(tmp_path, "ssc_test.h5", ["bogus://x"], "0" * 32, True)
+        == tmp_path / "ssc_test.h5"
+    )
+
+
+def test_relative_root_resolves_against_cwd(tmp_path, monkeypatch):
+    make_shd_root(tmp_path / "data" / "shd", n_train=20, n_test=10, n_classes=4)
+    monkeypatch.chdir(tmp_path)
+    assert len(spikes.load_shd("data/shd", n_classes=4, download=False).test) == 10
+
+
+def test_missing_file_offline_names_file_url_and_folder(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        spikes.load_shd(tmp_path / "shd", download=False)
+    message = str(info.value)
+    assert isinstance(info.value, download.MissingDataError)
+    assert "shd_train.h5" in message and str(tmp_path / "shd") in message
+    assert "https://zenkelab.org/datasets/shd_train.h5.zip" in message
+    assert "https://compneuro.net/datasets/shd_train.h5.zip" in message
+    assert "dataset.root" in message and "dataset.download" in message
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A 'server' folder holding one spike file as .h5, .h5.zip and .h5.gz."""
+    server = tmp_path / "server"
+    make_spike_dataset(server / "shd_train.h5", 10, 2, seed=0)
+    with zipfile.ZipFile(server / "shd_train.h5.zip", "w") as zf:
+        zf.write(server / "shd_train.h5", "shd_train.h5")
+    with open(server / "shd_train.h5", "rb") as src, gzip.open(server / "shd_train.h5.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return server
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".gz"])
+def test_download_verifies_and_unpacks(served, tmp_path, suffix):
+    root = tmp_path / "root"
+    archive = served / f"shd_train.h5{suffix}"
+    urls = [(served / "absent.zip").as_uri(), archive.as_uri()]  # first mirror fails
+    got = download.ensure_file(root, "shd_train.h5", urls, _md5(archive), download=True)
+    assert got == root / "shd_train.h5"
+    assert got.read_bytes() == (served / "shd_train.h5").read_bytes()
+    assert _leftovers(root) == ["shd_train.h5"]  # no .part, no archive
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".gz"])
+def test_download_with_wrong_md5_leaves_nothing(served, tmp_path, suffix):
+    root = tmp_path / "root"
+    archive = served / f"shd_train.h5{suffix}"
+    with pytest.raises(download.MissingDataError) as info:
+        download.ensure_file(root, "shd_train.h5", [archive.as_uri()], "0" * 32, download=True)
+    message = str(info.value)
+    assert "shd_train.h5" in message and "0" * 32 in message and _md5(archive) in message
+    assert _leftovers(root) == []
+    with pytest.raises(download.ChecksumError, match=_md5(archive)):
+        download.download_url(archive.as_uri(), root / archive.name, md5="0" * 32)
+    assert _leftovers(root) == []
+
+
+def test_download_url_keeps_archive(served, tmp_path):
+    archive = served / "shd_train.h5.gz"
+    dest = download.download_url(archive.as_uri(), tmp_path / "x" / archive.name, _md5(archive))
+    assert dest.read_bytes() == archive.read_bytes() and _leftovers(dest.parent) == [archive.name]
+
+
+def test_bad_archive_is_reported(tmp_path):
+    bogus = tmp_path / "server" / "shd_train.h5.zip"
+    bogus.parent.mkdir()
+    bogus.write_bytes(b"not a zip")
+    with pytest.raises(download.MissingDataError, match="not a valid archive"):
+        download.ensure_file(tmp_path / "root", "shd_train.h5", [bogus.as_uri()], None, True)
+    assert _leftovers(tmp_path / "root") == []
+
+
+def test_load_shd_downloads_through_mirrors(served, tmp_path, monkeypatch):
+    shutil.copy(served / "shd_train.h5.zip", served / "shd_test.h5.zip")
+    md5 = _md5(served / "shd_train.h5.zip")
+    monkeypatch.setattr(spikes, "MIRRORS", (served.as_uri() + "/",))
+    monkeypatch.setattr(spikes, "ZIP_MD5", {"shd_train.h5": md5, "shd_test.h5": md5})
+    data = spikes.load_shd(tmp_path / "root", n_classes=2, valid_fraction=0.0)
+    assert len(data.train) == len(data.test) == 10
+    assert sorted(_leftovers(tmp_path / "root")) == ["cache", "shd_test.h5", "shd_train.h5"]
+
+
+# --- bad files: every error names the file ------------------------------------------------
+
+
+def _load_bad(path: Path, **kwargs):
+    binning = spikes._binning(10.0, 5, kwargs.pop("n_channels", 700), None, True)
+    return spikes.load_spike_split(path, binning, kwargs.pop("n_classes", 20), cache_dir=None)
+
+
+def _expect_error(path: Path, *words: str, **kwargs) -> str:
+    with pytest.raises(spikes.DatasetFormatError, match=re.escape(str(path))) as info:
+        _load_bad(path, **kwargs)
+    for word in words:
+        assert word in str(info.value)
+    return str(info.value)
+
+
+def test_truncated_file(tmp_path):
+    path = tmp_path / "shd_train.h5"
+    make_spike_dataset(path, 30, 4, seed=0)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _expect_error(path, "truncated or corrupt", "download it again")
+
+
+def test_corrupt_bytes(tmp_path):
+    path = tmp_path / "shd_test.h5"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    _expect_error(path, "truncated or corrupt")
+
+
+def test_missing_spike_times(tmp_path):
+    path = tmp_path / "a.h5"
+    make_spike_dataset(path, 5, 2, seed=0)
+    with h5py.File(path, "a") as f:
+        del f["spikes/times"]
+    _expect_error(path, "spikes/times")
+
+
+@pytest.mark.parametrize("unit", [700, -1])
+def test_unit_out_of_range(tmp_path, unit):
+    path = write_spike_h5(
+        tmp_path / "a.h5",
+        [np.array([0.1, 0.2])] * 2,
+        [np.array([3, 4]), np.array([5, unit])],
+        [0, 1],
+        unit_dtype=np.int16,
+    )
+    _expect_error(path, f"sample 1 has unit {unit}", "n_channels")
+
+
+def test_unit_beyond_configured_channels(tmp_path):
+    path = write_spike_h5(tmp_path / "a.h5", [np.array([0.1])], [np.array([650])], [0])
+    _expect_error(path, "650", "dataset.n_channels", n_channels=600)
+
+
+def test_label_out_of_range(tmp_path):
+    path = write_spike_h5(tmp_path / "a.h5", [np.array([0.1])] * 2, [np.array([1])] * 2, [0, 20])
+    _expect_error(path, "outside [0, 20)", "dataset.n_classes")
+
+
+def test_ragged_lengths_disagree(tmp_path):
+    path = write_spike_h5(tmp_path / "a.h5", [np.array([0.1, 0.2])], [np.array([1])], [0])
+    _expect_error(path, "sample 0 has 2 spike times but 1 units")
+    path = write_spike_h5(tmp_path / "b.h5", [np.array([0.1])] * 2, [np.array([1])] * 2, [0, 1, 1])
+    _expect_error(path, "3 labels")
+
+
+def test_config_keys_match_loaders(tmp_path):
+    omegaconf = pytest.importorskip("omegaconf")
+    hydra_utils = pytest.importorskip("hydra.utils")
+    make_shd_root(tmp_path / "shd", n_train=40, n_test=10)
+    make_ssc_root(tmp_path / "ssc")
+    for name, loader in (("shd", spikes.load_shd), ("ssc", spikes.load_ssc)):
+        cfg = omegaconf.OmegaConf.load(REPO / "conf" / "dataset" / f"{name}.yaml")
+        assert set(cfg) - {"_target_"} == set(inspect.signature(loader).parameters)
+        cfg.root, cfg.download = str(tmp_path / name), False
+        data = hydra_utils.instantiate(cfg)
+        assert data.name == name and data.n_inputs == 140
