@@ -1,0 +1,287 @@
+"""Google Speech Commands v0.02 (35 words) as log-mel features.
+
+Layout (as in the archive)::
+
+    <root>/speech_commands_v0.02/<word>/<speaker>_nohash_<n>.wav    16 kHz mono WAV, <= 1 s
+    <root>/speech_commands_v0.02/validation_list.txt                 lines like right/abc_nohash_0.wav
+    <root>/speech_commands_v0.02/testing_list.txt
+    <root>/speech_commands_v0.02/_background_noise_/                 not a class, never read
+
+Validation and test clips are those the two list files name; training is every other WAV in
+the 35 word folders. Features (see ``snn_delays.data.audio``) are computed once and cached under
+``<root>/cache/``, keyed by the front-end parameters and the three file lists.
+
+Download: the archive (2.3 GB) is fetched only when the extracted folder is absent (a folder
+you bring yourself is used as it is). Its sha256 is checked against the value torchaudio pins
+for the same URL; it is unpacked into a temporary sibling folder, checked for the two list
+files, given a completion marker and only then renamed into place, so an interrupted
+extraction is never taken for a complete one (the next run starts the extraction afresh). The
+archive is deleted once extracted.
+
+Every WAV must be 16 kHz mono: a clip at another rate is an error, not resampled, since GSC
+v0.02 holds nothing else and a stray rate means a foreign or damaged file. Bad input raises
+``GSCDataError`` (a ``ValueError``) naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from snn_delays.data.audio import FrontEnd, log_mel, pad_or_cut
+from snn_delays.data.base import DataBundle, Split
+from snn_delays.data.download import ArchiveError, ChecksumError, MissingDataError, download_url
+
+log = logging.getLogger(__name__)
+
+CLASSES = (
+    "backward", "bed", "bird", "cat", "dog", "down", "eight", "five", "follow", "forward",
+    "four", "go", "happy", "house", "learn", "left", "marvin", "nine", "no", "off", "on", "one",
+    "right", "seven", "sheila", "six", "stop", "three", "tree", "two", "up", "visual", "wow",
+    "yes", "zero",
+)  # fmt: skip
+FOLDER = "speech_commands_v0.02"
+VALID_LIST, TEST_LIST = "validation_list.txt", "testing_list.txt"
+ARCHIVE_URL = "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
+# torchaudio's pinned sha256 for this URL (torchaudio.datasets.speechcommands._CHECKSUMS).
+ARCHIVE_SHA256 = "af14739ee7dc311471de98f5f9d2c9191b18aedfe957f4a6ff791c709868ff58"
+MARKER = ".extracted"
+SAMPLE_RATE = 16000
+CACHE_FORMAT = 1  # bump when the cached content changes for the same parameters
+
+
+class GSCDataError(ValueError):
+    """A file of the dataset is missing, unreadable or not what GSC holds; names the file."""
+
+
+def load_gsc(
+    root: str | Path = "datasets/gsc",
+    n_mels: int = 140,
+    faithful: bool = False,
+    top_db: float | None = None,
+    valid_fraction: float | None = None,
+    download: bool = True,
+    cache: bool = True,
+    seed: int = 0,
+    feature_batch_size: int = 256,
+) -> DataBundle:
+    """Load GSC-35 as a ``DataBundle`` of ``(N, n_frames, n_mels)`` float32 log-mel features.
+
+    ``faithful`` reproduces the published front end (mel upper edge above Nyquist: about a
+    third of the bands constant); the default is the corrected one (``audio`` module).
+    ``valid_fraction`` must stay ``None``: GSC has an official validation list. ``seed`` is
+    accepted for a uniform loader signature; nothing here is random.
+    """
+    if valid_fraction is not None:
+        raise ValueError(
+            f"dataset.valid_fraction={valid_fraction}: GSC uses its official validation_list.txt; "
+            "leave it null"
+        )
+    del seed
+    fe = FrontEnd.published(n_mels, top_db) if faithful else FrontEnd(n_mels=n_mels, top_db=top_db)
+    data_dir = ensure_extracted(Path(root), download)
+    files = split_files(data_dir)
+    splits = _cached_features(Path(root) / "cache", data_dir, files, fe, cache, feature_batch_size)
+    return DataBundle(
+        "gsc",
+        *(splits[name] for name in ("train", "valid", "test")),
+        n_inputs=n_mels,
+        n_classes=len(CLASSES),
+        dt_ms=fe.dt_ms,
+        class_names=list(CLASSES),
+    )
+
+
+# ---------------------------------------------------------------- download and extraction
+
+
+def sha256sum(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def ensure_extracted(root: Path, download: bool) -> Path:
+    """Return ``root/speech_commands_v0.02``, downloading and extracting it when absent."""
+    data_dir = root / FOLDER
+    if data_dir.is_dir():
+        return data_dir
+    if not download:
+        raise MissingDataError(
+            f"GSC not found: no folder {data_dir}. Download {ARCHIVE_URL}, extract it into that "
+            "folder, or allow the download with dataset.download=true."
+        )
+    archive = root / ARCHIVE_URL.rsplit("/", 1)[-1]
+    # An archive left by an interrupted extraction is reused only if it verifies.
+    if not (archive.is_file() and sha256sum(archive) == ARCHIVE_SHA256):
+        download_url(ARCHIVE_URL, archive, md5=None)
+        got = sha256sum(archive)
+        if got != ARCHIVE_SHA256:
+            archive.unlink()
+            raise ChecksumError(
+                f"sha256 mismatch for {archive.name} from {ARCHIVE_URL}: expected {ARCHIVE_SHA256}, "
+                f"got {got} (deleted; try again)"
+            )
+    _extract(archive, data_dir)
+    archive.unlink()
+    return data_dir
+
+
+def _safe_members(tar: tarfile.TarFile, archive: Path):
+    """Plain files and folders inside the target only (links and devices are skipped)."""
+    for member in tar:
+        if member.name.startswith("/") or ".." in Path(member.name).parts:
+            raise ArchiveError(f"{archive.name}: refusing to extract {member.name!r} outside the folder")
+        if member.isfile() or member.isdir():
+            yield member
+
+
+def _extract(archive: Path, data_dir: Path) -> None:
+    """Unpack into ``<data_dir>.extracting``, check, mark complete, rename to ``data_dir``."""
+    tmp = data_dir.with_name(data_dir.name + ".extracting")
+    if tmp.exists():  # left by an interrupted run: never trusted, start again
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    try:
+        with tarfile.open(archive) as tar:
+            for member in tqdm(_safe_members(tar, archive), desc=f"extracting {archive.name}", unit="file"):
+                tar.extract(member, tmp, **kwargs)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArchiveError(f"{archive} could not be extracted: {err}") from err
+    # The official archive is flat; accept one top-level folder holding the lists as well.
+    content = tmp
+    subdirs = [p for p in tmp.iterdir() if p.is_dir()]
+    if not (tmp / VALID_LIST).exists() and len(subdirs) == 1:
+        content = subdirs[0]
+    missing = [name for name in (VALID_LIST, TEST_LIST) if not (content / name).is_file()]
+    if missing:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArchiveError(f"{archive} extracted without {', '.join(missing)}: not a GSC archive")
+    (content / MARKER).write_text(f"{archive.name} sha256 {ARCHIVE_SHA256}\n")
+    os.replace(content, data_dir)
+    if content != tmp:
+        shutil.rmtree(tmp)
+
+
+# ---------------------------------------------------------------- file lists
+
+
+def _read_list(data_dir: Path, name: str, available: set[str]) -> list[str]:
+    path = data_dir / name
+    if not path.is_file():
+        raise GSCDataError(f"GSC list file missing: {path}")
+    entries = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        entry = line.strip().replace("\\", "/").removeprefix("./")
+        if not entry:
+            continue
+        if entry.split("/")[0] not in CLASSES or entry.count("/") != 1:
+            raise GSCDataError(f"{path}, line {lineno}: {entry!r} is not <one of the 35 words>/<file>.wav")
+        if entry not in available:
+            raise GSCDataError(f"{path}, line {lineno}: names {data_dir / entry}, which does not exist")
+        entries.append(entry)
+    return entries
+
+
+def split_files(data_dir: Path) -> dict[str, list[str]]:
+    """Relative WAV paths per split (``train``, ``valid``, ``test``), each sorted."""
+    available: list[str] = []
+    for word in CLASSES:
+        folder = data_dir / word
+        if not folder.is_dir():
+            raise GSCDataError(f"GSC word folder missing: {folder} (an incomplete copy of the dataset?)")
+        names = (e.name for e in os.scandir(folder) if e.name.endswith(".wav") and e.is_file())
+        available += [f"{word}/{name}" for name in names]
+    avail = set(available)
+    valid = _read_list(data_dir, VALID_LIST, avail)
+    test = _read_list(data_dir, TEST_LIST, avail)
+    both = set(valid) & set(test)
+    if both:
+        raise GSCDataError(f"{data_dir / VALID_LIST} and {TEST_LIST} both list {data_dir / min(both)}")
+    held = set(valid) | set(test)
+    train = [f for f in available if f not in held]
+    return {"train": sorted(train), "valid": sorted(set(valid)), "test": sorted(set(test))}
+
+
+# ---------------------------------------------------------------- features
+
+
+def read_clip(path: Path) -> Tensor:
+    """A 16 kHz mono WAV as a float32 tensor in [-1, 1]; ``GSCDataError`` naming it otherwise."""
+    try:
+        data, rate = sf.read(path, dtype="float32", always_2d=True)
+    except (RuntimeError, OSError) as err:  # soundfile.LibsndfileError is a RuntimeError
+        raise GSCDataError(f"cannot read WAV {path}: {err}") from err
+    if rate != SAMPLE_RATE:
+        raise GSCDataError(f"{path} is sampled at {rate} Hz; GSC clips must be {SAMPLE_RATE} Hz")
+    if data.shape[1] != 1:
+        raise GSCDataError(f"{path} has {data.shape[1]} channels; GSC clips must be mono")
+    if data.shape[0] == 0:
+        raise GSCDataError(f"{path} is empty (no samples)")
+    return torch.from_numpy(np.ascontiguousarray(data[:, 0]))
+
+
+def compute_features(
+    data_dir: Path, files: list[str], fe: FrontEnd, batch_size: int = 256, desc: str = "gsc"
+) -> Tensor:
+    """Features ``(len(files), n_frames, n_mels)`` of the listed clips, in batches."""
+    x = torch.empty(len(files), fe.n_frames, fe.n_mels)
+    with tqdm(total=len(files), desc=f"log-mel {desc}", unit="clip") as bar:
+        for start in range(0, len(files), batch_size):
+            chunk = files[start : start + batch_size]
+            waves = torch.stack([pad_or_cut(read_clip(data_dir / f), fe.clip_samples) for f in chunk])
+            x[start : start + len(chunk)] = log_mel(waves, fe)
+            bar.update(len(chunk))
+    return x
+
+
+def _labels(files: list[str]) -> Tensor:
+    index = {word: i for i, word in enumerate(CLASSES)}
+    return torch.tensor([index[f.split("/")[0]] for f in files], dtype=torch.long)
+
+
+def cache_key(fe: FrontEnd, files: dict[str, list[str]]) -> str:
+    blob = json.dumps({"format": CACHE_FORMAT, "front_end": asdict(fe), "files": files}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cached_features(
+    cache_dir: Path, data_dir: Path, files: dict[str, list[str]], fe: FrontEnd, cache: bool, batch_size: int
+) -> dict[str, Split]:
+    path = cache_dir / f"gsc_{cache_key(fe, files)}.pt"
+    if cache and path.is_file():
+        try:
+            xs = torch.load(path, mmap=True, weights_only=True)
+            log.info("GSC features from cache %s", path)
+        except (RuntimeError, OSError, EOFError) as err:
+            log.warning("unreadable GSC cache %s (%s): recomputing", path, err)
+            xs = None
+    else:
+        xs = None
+    if xs is None:
+        xs = {name: compute_features(data_dir, fl, fe, batch_size, name) for name, fl in files.items()}
+        if cache:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+            torch.save(xs, tmp)
+            os.replace(tmp, path)
+    return {
+        name: Split(xs[name], torch.full((len(fl),), fe.n_frames), _labels(fl)) for name, fl in files.items()
+    }

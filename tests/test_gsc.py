@@ -1,0 +1,335 @@
+"""GSC: the log-mel front end and the dataset loader, on generated WAVs (no network)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from gsc_files import WORDS, make_gsc_root, write_wav
+from omegaconf import OmegaConf
+
+from snn_delays.data import gsc
+from snn_delays.data.audio import (
+    FrontEnd,
+    front_end_filterbank,
+    log_mel,
+    mel_filterbank,
+    pad_or_cut,
+    power_to_db,
+    resample,
+)
+from snn_delays.data.download import ChecksumError, MissingDataError
+from snn_delays.data.gsc import GSCDataError, load_gsc
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def noise(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+def tone(freq: float, n: int, rate: int) -> torch.Tensor:
+    return torch.sin(2 * math.pi * freq * torch.arange(n, dtype=torch.float64) / rate).float()
+
+
+# ---------------------------------------------------------------- front end
+
+
+def test_feature_shape_and_padding():
+    feats = log_mel(noise(16000))
+    assert feats.shape == (101, 140) and feats.dtype == torch.float32
+    assert FrontEnd().n_frames == 101 and FrontEnd().dt_ms == 10.0
+    # A batch of clips: a short one is zero-padded, a long one cut, to 1 s.
+    batch = torch.stack([pad_or_cut(noise(n, n), 20000) for n in (8000, 16000, 20000)])
+    out = log_mel(batch)
+    assert out.shape == (3, 101, 140)
+    torch.testing.assert_close(out[1], log_mel(noise(16000, 16000)), atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(out[2], log_mel(noise(20000, 20000)[:16000]), atol=1e-3, rtol=1e-4)
+    assert (out[0, -40:] == -100.0).all()  # the padded half is silence: the power floor
+
+
+def test_default_front_end_has_no_constant_band():
+    fb = front_end_filterbank(FrontEnd())
+    assert (fb.amax(0) > 0).all(), "every default mel filter must have weight"
+    feats = log_mel(noise(16000))
+    assert (feats.std(0) > 0.1).all(), "every band of a noise clip must vary over time"
+
+
+def test_faithful_front_end_has_constant_bands():
+    fe = FrontEnd.published()
+    assert fe.n_fft == 256 and fe.f_max == 14000.0
+    feats = log_mel(noise(16000), fe)
+    constant = feats.std(0) == 0
+    # Filters wholly above 4 kHz: 53 of 140, "a third"; all at the -100 dB floor.
+    assert int(constant.sum()) == 53
+    assert constant[-53:].all() and (feats[:, constant] == -100.0).all()
+    assert (front_end_filterbank(fe).amax(0)[constant] == 0).all()
+
+
+def reference_mel_filters(freqs: np.ndarray, f_min: float, f_max: float, n_mels: int) -> np.ndarray:
+    """HTK triangles written out band by band with the natural-log form of the mel scale."""
+
+    def mel(f):
+        return 1127.0 * math.log(1.0 + f / 700.0)
+
+    def hz(m):
+        return 700.0 * (math.exp(m / 1127.0) - 1.0)
+
+    step = (mel(f_max) - mel(f_min)) / (n_mels + 1)
+    out = np.zeros((len(freqs), n_mels))
+    for k in range(n_mels):
+        lo, c, hi = (hz(mel(f_min) + (k + i) * step) for i in range(3))
+        for j, f in enumerate(freqs):
+            if lo < f <= c:
+                out[j, k] = (f - lo) / (c - lo)
+            elif c < f < hi:
+                out[j, k] = (hi - f) / (hi - c)
+    return out
+
+
+@pytest.mark.parametrize(
+    "n_fft, rate, n_mels, f_min, f_max",
+    [(512, 8000, 140, 50.0, 4000.0), (256, 8000, 140, 50.0, 14000.0), (400, 16000, 40, 0.0, 8000.0)],
+)
+def test_mel_filterbank_matches_reference(n_fft, rate, n_mels, f_min, f_max):
+    n_freqs = n_fft // 2 + 1
+    ours = mel_filterbank(n_freqs, rate, n_mels, f_min, f_max)
+    assert ours.shape == (n_freqs, n_mels)
+    ref = reference_mel_filters(np.arange(n_freqs) * rate / n_fft, f_min, f_max, n_mels)
+    np.testing.assert_allclose(ours.numpy(), ref, atol=1e-5)
+
+
+def peak_hz(x: torch.Tensor, rate: int) -> float:
+    spectrum = torch.fft.rfft(x.double() * torch.hann_window(len(x), dtype=torch.float64)).abs()
+    return float(spectrum.argmax()) * rate / len(x)
+
+
+def test_resampler_keeps_pass_band_and_removes_aliases():
+    low = resample(tone(1000.0, 16000, 16000), 16000, 8000)
+    assert low.shape == (8000,)
+    assert peak_hz(low, 8000) == pytest.approx(1000.0, abs=1.0)
+    assert low[500:-500].abs().max() == pytest.approx(1.0, abs=0.01)  # unit gain in the pass band
+    # 6 kHz is above the new Nyquist (4 kHz): a naive decimation would alias it to 2 kHz.
+    high = resample(tone(6000.0, 16000, 16000), 16000, 8000)
+    assert high[500:-500].pow(2).mean().sqrt() < 0.01 * math.sqrt(0.5)  # > 40 dB down
+
+
+def test_resampler_matches_the_direct_formula():
+    """The polyphase convolution equals y[j] = sum_i x[i] h(i/f_in - j/f_out) summed directly."""
+    for f_in, f_out in [(16000, 8000), (3, 2), (2, 3), (44100, 16000)]:
+        x = noise(60, f_in).double()
+        y = resample(x, f_in, f_out)
+        assert len(y) == math.ceil(60 * f_out / f_in)
+        fc = 0.99 * min(f_in, f_out)
+        i = np.arange(60)
+        for j in range(len(y)):
+            u = np.clip(fc * (i / f_in - j / f_out), -6, 6)
+            h = (fc / f_in) * np.sinc(u) * np.cos(np.pi * u / 12) ** 2
+            assert float(y[j]) == pytest.approx(float(x.numpy() @ h), abs=1e-9)
+
+
+def test_top_db_floor_is_per_clip():
+    power = torch.tensor([[[1.0, 1e-6]], [[1e-2, 1e-9]]])
+    db = power_to_db(power, top_db=30.0)
+    torch.testing.assert_close(db, torch.tensor([[[0.0, -30.0]], [[-20.0, -50.0]]]))
+    assert power_to_db(torch.zeros(1, 1, 1)).item() == pytest.approx(-100.0)
+
+
+def test_matches_torchaudio_published_pipeline_when_available():
+    try:
+        import torchaudio.transforms as T
+    except Exception:  # absent or broken (it must not be needed)
+        pytest.skip("torchaudio not importable")
+    x = noise(12000)[None]
+    wave = torch.nn.functional.pad(x, (0, 4000))
+    wave = T.Resample(16000, 8000)(wave)
+    spec = T.Spectrogram(n_fft=256, hop_length=80, power=2)(wave)
+    mel = T.MelScale(n_mels=140, sample_rate=8000, f_min=50, f_max=14000, n_stft=129)(spec)
+    ref = T.AmplitudeToDB()(mel).squeeze(0).t()
+    torch.testing.assert_close(log_mel(x, FrontEnd.published()), ref, atol=1e-3, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- dataset
+
+
+@pytest.fixture(scope="module")
+def gsc_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gsc")
+    return root, make_gsc_root(root, n_per_word=4)
+
+
+@pytest.fixture
+def fresh_root(tmp_path):
+    return tmp_path, make_gsc_root(tmp_path, n_per_word=3)
+
+
+def test_splits_follow_the_list_files(gsc_root):
+    root, files = gsc_root
+    data = load_gsc(root=root, download=False, cache=False)
+    assert (data.name, data.n_inputs, data.n_classes, data.dt_ms) == ("gsc", 140, 35, 10.0)
+    assert data.class_names == sorted(WORDS) == list(gsc.CLASSES)
+    assert (len(data.train), len(data.valid), len(data.test)) == (2 * 35, 35, 35)
+    split = gsc.split_files(files.data_dir)
+    assert split == {"train": sorted(files.train), "valid": sorted(files.valid), "test": sorted(files.test)}
+    names = [set(v) for v in split.values()]
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    assert not any("_background_noise_" in f for v in split.values() for f in v)
+    for part, rel in ((data.train, split["train"]), (data.test, split["test"])):
+        assert part.x.shape == (len(rel), 101, 140) and part.x.dtype == torch.float32
+        assert (part.lengths == 101).all()
+        assert [data.class_names[i] for i in part.y] == [f.split("/")[0] for f in rel]
+    clip, _ = sf.read(files.data_dir / split["test"][3], dtype="float32")
+    torch.testing.assert_close(data.test.x[3], log_mel(torch.from_numpy(clip)), atol=1e-3, rtol=1e-4)
+
+
+def test_features_are_cached_and_reused(fresh_root, monkeypatch):
+    root, _ = fresh_root
+    first = load_gsc(root=root, download=False)
+    cached = list((root / "cache").glob("gsc_*.pt"))
+    assert len(cached) == 1 and not list((root / "cache").glob("*.tmp"))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("features recomputed despite the cache")
+
+    monkeypatch.setattr(gsc, "compute_features", fail)
+    again = load_gsc(root=root, download=False)
+    for a, b in ((first.train, again.train), (first.test, again.test)):
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    with pytest.raises(AssertionError, match="recomputed"):  # other parameters, other key
+        load_gsc(root=root, download=False, faithful=True)
+    monkeypatch.undo()
+    load_gsc(root=root, download=False, n_mels=40, cache=False)
+    assert len(list((root / "cache").glob("gsc_*.pt"))) == 1
+
+
+def _append(path: Path, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def _bad_missing_listed(data_dir: Path) -> str:
+    _append(data_dir / "testing_list.txt", "yes/deadbeef_nohash_9.wav")
+    return "yes/deadbeef_nohash_9.wav"
+
+
+def _bad_rate(data_dir: Path) -> str:
+    path = data_dir / "cat" / "0badrate_nohash_0.wav"
+    write_wav(path, np.zeros(8000, np.float32), 8000)
+    return str(path)
+
+
+def _bad_empty(data_dir: Path) -> str:
+    path = data_dir / "dog" / "0empty_nohash_0.wav"
+    write_wav(path, np.zeros(0, np.float32))
+    return str(path)
+
+
+def _bad_unreadable(data_dir: Path) -> str:
+    path = data_dir / "go" / "0garbage_nohash_0.wav"
+    path.write_bytes(b"RIFF\x00\x00not a wav at all")
+    return str(path)
+
+
+def _bad_label(data_dir: Path) -> str:
+    _append(data_dir / "validation_list.txt", "unknown/abc_nohash_0.wav")
+    return "validation_list.txt"
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [_bad_missing_listed, _bad_rate, _bad_empty, _bad_unreadable, _bad_label],
+    ids=lambda f: f.__name__,
+)
+def test_bad_input_names_the_file(fresh_root, corrupt):
+    root, files = fresh_root
+    name = corrupt(files.data_dir)
+    with pytest.raises(GSCDataError, match=re.escape(name)):
+        load_gsc(root=root, download=False, cache=False)
+
+
+def test_missing_dataset_without_download(tmp_path):
+    with pytest.raises(MissingDataError, match="speech_commands_v0.02"):
+        load_gsc(root=tmp_path, download=False)
+
+
+def test_valid_fraction_is_refused(gsc_root):
+    with pytest.raises(ValueError, match="valid_fraction"):
+        load_gsc(root=gsc_root[0], download=False, valid_fraction=0.1)
+
+
+@pytest.fixture
+def archive(tmp_path):
+    """A flat .tar.gz like the official one, built from a generated folder."""
+    src = make_gsc_root(tmp_path / "src", n_per_word=3).data_dir
+    path = tmp_path / "speech_commands_v0.02.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for item in sorted(src.iterdir()):
+            tar.add(item, arcname=f"./{item.name}")
+    return path
+
+
+def test_download_verify_and_extract(tmp_path, archive, monkeypatch):
+    root = tmp_path / "root"
+    monkeypatch.setattr(gsc, "ARCHIVE_URL", archive.as_uri())
+    monkeypatch.setattr(gsc, "ARCHIVE_SHA256", "0" * 64)
+    with pytest.raises(ChecksumError, match="sha256"):
+        load_gsc(root=root)
+    assert not (root / gsc.FOLDER).exists() and not list(root.glob("*.tar.gz"))
+
+    monkeypatch.setattr(gsc, "ARCHIVE_SHA256", gsc.sha256sum(archive))
+    # Leftovers of an interrupted extraction are discarded, never taken as complete.
+    stale = root / (gsc.FOLDER + ".extracting")
+    (stale / "yes").mkdir(parents=True)
+    (stale / "validation_list.txt").write_text("")
+    data = load_gsc(root=root, cache=False)
+    assert (len(data.train), len(data.valid), len(data.test)) == (35, 35, 35)
+    assert (root / gsc.FOLDER / gsc.MARKER).is_file() and not stale.exists()
+    assert not (root / archive.name).exists()  # deleted once extracted
+
+
+def test_existing_folder_is_used_without_download(gsc_root, monkeypatch):
+    monkeypatch.setattr(gsc, "download_url", lambda *a, **k: pytest.fail("tried to download"))
+    load_gsc(root=gsc_root[0], download=True, cache=False)
+
+
+def test_archive_without_lists_is_rejected(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.tar.gz"
+    (tmp_path / "x.txt").write_text("hello")
+    with tarfile.open(bad, "w:gz") as tar:
+        tar.add(tmp_path / "x.txt", arcname="x.txt")
+    monkeypatch.setattr(gsc, "ARCHIVE_URL", bad.as_uri())
+    monkeypatch.setattr(gsc, "ARCHIVE_SHA256", gsc.sha256sum(bad))
+    with pytest.raises(ValueError, match="validation_list.txt"):
+        load_gsc(root=tmp_path / "root")
+    assert not (tmp_path / "root" / gsc.FOLDER).exists()
+
+
+def test_config_keys_are_the_loader_arguments(gsc_root):
+    cfg = OmegaConf.load(REPO / "conf" / "dataset" / "gsc.yaml")
+    assert cfg._target_ == "snn_delays.data.gsc.load_gsc"
+    params = inspect.signature(load_gsc).parameters
+    keys = set(cfg) - {"_target_"}
+    assert keys == set(params)
+    for key in keys:
+        assert cfg[key] == params[key].default, key
+    from hydra.utils import instantiate
+
+    cfg.root, cfg.download, cfg.cache = str(gsc_root[0]), False, False
+    assert instantiate(cfg).n_inputs == 140
+
+
+def test_fixture_writes_the_requested_layout(tmp_path):
+    files = make_gsc_root(tmp_path, words=["yes", "no"], n_per_word=5, sample_rate=8000, seed=3)
+    assert len(files.train) == 6 and len(files.valid) == len(files.test) == 2
+    info = sf.info(files.data_dir / files.train[0])
+    assert info.samplerate == 8000 and 0.5 <= info.duration <= 1.2
+    assert (files.data_dir / "_background_noise_").is_dir()
+    shutil.rmtree(files.data_dir)
