@@ -1,10 +1,39 @@
-"""Fast delay convolutions: the same function as the DCLS reference, computed cheaply.
+r"""Fast delay convolutions: the same function as the DCLS reference, computed cheaply.
 
-Shapes are time-major: ``x`` (T, B, in) -> ``y`` (T + (K-1)//2, B, out).
-See :mod:`snn_delays.delays` for the equations.
+Shapes are time-major: ``x`` (T, B, in) -> ``y`` (T + (K-1)//2, B, out). See
+:mod:`snn_delays.delays` for the equations. With ``xp`` the input padded by ``K-1`` steps
+before and ``(K-1)//2`` after, every path computes
+
+    y[t, b, o] = sum_i sum_n k[o, i, n] xp[t + n, b, i]
+
+and differs only in which terms it visits:
+
+- **Events** (CPU, sparse input: spikes): each nonzero ``x[t, b, i]`` adds ``x * k[:, i, n]``
+  to the ``K`` rows ``y[t + K-1-n, b, :]``; ``dL/dk`` is the same loop reading ``dL/dy``.
+  Cost ``nnz(x) K out`` instead of ``T B in out K``; exact (the whole kernel is used).
+- **Taps** (CPU, ``dL/dx`` and dense inputs): only the ``J`` taps of each synapse whose
+  Gaussian weight is above ``TAP_TOL`` relative to its peak are visited. The dropped taps
+  carry less than ``TAP_TOL`` each (float32 rounding is ``6e-8``): see :func:`n_taps`.
+  Evaluation is the case ``J = 1`` (one integer delay per synapse).
+- **Dense** (fallback, any device): the DCLS kernel and one ``conv1d``, as the reference.
+
+The CPU kernels are a few lines of C compiled once with the system C compiler and loaded with
+``ctypes``; without a compiler every call takes the dense path. The kernel ``k`` is always
+built with torch ops (:func:`gaussian_kernel`), so ``dL/dw`` and ``dL/dp`` come from autograd
+given ``dL/dk``.
 """
 
 from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -12,26 +41,356 @@ from torch import Tensor
 
 SIGMA_OFFSET = 0.27
 NORM_EPS = 1e-7
+TAP_TOL = 1e-8  # a dropped tap weighs less than this times its synapse's peak tap
+EVENT_DENSITY_MAX = 0.25  # above this input density the tap path beats the event path
+
+# --------------------------------------------------------------------------------------
+# Pure functions shared by every path
+# --------------------------------------------------------------------------------------
 
 
 def _pad(x: Tensor, kernel_size: int) -> Tensor:
     return F.pad(x, (0, 0, 0, 0, kernel_size - 1, (kernel_size - 1) // 2))
 
 
-def delay_conv(x: Tensor, weight: Tensor, pos: Tensor, sigma: float, kernel_size: int) -> Tensor:
-    """Training path: Gaussian-interpolated kernel, dense convolution."""
+def gaussian_kernel(weight: Tensor, pos: Tensor, sigma: float, kernel_size: int) -> Tensor:
+    """Dense DCLS gauss kernel ``(out, in, K)`` (same formula as :mod:`snn_delays.delays`)."""
     taps = torch.arange(kernel_size, device=weight.device, dtype=weight.dtype)
     s = abs(float(sigma)) + SIGMA_OFFSET
     g = torch.exp(-0.5 * ((taps - (pos.unsqueeze(-1) + kernel_size // 2)) / s) ** 2)
-    kernel = weight.unsqueeze(-1) * g / (g.sum(-1, keepdim=True) + NORM_EPS)
+    return weight.unsqueeze(-1) * g / (g.sum(-1, keepdim=True) + NORM_EPS)
+
+
+def n_taps(sigma: float, kernel_size: int, tol: float = TAP_TOL) -> int:
+    r"""Taps per synapse that hold all of its kernel above ``tol`` times its peak.
+
+    ``g(z) = exp(-z^2 / 2s^2) < tol`` for ``|z| > R = s sqrt(2 ln(1/tol))``; the integers of
+    ``[c - R, c + R]`` number at most ``floor(2R) + 1``. With ``tol = 1e-8``: ``R = 6.07 s``,
+    ``J = 7`` at sigma 0.23 (s = 0.5), and every tap (``J = K``) once ``s > (K-1) / 12.1``.
+    A dropped tap changes ``y`` by under ``tol |w x|`` and ``dL/dp`` by under ``tol R / s^2``
+    relative, below float32 rounding of the sums they enter.
+    """
+    return min(kernel_size, int(math.floor(2.0 * _radius(sigma, tol))) + 1)
+
+
+def _radius(sigma: float, tol: float = TAP_TOL) -> float:
+    return (abs(float(sigma)) + SIGMA_OFFSET) * math.sqrt(2.0 * math.log(1.0 / tol))
+
+
+def tap_window(pos: Tensor, sigma: float, kernel_size: int) -> tuple[Tensor, int]:
+    """First tap ``(out, in)`` (int32) of each synapse's ``J``-tap window, and ``J``.
+
+    The window starts at ``ceil(c - R)``, ``c = p + K//2``, and its ``floor(2R) + 1`` taps
+    reach ``floor(c + R)``; near the ends of the kernel it is shifted to stay inside.
+    """
+    j = n_taps(sigma, kernel_size)
+    centre = pos.detach() + kernel_size // 2
+    start = torch.ceil(centre - _radius(sigma)).clamp_(0, kernel_size - j)
+    return start.to(torch.int32), j
+
+
+# --------------------------------------------------------------------------------------
+# The C kernels (CPU)
+# --------------------------------------------------------------------------------------
+
+_C_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+/* Events are sorted by (block of BB batch rows, input channel i, b, t); ptr[blk * I + i] is
+   the first event of that group. Blocking keeps y (or g) rows of BB samples in L2 while the
+   kernel rows k[i] (K x C) are reused by all events of channel i in the block. */
+
+/* y[b, t + K-1-n, :] (B, Ty, C) += v * k[i, n, :], k (I, K, C). One thread per block. */
+void event_conv(const int64_t* ptr, const int32_t* ev_b, const int32_t* ev_t, const float* ev_v,
+                const float* k, float* y, int64_t NBLK, int64_t I, int64_t Ty, int64_t K, int64_t C) {
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t blk = 0; blk < NBLK; ++blk) {
+        for (int64_t i = 0; i < I; ++i) {
+            const float* ki = k + i * K * C;
+            for (int64_t e = ptr[blk * I + i]; e < ptr[blk * I + i + 1]; ++e) {
+                const int64_t t = ev_t[e];
+                const float v = ev_v[e];
+                float* yb = y + (int64_t)ev_b[e] * Ty * C;
+                const int64_t n0 = (t + K - Ty) > 0 ? (t + K - Ty) : 0;
+                for (int64_t n = n0; n < K; ++n) {
+                    float* restrict yr = yb + (t + K - 1 - n) * C;
+                    const float* restrict kr = ki + n * C;
+                    for (int64_t c = 0; c < C; ++c) yr[c] += v * kr[c];
+                }
+            }
+        }
+    }
+}
+
+/* gk[i, n, :] (I, K, C) += v * g[b, t + K-1-n, :], g (B, Ty, C). Threads split channels. */
+void event_grad(const int64_t* ptr, const int32_t* ev_b, const int32_t* ev_t, const float* ev_v,
+                const float* g, float* gk, int64_t NBLK, int64_t I, int64_t Ty, int64_t K, int64_t C) {
+    #pragma omp parallel
+    {
+        for (int64_t blk = 0; blk < NBLK; ++blk) {
+            #pragma omp for schedule(static) nowait
+            for (int64_t i = 0; i < I; ++i) {
+                float* gi = gk + i * K * C;
+                for (int64_t e = ptr[blk * I + i]; e < ptr[blk * I + i + 1]; ++e) {
+                    const int64_t t = ev_t[e];
+                    const float v = ev_v[e];
+                    const float* gb = g + (int64_t)ev_b[e] * Ty * C;
+                    const int64_t n0 = (t + K - Ty) > 0 ? (t + K - Ty) : 0;
+                    for (int64_t n = n0; n < K; ++n) {
+                        float* restrict o = gi + n * C;
+                        const float* restrict r = gb + (t + K - 1 - n) * C;
+                        for (int64_t c = 0; c < C; ++c) o[c] += v * r[c];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* dst[nb, o, t, :] = sum_i sum_j coef[o, i, j] src[nb, i, t + start[o, i] + j, :]
+   src (NB, I, Ts, 16), dst (NB, O, Td, 16): batch in chunks of 16 (one 512-bit vector).
+   The caller pads src so that every row read exists. Accumulators: TT steps x 16 lanes. */
+#define TT 8
+#define BW 16
+void tap_conv(const float* src, const float* coef, const int32_t* start, float* dst,
+              int64_t NB, int64_t I, int64_t Ts, int64_t O, int64_t Td, int64_t J) {
+    const int64_t ntile = (Td + TT - 1) / TT;
+    #pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int64_t nb = 0; nb < NB; ++nb) {
+        for (int64_t o = 0; o < O; ++o) {
+            const float* sb = src + nb * I * Ts * BW;
+            float* db = dst + (nb * O + o) * Td * BW;
+            for (int64_t tile = 0; tile < ntile; ++tile) {
+                const int64_t t0 = tile * TT;
+                float acc[TT][BW];
+                memset(acc, 0, sizeof(acc));
+                for (int64_t i = 0; i < I; ++i) {
+                    const float* c = coef + (o * I + i) * J;
+                    const float* s = sb + (i * Ts + t0 + start[o * I + i]) * BW;
+                    for (int64_t j = 0; j < J; ++j) {
+                        const float cj = c[j];
+                        const float* sj = s + j * BW;
+                        for (int tt = 0; tt < TT; ++tt)
+                            for (int q = 0; q < BW; ++q) acc[tt][q] += cj * sj[tt * BW + q];
+                    }
+                }
+                const int64_t nt = (Td - t0) < TT ? (Td - t0) : TT;
+                memcpy(db + t0 * BW, acc, nt * BW * sizeof(float));
+            }
+        }
+    }
+}
+"""
+
+_LIB: ctypes.CDLL | None = None
+_LIB_TRIED = False
+_LIB_LOCK = threading.Lock()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SNN_DELAYS_CACHE") or os.path.join(
+        tempfile.gettempdir(), f"snn_delays_{os.getuid()}"
+    )
+    return Path(root)
+
+
+def _load_lib() -> ctypes.CDLL | None:
+    """Compile (once per source and machine) and load the C kernels; None if impossible."""
+    global _LIB, _LIB_TRIED
+    with _LIB_LOCK:
+        if _LIB_TRIED:
+            return _LIB
+        _LIB_TRIED = True
+        if os.environ.get("SNN_DELAYS_NO_C"):
+            return None
+        key = hashlib.sha1((_C_SOURCE + platform.machine() + platform.node()).encode()).hexdigest()[:16]
+        path = _cache_dir() / f"fast_delays_{key}.so"
+        try:
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                src = path.with_suffix(f".{os.getpid()}.c")
+                src.write_text(_C_SOURCE)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                cc = os.environ.get("CC", "cc")
+                flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+                subprocess.run([cc, *flags, str(src), "-o", str(tmp)], check=True, capture_output=True)
+                os.replace(tmp, path)
+                src.unlink(missing_ok=True)
+            lib = ctypes.CDLL(str(path))
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.event_conv.argtypes = [ptr] * 6 + [i64] * 5
+        lib.event_grad.argtypes = [ptr] * 6 + [i64] * 5
+        lib.tap_conv.argtypes = [ptr] * 4 + [i64] * 6
+        _LIB = lib
+        return lib
+
+
+def c_kernels_available() -> bool:
+    return _load_lib() is not None
+
+
+def _p(t: Tensor) -> int:
+    return t.data_ptr()
+
+
+EVENT_BLOCK = 4  # batch rows per event block: 4 x T x 256 floats of y stay in L2
+TT, BW = 8, 16  # tap_conv tile: time steps x batch lanes
+
+
+class _Events:
+    """Nonzeros of x (T, B, I), sorted by (batch block, channel, b, t), with group offsets."""
+
+    def __init__(self, x: Tensor) -> None:
+        t_len, batch, n_in = x.shape
+        self.shape = (t_len, batch, n_in)
+        self.n_blk = -(-batch // EVENT_BLOCK)
+        idx = torch.nonzero(x.permute(1, 0, 2))  # sorted by (b, t, i)
+        key = idx[:, 0] // EVENT_BLOCK * n_in + idx[:, 2]
+        key, order = torch.sort(key, stable=True)
+        idx = idx[order]
+        self.b, self.t = idx[:, 0].to(torch.int32), idx[:, 1].to(torch.int32)
+        self.v = x[idx[:, 1], idx[:, 0], idx[:, 2]].contiguous()
+        counts = torch.bincount(key, minlength=self.n_blk * n_in)
+        self.ptr = F.pad(counts.cumsum(0), (1, 0)).contiguous()
+
+
+def _event_conv(ev: _Events, kernel: Tensor, t_out: int) -> Tensor:
+    """y (T_out, B, out) (a transposed view) from events and the dense kernel (out, in, K)."""
+    _, batch, n_in = ev.shape
+    n_out, _, ksize = kernel.shape
+    kt = kernel.permute(1, 2, 0).contiguous()  # (in, K, out)
+    y = torch.zeros(batch, t_out, n_out, dtype=torch.float32)
+    args = (ev.n_blk, n_in, t_out, ksize, n_out)
+    _LIB.event_conv(_p(ev.ptr), _p(ev.b), _p(ev.t), _p(ev.v), _p(kt), _p(y), *args)
+    return y.transpose(0, 1)
+
+
+def _event_grad(ev: _Events, grad_y: Tensor, n_out: int, ksize: int) -> Tensor:
+    """dL/dk (out, in, K) from events and dL/dy (T_out, B, out)."""
+    t_out = grad_y.shape[0]
+    n_in = ev.shape[2]
+    g = grad_y.transpose(0, 1).contiguous()  # (B, T_out, out)
+    gk = torch.zeros(n_in, ksize, n_out, dtype=torch.float32)
+    args = (ev.n_blk, n_in, t_out, ksize, n_out)
+    _LIB.event_grad(_p(ev.ptr), _p(ev.b), _p(ev.t), _p(ev.v), _p(g), _p(gk), *args)
+    return gk.permute(2, 0, 1)
+
+
+def _tap_conv(src: Tensor, coef: Tensor, start: Tensor, t_dst: int) -> Tensor:
+    """``dst[t,b,o] = sum_ij coef[o,i,j] src[t+start[o,i]+j, b, i]``, src (Ts, B, I) padded."""
+    t_src, batch, n_in = src.shape
+    n_out, _, j = coef.shape
+    nb = -(-batch // BW)
+    # (NB, I, Ts + TT, BW): batch in vector-wide chunks, TT spare rows for the last tile
+    src = F.pad(src, (0, 0, 0, nb * BW - batch, 0, TT))
+    src = src.reshape(t_src + TT, nb, BW, n_in).permute(1, 3, 0, 2).contiguous()
+    dst = torch.empty(nb, n_out, t_dst, BW, dtype=torch.float32)
+    coef, start = coef.contiguous(), start.contiguous()
+    _LIB.tap_conv(_p(src), _p(coef), _p(start), _p(dst), nb, n_in, t_src + TT, n_out, t_dst, j)
+    return dst.permute(2, 0, 3, 1).reshape(t_dst, nb * BW, n_out)[:, :batch]
+
+
+def _window_coef(kernel: Tensor, start: Tensor, j: int) -> Tensor:
+    """The ``J`` taps of each synapse from the dense kernel: (out, in, J)."""
+    idx = start.long().unsqueeze(-1) + torch.arange(j, device=kernel.device)
+    return kernel.gather(-1, idx)
+
+
+def _taps_forward(x: Tensor, coef: Tensor, start: Tensor, ksize: int) -> Tensor:
+    """Forward on the tap path: (T, B, in) -> (T_out, B, out)."""
+    return _tap_conv(_pad(x, ksize), coef, start, x.shape[0] + (ksize - 1) // 2)
+
+
+def _taps_grad_input(grad_y: Tensor, coef: Tensor, start: Tensor, ksize: int, t_len: int) -> Tensor:
+    """dL/dx (T, B, in): ``sum_oj coef[o,i,j] g[t + K-1-start-j]``, the taps reversed."""
+    j = coef.shape[-1]
+    right = t_len + ksize - 1 - grad_y.shape[0]
+    src = F.pad(grad_y, (0, 0, 0, 0, 0, right))  # (T+K-1, B, out)
+    coef_t = coef.flip(-1).transpose(0, 1)
+    start_t = (ksize - j - start).transpose(0, 1)
+    return _tap_conv(src, coef_t, start_t, t_len)
+
+
+def _density(x: Tensor) -> float:
+    return float(torch.count_nonzero(x)) / max(1, x.numel())
+
+
+class _DelayConvCPU(torch.autograd.Function):
+    """y from x and the dense kernel; events for sparse x, taps for dL/dx and dense x."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel: Tensor, start: Tensor, j: int) -> Tensor:  # noqa: ANN001
+        n_out, _, ksize = kernel.shape
+        t_out = x.shape[0] + (ksize - 1) // 2
+        kernel_d = kernel.detach()
+        use_events = _density(x) <= EVENT_DENSITY_MAX * j / ksize * 4
+        ev = _Events(x) if use_events else None
+        if use_events:
+            y = _event_conv(ev, kernel_d, t_out)
+        else:
+            y = _taps_forward(x, _window_coef(kernel_d, start, j), start, ksize)
+        ctx.ev, ctx.start, ctx.j = ev, start, j
+        ctx.save_for_backward(x, kernel_d)
+        return y.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):  # noqa: ANN001, ANN205
+        x, kernel = ctx.saved_tensors
+        n_out, n_in, ksize = kernel.shape
+        grad_y = grad_y.contiguous()
+        grad_x = grad_k = None
+        coef = _window_coef(kernel, ctx.start, ctx.j)
+        if ctx.needs_input_grad[0]:
+            grad_x = _taps_grad_input(grad_y, coef, ctx.start, ksize, x.shape[0]).contiguous()
+        if ctx.needs_input_grad[1]:
+            if ctx.ev is not None:
+                grad_k = _event_grad(ctx.ev, grad_y, n_out, ksize)
+            else:
+                xp = _pad(x, ksize).permute(1, 2, 0)
+                grad_k = torch.nn.grad.conv1d_weight(xp, kernel.shape, grad_y.permute(1, 2, 0))
+        ctx.ev = None
+        return grad_x, grad_k, None, None
+
+
+# --------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------
+
+
+def _use_c(x: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and _load_lib() is not None
+
+
+def delay_conv_dense(x: Tensor, weight: Tensor, pos: Tensor, sigma: float, kernel_size: int) -> Tensor:
+    """Fallback training path: Gaussian-interpolated kernel, dense convolution (any device)."""
+    kernel = gaussian_kernel(weight, pos, sigma, kernel_size)
     y = F.conv1d(_pad(x, kernel_size).permute(1, 2, 0), kernel)
     return y.permute(2, 0, 1).contiguous()
 
 
+def delay_conv(x: Tensor, weight: Tensor, pos: Tensor, sigma: float, kernel_size: int) -> Tensor:
+    """Training path: ``y`` (T + (K-1)//2, B, out) from the DCLS Gaussian kernel."""
+    if not _use_c(x):
+        return delay_conv_dense(x, weight, pos, sigma, kernel_size)
+    kernel = gaussian_kernel(weight, pos, sigma, kernel_size)
+    start, j = tap_window(pos, sigma, kernel_size)
+    return _DelayConvCPU.apply(x, kernel, start, j)
+
+
 def integer_delay_conv(x: Tensor, weight: Tensor, delays: Tensor, kernel_size: int) -> Tensor:
     """Evaluation path: ``y[t,b,o] = sum_i weight[o,i] x[t - delays[o,i], b, i]``."""
-    taps = kernel_size - 1 - delays  # tap index of each synapse
+    taps = (kernel_size - 1 - delays).to(torch.int32)  # tap index of each synapse
+    if _use_c(x) and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        w = weight.detach().float()
+        if _density(x) * kernel_size <= 2.0:
+            kernel = torch.zeros(*w.shape, kernel_size, dtype=w.dtype)
+            kernel.scatter_(-1, taps.long().unsqueeze(-1), w.unsqueeze(-1))
+            return _event_conv(_Events(x), kernel, x.shape[0] + (kernel_size - 1) // 2).contiguous()
+        return _taps_forward(x, w.unsqueeze(-1), taps, kernel_size).contiguous()
     kernel = torch.zeros(*weight.shape, kernel_size, device=weight.device, dtype=weight.dtype)
-    kernel.scatter_(-1, taps.unsqueeze(-1), weight.unsqueeze(-1))
+    kernel = kernel.scatter(-1, taps.long().unsqueeze(-1), weight.unsqueeze(-1))
     y = F.conv1d(_pad(x, kernel_size).permute(1, 2, 0), kernel)
     return y.permute(2, 0, 1).contiguous()

@@ -1,0 +1,96 @@
+"""The fast delay backend equals the DCLS reference: outputs and gradients, every sigma."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from snn_delays import fast_delays
+from snn_delays.delays import DelayLayer
+
+CASES = [  # (T, B, in, out, K, input density)
+    (12, 3, 5, 7, 5, 0.3),
+    (17, 5, 9, 4, 7, 0.05),
+    (20, 17, 6, 11, 9, 1.0),
+    (15, 2, 3, 2, 25, 0.5),
+]
+
+
+def _pair(n_in: int, n_out: int, k: int, sigma: float) -> tuple[DelayLayer, DelayLayer]:
+    ref = DelayLayer(n_in, n_out, k, backend="dcls", sigma_init=sigma)
+    fast = DelayLayer(n_in, n_out, k, backend="fast", sigma_init=sigma)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def _input(t: int, b: int, n_in: int, density: float) -> torch.Tensor:
+    spikes = (torch.rand(t, b, n_in) < density).float()
+    return spikes * torch.randint(1, 3, (t, b, n_in))  # spike counts, as the binned inputs
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("sigma", [0.23, 1.0, "K//2"])
+@pytest.mark.parametrize("c_kernels", [True, False])
+def test_training_path_equals_dcls(case, sigma, c_kernels, monkeypatch):
+    t, b, n_in, n_out, k, density = case
+    sigma = k // 2 if sigma == "K//2" else sigma
+    if not c_kernels:
+        monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)
+    torch.manual_seed(0)
+    ref, fast = _pair(n_in, n_out, k, sigma)
+    x = _input(t, b, n_in, density)
+    outs, grads = [], []
+    for layer in (ref, fast):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        g = torch.randn_like(y, generator=torch.Generator().manual_seed(1))
+        y.backward(g)
+        outs.append(y.detach())
+        grads.append([xi.grad, layer.dcls.weight.grad, layer.dcls.P.grad])
+    assert outs[1].shape == (t + (k - 1) // 2, b, n_out)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_integer_path_equals_dcls_eval(case):
+    t, b, n_in, n_out, k, density = case
+    torch.manual_seed(2)
+    ref, fast = _pair(n_in, n_out, k, 0.23)
+    ref.eval(), fast.eval()
+    x = _input(t, b, n_in, density)
+    with torch.no_grad():
+        want, got = ref(x), fast(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the same spikes downstream: one threshold, away from ties at float32 rounding
+    thr = want.flatten().median()
+    close = (want - thr).abs() < 1e-4
+    assert torch.equal((got >= thr)[~close], (want >= thr)[~close])
+
+
+def test_integer_path_is_one_tap_per_synapse():
+    torch.manual_seed(3)
+    x = torch.randn(10, 2, 3)
+    w = torch.randn(4, 3)
+    d = torch.randint(0, 5, (4, 3))
+    y = fast_delays.integer_delay_conv(x, w, d, 5)
+    want = torch.zeros(10 + 2, 2, 4)
+    for o in range(4):
+        for i in range(3):
+            n = min(10, 12 - int(d[o, i]))  # the output stops (K-1)//2 steps after the input
+            want[d[o, i] : d[o, i] + n, :, o] += w[o, i] * x[:n, :, i]
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+
+
+def test_tap_count_covers_the_gaussian():
+    assert fast_delays.n_taps(0.23, 25) == 7
+    assert fast_delays.n_taps(12, 25) == 25
+    pos = torch.linspace(-12, 12, 97).unsqueeze(0)
+    for sigma in (0.23, 0.5, 1.0, 2.0):
+        kernel = fast_delays.gaussian_kernel(torch.ones_like(pos), pos, sigma, 25)
+        start, j = fast_delays.tap_window(pos, sigma, 25)
+        inside = torch.zeros_like(kernel, dtype=torch.bool)
+        inside.scatter_(-1, start.long().unsqueeze(-1) + torch.arange(j), True)
+        peak = kernel.amax(-1, keepdim=True)
+        assert (kernel[~inside] < fast_delays.TAP_TOL * peak.expand_as(kernel)[~inside]).all()
