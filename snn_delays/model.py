@@ -1,0 +1,159 @@
+"""The feedforward delay SNN of the paper, time-major ``(T, B, C)``.
+
+``L`` hidden blocks ``delay layer -> BatchNorm (over channels) -> LIF -> Dropout`` (one mask
+per sample and neuron, shared over time), then a readout ``delay layer -> LIF`` with an
+infinite threshold whose membrane potential ``u[t, b, c]`` is the output. Every delay layer
+lengthens the sequence by ``(K-1)//2`` steps. ``delays="none"`` replaces the delay layers by
+plain fully connected ones (the paper's no-delay baseline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from snn_delays.delays import DelayLayer, max_delay_steps
+from snn_delays.neurons import SpikingNeurons
+
+DELAY_MODES = ("learned", "fixed", "none")
+
+
+class Dense(nn.Module):
+    """A synaptic layer without delays: ``y[t] = W x[t]``, Kaiming-uniform (ReLU gain)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=False)
+        nn.init.kaiming_uniform_(self.linear.weight, nonlinearity="relu")
+
+    @property
+    def weight(self) -> Tensor:
+        return self.linear.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x)
+
+
+class TimeDropout(nn.Module):
+    """Dropout with one mask per sample and channel, shared by every time step."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        mask = torch.empty_like(x[0]).bernoulli_(1 - self.p) / (1 - self.p)
+        return x * mask
+
+
+class TimeBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over channels, statistics over time and batch: (T, B, C) in and out."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        t, b, c = x.shape
+        return super().forward(x.reshape(t * b, c)).reshape(t, b, c)
+
+
+class DelaySNN(nn.Module):
+    """Feedforward LIF network with learnable (or fixed, or no) synaptic delays.
+
+    The kernel size K is ``max_delay_ms / dt_ms`` made odd (``kernel_size`` overrides it);
+    ``dt_ms`` comes from the data at build time.
+    """
+
+    def __init__(
+        self,
+        n_inputs: int,
+        n_classes: int,
+        n_hidden: int = 256,
+        n_layers: int = 2,
+        max_delay_ms: float = 250.0,
+        dt_ms: float = 10.0,
+        kernel_size: int | None = None,
+        tau: float = 1.005,
+        dropout: float = 0.4,
+        delays: str = "learned",
+        delay_backend: str = "fast",
+        neuron: str = "lif",
+        surrogate_alpha: float = 5.0,
+        sigma_init: float | None = None,
+        round_eval: bool = True,
+    ) -> None:
+        super().__init__()
+        if delays not in DELAY_MODES:
+            raise ValueError(f"model.delays must be one of {DELAY_MODES}, got {delays!r}")
+        if kernel_size is None:
+            kernel_size = max_delay_steps(max_delay_ms, dt_ms)
+        self.delays_mode, self.dt_ms = delays, dt_ms
+        self.kernel_size = kernel_size if delays != "none" else 1
+
+        def synapses(n_in: int, n_out: int) -> nn.Module:
+            if delays == "none":
+                return Dense(n_in, n_out)
+            return DelayLayer(
+                n_in, n_out, kernel_size, learn_positions=delays == "learned",
+                backend=delay_backend, sigma_init=sigma_init, round_eval=round_eval,
+            )
+
+        sizes = [n_inputs] + [n_hidden] * n_layers
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                synapses(n_in, n_out),
+                TimeBatchNorm(n_out),
+                SpikingNeurons(tau, neuron, surrogate_alpha),
+                TimeDropout(dropout),
+            )
+            for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
+        )
+        self.readout = nn.Sequential(
+            synapses(n_hidden, n_classes), SpikingNeurons(tau, neuron, surrogate_alpha, readout=True)
+        )
+
+    def forward(self, x: Tensor, return_spikes: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """``x`` (T, B, n_inputs) -> membrane ``u`` (T + (L+1)(K-1)//2, B, n_classes)."""
+        spikes = []
+        for block in self.blocks:
+            x = block(x)
+            spikes.append(x)
+        u = self.readout(x)
+        return (u, spikes) if return_spikes else u
+
+    # --- what the training loop and the plots need ------------------------------------
+    def delay_layers(self) -> list[DelayLayer]:
+        return [m for m in self.modules() if isinstance(m, DelayLayer)]
+
+    def synapse_layers(self) -> list[nn.Module]:
+        return [m for m in self.modules() if isinstance(m, (DelayLayer, Dense))]
+
+    def delay_parameters(self) -> list[nn.Parameter]:
+        """Positions (their own optimizer); empty unless delays are learned."""
+        return [layer.dcls.P for layer in self.delay_layers() if layer.dcls.P.requires_grad]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Synaptic weights (weight decay applies to these only)."""
+        return [layer.dcls.weight if isinstance(layer, DelayLayer) else layer.weight
+                for layer in self.synapse_layers()]
+
+    def other_parameters(self) -> Iterator[nn.Parameter]:
+        """BatchNorm affine parameters and PLIF time constants: trained, no weight decay."""
+        taken = {id(p) for p in self.weight_parameters()} | {id(p) for p in self.delay_parameters()}
+        return (p for p in self.parameters() if p.requires_grad and id(p) not in taken)
+
+    def set_sigma(self, value: float) -> None:
+        for layer in self.delay_layers():
+            layer.set_sigma(value)
+
+    def clamp_positions(self) -> None:
+        for layer in self.delay_layers():
+            layer.clamp_positions()
+
+    @property
+    def sigma(self) -> float | None:
+        layers = self.delay_layers()
+        return layers[0].sigma if layers else None

@@ -1,0 +1,78 @@
+r"""Leaky integrate-and-fire neurons (spikingjelly), time-major ``(T, B, N)``.
+
+With ``decay_input=False``, hard reset to 0 and a detached reset (spikingjelly ``LIFNode``):
+
+    v[t] = v[t-1] - v[t-1] / tau + I[t],     s[t] = H(v[t] - 1),     v[t] <- 0 where s[t] = 1
+
+``tau`` is in time steps. The surrogate gradient is ATan with ``alpha``:
+``ds/dv = (alpha/2) / (1 + (pi/2 * alpha * (v - 1))^2)``. The readout is the same neuron with
+an infinite threshold: it never spikes and its membrane potential is the network's output.
+``neuron=plif`` learns ``tau`` (spikingjelly ``ParametricLIFNode``).
+
+spikingjelly picks its implementation from the tensor's device (a custom op on the CPU,
+Triton/CUDA on GPU). State is reset at the start of every call, so nothing leaks between
+batches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from spikingjelly.activation_based import neuron, surrogate
+from torch import Tensor, nn
+
+NEURONS = ("lif", "plif")
+
+
+class SpikingNeurons(nn.Module):
+    """A population of LIF (or PLIF) neurons, multi-step. ``readout=True``: membrane out."""
+
+    def __init__(self, tau: float, kind: str = "lif", alpha: float = 5.0, readout: bool = False) -> None:
+        super().__init__()
+        if kind not in NEURONS:
+            raise ValueError(f"model.neuron must be one of {NEURONS}, got {kind!r}")
+        if tau <= 1.0 and kind == "plif":
+            raise ValueError(f"plif needs tau > 1 (its decay is sigmoid(w) = 1/tau), got {tau}")
+        threshold = math.inf if readout else 1.0
+        common = dict(
+            decay_input=False,
+            v_threshold=threshold,
+            v_reset=0.0,
+            surrogate_function=surrogate.ATan(alpha=alpha),
+            detach_reset=True,
+            step_mode="m",
+            store_v_seq=readout,
+        )
+        if kind == "lif":
+            self.node = neuron.LIFNode(tau=tau, **common)
+        else:
+            self.node = neuron.ParametricLIFNode(init_tau=tau, **common)
+        self.readout = readout
+
+    def forward(self, current: Tensor) -> Tensor:
+        self.node.reset()
+        out = self.node(current.contiguous())
+        if self.readout:
+            out = self.node.v_seq
+        self.node.reset()  # drop the stored state: no tensors kept between calls
+        return out
+
+    @property
+    def tau(self) -> float:
+        if isinstance(self.node, neuron.ParametricLIFNode):
+            return float(1.0 / self.node.w.detach().sigmoid())
+        return float(self.node.tau)
+
+
+def lif_reference(current: Tensor, tau: float, threshold: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Step-by-step LIF of the module docstring, for tests: returns (spikes, membrane)."""
+    v = torch.zeros_like(current[0])
+    spikes, membrane = [], []
+    for i_t in current:
+        v = v - v / tau + i_t
+        membrane.append(v)
+        s = (v >= threshold).to(current.dtype)
+        spikes.append(s)
+        v = v * (1 - s)
+    return torch.stack(spikes), torch.stack(membrane)

@@ -1,0 +1,202 @@
+"""``snn-delays-train``: the Hydra entry point (also ``python -m snn_delays.train``).
+
+This is the one place where configs become objects (``hydra.utils.instantiate``); everything
+below receives built objects. Outputs land in the Hydra run directory: ``metrics.json``,
+``metrics.csv`` (one row per epoch), ``checkpoints/{best,last}.pt`` and the logger's files.
+Under ``torchrun`` every rank trains a shard of each epoch (DistributedDataParallel) and only
+rank 0 logs and writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from snn_delays.config import register_configs
+from snn_delays.model import DelaySNN
+from snn_delays.training import Distributed, FitConfig, Optimization, TrainState, fit, set_random_states, summary
+
+log = logging.getLogger("snn_delays")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+register_configs()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"trainer.device={name} but CUDA is not available; use trainer.device=cpu or auto")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(model_cfg: DictConfig, n_inputs: int, n_classes: int, dt_ms: float) -> DelaySNN:
+    return instantiate(model_cfg, n_inputs=n_inputs, n_classes=n_classes, dt_ms=dt_ms)
+
+
+def build_optimization(cfg: DictConfig, model: DelaySNN, epochs: int) -> Optimization:
+    """The paper's two optimizers; weight decay on synaptic weights only."""
+    groups = [
+        {"params": model.weight_parameters(), "weight_decay": cfg.weight_decay},
+        {"params": list(model.other_parameters()), "weight_decay": 0.0},
+    ]
+    weights = instantiate(cfg.weights)(groups)
+    opt = Optimization(weights, instantiate(cfg.weights_scheduler)(weights, total_steps=epochs))
+    layers = model.delay_layers()
+    if model.delay_parameters():
+        opt.positions = instantiate(cfg.positions)(model.delay_parameters())
+        opt.positions_scheduler = instantiate(cfg.positions_scheduler)(opt.positions, T_max=epochs)
+    if layers:
+        opt.sigma_init = layers[0].sigma
+        opt.sigma_final = cfg.sigma_final
+        opt.sigma_decay_epochs = max(1, int(epochs * cfg.sigma_decay_fraction))
+    return opt
+
+
+def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+    """Join the process group when started by torchrun (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Distributed(), pick_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world), device
+
+
+def write_outputs(run_dir: Path, state: TrainState, n_params: int) -> dict[str, Any]:
+    metrics = summary(state, n_params)
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    (run_dir / "metrics.json").write_text(json.dumps(clean, indent=2) + "\n")
+    if state.history:
+        keys = list(dict.fromkeys(k for row in state.history for k in row))
+        with open(run_dir / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(state.history)
+    return clean
+
+
+def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
+    resume = cfg.trainer.resume
+    if resume in (False, None, "false", ""):
+        return None
+    path = run_dir / "checkpoints" / "last.pt" if resume in (True, "true") else Path(str(resume))
+    if not path.exists():
+        if resume in (True, "true"):
+            log.info("trainer.resume=true but %s does not exist yet: starting from scratch", path)
+            return None
+        raise FileNotFoundError(f"trainer.resume={resume}: no checkpoint at {path}")
+    return path
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train as ``cfg`` says, writing into ``run_dir``; returns the metrics of metrics.json."""
+    dist, device = setup_distributed(cfg.trainer.device)
+    seed_everything(cfg.seed + dist.rank)
+    data = instantiate(cfg.dataset)
+    model = build_model(cfg.model, data.n_inputs, data.n_classes, data.dt_ms).to(device)
+    opt = build_optimization(cfg.optim, model, cfg.trainer.epochs)
+    data = data.to(device)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    state, logger_kwargs = TrainState(), {}
+    ckpt = resume_path(cfg, run_dir)
+    if ckpt is not None:
+        state, logger_kwargs = load_for_resume(ckpt, cfg, model, opt)
+    net = model
+    if dist.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    logger = instantiate(cfg.logger, run_dir=run_dir, **logger_kwargs) if dist.is_main else None
+    if logger is not None:
+        logger.log_config(config)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("%s on %s: %d samples train / %d valid / %d test, %d parameters, K=%d",
+             data.name, device, len(data.train), len(data.valid), len(data.test), n_params, model.kernel_size)
+    extra = {"config": config, "data": {"n_inputs": data.n_inputs, "n_classes": data.n_classes, "dt_ms": data.dt_ms,
+                                         "name": data.name}, "logger_run_id": getattr(logger, "run_id", None)}
+    fit_cfg = FitConfig(cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.eval_batch_size,
+                        cfg.trainer.progress, cfg.trainer.save_checkpoints, cfg.seed)
+    state = fit(net, data, opt, logger, fit_cfg, run_dir, state, dist, extra)
+    metrics = write_outputs(run_dir, state, n_params) if dist.is_main else {}
+    if logger is not None:
+        logger.finish()
+    if state.stopped_by is not None:
+        log.warning("stopped by signal %d after epoch %d: resume with trainer.resume=true", state.stopped_by, state.epoch)
+    return metrics
+
+
+def load_for_resume(path: Path, cfg: DictConfig, model: DelaySNN, opt: Optimization) -> tuple[TrainState, dict]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    check_compatible(ckpt.get("config", {}), OmegaConf.to_container(cfg, resolve=True), path)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optim"])
+    set_random_states(ckpt["rng"])
+    state = TrainState(**ckpt["state"])
+    state.stopped_by = None
+    log.info("resuming from %s after epoch %d", path, state.epoch)
+    run_id = ckpt.get("logger_run_id")
+    return state, ({"run_id": run_id} if run_id and cfg.logger.get("_target_", "").endswith("WandbLogger") else {})
+
+
+# Keys that may change between an interrupted run and its continuation.
+RESUMABLE_KEYS = ("trainer.resume", "trainer.progress", "trainer.device", "trainer.epochs", "logger", "dataset.root",
+                  "dataset.download", "trainer.eval_batch_size")
+
+
+def check_compatible(saved: dict, current: dict, path: Path) -> None:
+    """Refuse to resume from a checkpoint of another model, dataset or recipe."""
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+
+    a, b = flat(saved), flat(current)
+    differ = sorted(k for k in set(a) | set(b)
+                    if a.get(k) != b.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS))
+    if differ:
+        details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:12])
+        raise ValueError(f"cannot resume from {path}: its config differs in {len(differ)} key(s): {details}")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    metrics = run(cfg, run_dir)
+    return metrics.get("test_acc") if metrics else None
+
+
+def main() -> None:
+    if not Path(CONF_DIR).is_dir():
+        sys.exit(f"snn-delays: config folder {CONF_DIR} not found; install from a checkout with `pip install -e .`")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

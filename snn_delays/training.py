@@ -1,0 +1,349 @@
+"""The training loop: one readable :func:`fit` over model, data, optimizers and a logger.
+
+Loss and prediction follow the published code: ``p = sum_t softmax(u[t])`` over classes,
+``loss = cross_entropy(p, y)`` and the prediction is ``argmax p``. Positions are clamped to
+their range after every step; sigma follows :func:`sigma_at`; the network evaluated on
+validation and test data is the rounded integer-delay one (``model.eval()``).
+
+Per-batch work never synchronises with the host: losses and counts are summed on the device
+and read once per epoch. The model and data arrive on their device; the loop does not move
+them. Checkpoints (``last.pt`` every epoch, ``best.pt`` on a new best validation accuracy)
+hold everything needed to resume exactly: model, optimizers, schedulers, epoch, history and
+random states.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from snn_delays.data.base import DataBundle, Split, batches
+
+
+# --- losses and metrics ---------------------------------------------------------------
+def class_scores(u: Tensor) -> Tensor:
+    """``sum_t softmax(u[t])``: (T, B, C) membrane -> (B, C) scores."""
+    return F.softmax(u, dim=-1).sum(0)
+
+
+def loss_fn(u: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(class_scores(u), y)
+
+
+def sigma_at(epoch: int, sigma_init: float, sigma_final: float, decay_epochs: int) -> float:
+    """Sigma during ``epoch`` (0-based): geometric decay over ``decay_epochs``, then constant."""
+    if decay_epochs <= 0:
+        return sigma_init
+    factor = (sigma_final / sigma_init) ** (1.0 / decay_epochs)
+    return sigma_init * factor ** min(epoch, decay_epochs)
+
+
+# --- the objects fit() receives --------------------------------------------------------
+@dataclass
+class Optimization:
+    """The two optimizers of the paper and their per-epoch schedulers."""
+
+    weights: torch.optim.Optimizer
+    weights_scheduler: Any
+    positions: torch.optim.Optimizer | None = None
+    positions_scheduler: Any = None
+    sigma_init: float | None = None
+    sigma_final: float = 0.23
+    sigma_decay_epochs: int = 0
+
+    def zero_grad(self) -> None:
+        self.weights.zero_grad(set_to_none=True)
+        if self.positions is not None:
+            self.positions.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.weights.step()
+        if self.positions is not None:
+            self.positions.step()
+
+    def end_epoch(self) -> None:
+        self.weights_scheduler.step()
+        if self.positions_scheduler is not None:
+            self.positions_scheduler.step()
+
+    def lrs(self) -> dict[str, float]:
+        out = {"lr/weights": self.weights.param_groups[0]["lr"]}
+        if self.positions is not None:
+            out["lr/positions"] = self.positions.param_groups[0]["lr"]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"weights": self.weights.state_dict(), "weights_scheduler": self.weights_scheduler.state_dict()}
+        if self.positions is not None:
+            state["positions"] = self.positions.state_dict()
+            state["positions_scheduler"] = self.positions_scheduler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weights.load_state_dict(state["weights"])
+        self.weights_scheduler.load_state_dict(state["weights_scheduler"])
+        if self.positions is not None:
+            self.positions.load_state_dict(state["positions"])
+            self.positions_scheduler.load_state_dict(state["positions_scheduler"])
+
+
+@dataclass
+class Distributed:
+    """Rank, world size and a sum-reduction; the single-process default does nothing."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def all_sum(self, t: Tensor) -> Tensor:
+        if self.world_size > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def shard(self, indices: Tensor) -> Tensor:
+        return indices[self.rank :: self.world_size]
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class FitConfig:
+    epochs: int
+    batch_size: int
+    eval_batch_size: int
+    progress: bool = True
+    save_checkpoints: bool = True
+    seed: int = 0
+
+
+@dataclass
+class TrainState:
+    """What changes during training and is saved in checkpoints."""
+
+    epoch: int = 0  # epochs completed
+    best_valid_acc: float = -1.0
+    best_epoch: int = -1
+    test_acc_at_best: float = float("nan")
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    shuffle_rng: Tensor = field(default_factory=lambda: torch.Generator().get_state())
+    stopped_by: int | None = None  # the signal that interrupted training, if any
+
+
+# --- evaluation -------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int, dist: Distributed | None = None) -> dict[str, float]:
+    """Loss and accuracy of the evaluated (integer-delay) network on one split."""
+    dist = dist or Distributed()
+    if len(split) == 0:
+        return {"loss": float("nan"), "acc": float("nan")}
+    model.eval()
+    sums = torch.zeros(3, device=split.x.device, dtype=torch.float64)  # loss*n, correct, n
+    for x, y, _ in batches(split, batch_size, indices=dist.shard(torch.arange(len(split)))):
+        scores = class_scores(model(x))
+        sums += torch.stack([F.cross_entropy(scores, y, reduction="sum").double(),
+                             (scores.argmax(-1) == y).sum().double(), torch.tensor(len(y), device=sums.device).double()])
+    loss, correct, n = dist.all_sum(sums).tolist()
+    return {"loss": loss / n, "acc": correct / n}
+
+
+# --- training ------------------------------------------------------------------------------
+def train_epoch(
+    model: nn.Module, split: Split, opt: Optimization, cfg: FitConfig, gen: torch.Generator,
+    dist: Distributed, stop: Callable[[], bool], desc: str,
+) -> dict[str, float]:
+    model.train()
+    core = getattr(model, "module", model)  # the bare model under DistributedDataParallel
+    order = torch.randperm(len(split), generator=gen)
+    per_rank = max(cfg.batch_size // dist.world_size, 1)
+    sums = torch.zeros(3, device=split.x.device, dtype=torch.float64)
+    shard = dist.shard(order)
+    n_batches = math.ceil(len(shard) / per_rank)
+    bar = tqdm(batches(split, per_rank, indices=shard), total=n_batches, desc=desc, leave=False,
+               disable=not (cfg.progress and dist.is_main))
+    for x, y, _ in bar:
+        u = model(x)
+        scores = class_scores(u)
+        loss = F.cross_entropy(scores, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        core.clamp_positions()
+        with torch.no_grad():
+            sums += torch.stack([loss.detach().double() * len(y), (scores.argmax(-1) == y).sum().double(),
+                                 torch.tensor(len(y), device=sums.device).double()])
+        if stop():
+            break
+    loss, correct, n = dist.all_sum(sums).tolist()
+    return {"loss": loss / max(n, 1), "acc": correct / max(n, 1)}
+
+
+def delay_stats(model: nn.Module, dt_ms: float) -> dict[str, float]:
+    """Mean and spread of the integer delays per layer, in ms."""
+    core = getattr(model, "module", model)
+    stats = {}
+    for i, layer in enumerate(core.delay_layers()):
+        d = layer.delays().float() * dt_ms
+        stats[f"delay/mean_ms/layer{i}"] = float(d.mean())
+        stats[f"delay/std_ms/layer{i}"] = float(d.std()) if d.numel() > 1 else 0.0
+    return stats
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1 (SLURM pre-emption): the loop saves and returns early."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+
+    def __enter__(self) -> StopFlag:
+        for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if s is not None:
+                try:
+                    self._previous[s] = signal.signal(s, self._handle)
+                except ValueError:  # not the main thread (e.g. inside a notebook executor)
+                    pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def random_states() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_random_states(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fit(
+    model: nn.Module,
+    data: DataBundle,
+    opt: Optimization,
+    logger: Any,
+    cfg: FitConfig,
+    run_dir: Path,
+    state: TrainState | None = None,
+    dist: Distributed | None = None,
+    extra_checkpoint: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[nn.Module, TrainState], None] | None = None,
+) -> TrainState:
+    """Train for ``cfg.epochs`` epochs (continuing from ``state``); returns the final state.
+
+    If a stop signal arrives, the epoch in progress is abandoned and the function returns with
+    ``state.epoch`` < ``cfg.epochs``: ``last.pt`` already holds the last completed epoch.
+    """
+    dist = dist or Distributed()
+    state = state or TrainState()
+    core = getattr(model, "module", model)
+    gen = torch.Generator()
+    gen.set_state(state.shuffle_rng)
+    ckpt_dir = run_dir / "checkpoints"
+    with StopFlag() as stop:
+        epochs = tqdm(range(state.epoch, cfg.epochs), desc="epochs", disable=not (cfg.progress and dist.is_main),
+                      initial=state.epoch, total=cfg.epochs)
+        for epoch in epochs:
+            if opt.sigma_init is not None:
+                core.set_sigma(sigma_at(epoch, opt.sigma_init, opt.sigma_final, opt.sigma_decay_epochs))
+            lrs = opt.lrs()
+            t0 = time.perf_counter()
+            train = train_epoch(model, data.train, opt, cfg, gen, dist, stop, f"epoch {epoch + 1}")
+            if stop():
+                break
+            opt.end_epoch()
+            state.train_seconds += time.perf_counter() - t0
+            valid = evaluate(model, data.valid, cfg.eval_batch_size, dist)
+            test = evaluate(model, data.test, cfg.eval_batch_size, dist)
+            row = {"epoch": epoch + 1, "train/loss": train["loss"], "train/acc": train["acc"],
+                   "valid/loss": valid["loss"], "valid/acc": valid["acc"],
+                   "test/loss": test["loss"], "test/acc": test["acc"], **lrs}
+            if core.sigma is not None:
+                row["sigma"] = core.sigma
+            row.update(delay_stats(model, data.dt_ms))
+            improved = _update_best(state, row, has_valid=len(data.valid) > 0)
+            state.epoch, state.shuffle_rng = epoch + 1, gen.get_state()
+            state.history.append(row)
+            if dist.is_main:
+                logger.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+                epochs.set_postfix(loss=f"{train['loss']:.3f}", valid=f"{valid['acc']:.3f}", test=f"{test['acc']:.3f}")
+                if cfg.save_checkpoints:
+                    payload = checkpoint_payload(core, opt, state, extra_checkpoint)
+                    save_checkpoint(payload, ckpt_dir / "last.pt")
+                    if improved:
+                        save_checkpoint(payload, ckpt_dir / "best.pt")
+                if on_epoch_end is not None:
+                    on_epoch_end(core, state)
+        state.stopped_by = stop.signum
+    return state
+
+
+def _update_best(state: TrainState, row: dict[str, float], has_valid: bool) -> bool:
+    # Without a validation split the epoch is chosen on the test set, as the published SHD figure was.
+    key = "valid/acc" if has_valid else "test/acc"
+    if row[key] > state.best_valid_acc:
+        state.best_valid_acc, state.best_epoch, state.test_acc_at_best = row[key], int(row["epoch"]), row["test/acc"]
+        return True
+    return False
+
+
+def checkpoint_payload(model: nn.Module, opt: Optimization, state: TrainState, extra: dict[str, Any] | None) -> dict:
+    return {
+        "model": model.state_dict(),
+        "optim": opt.state_dict(),
+        "state": {k: v for k, v in vars(state).items()},
+        "rng": random_states(),
+        **(extra or {}),
+    }
+
+
+def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
+    """Write through a temporary file, so a killed job never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def summary(state: TrainState, n_params: int) -> dict[str, float]:
+    """The numbers of ``metrics.json``; ``test_acc`` is at the epoch chosen on validation."""
+    tests = [row["test/acc"] for row in state.history]
+    valids = [row["valid/acc"] for row in state.history]
+    finite_valid = [v for v in valids if not math.isnan(v)]
+    return {
+        "best_valid_acc": max(finite_valid) if finite_valid else float("nan"),
+        "test_acc": state.test_acc_at_best,
+        "best_test_acc": max(tests) if tests else float("nan"),
+        "last_test_acc": tests[-1] if tests else float("nan"),
+        "best_epoch": state.best_epoch,
+        "epochs": state.epoch,
+        "train_seconds": state.train_seconds,
+        "n_params": n_params,
+    }
