@@ -101,6 +101,31 @@ _C_SOURCE = r"""
    the first event of that group. Blocking keeps y (or g) rows of BB samples in L2 while the
    kernel rows k[i] (K x C) are reused by all events of channel i in the block. */
 
+/* Count the nonzeros of x (T, B, I) per group (b / BB, i): cnt[(b / BB) * I + i]. */
+int64_t event_count(const float* x, int64_t T, int64_t B, int64_t I, int64_t BB, int64_t* cnt) {
+    int64_t nnz = 0;
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t b = 0; b < B; ++b) {
+            const float* r = x + (t * B + b) * I;
+            int64_t* c = cnt + (b / BB) * I;
+            for (int64_t i = 0; i < I; ++i)
+                if (r[i] != 0.0f) { ++c[i]; ++nnz; }
+        }
+    return nnz;
+}
+
+/* Fill the events in group order, (b, t) ascending inside a group; pos = group offsets. */
+void event_fill(const float* x, int64_t T, int64_t B, int64_t I, int64_t BB, int64_t* pos,
+                int32_t* ev_b, int32_t* ev_t, float* ev_v) {
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < T; ++t) {
+            const float* r = x + (t * B + b) * I;
+            int64_t* p = pos + (b / BB) * I;
+            for (int64_t i = 0; i < I; ++i)
+                if (r[i] != 0.0f) { const int64_t e = p[i]++; ev_b[e] = (int32_t)b; ev_t[e] = (int32_t)t; ev_v[e] = r[i]; }
+        }
+}
+
 /* y[b, t + K-1-n, :] (B, Ty, C) += v * k[i, n, :], k (I, K, C). One thread per block. */
 void event_conv(const int64_t* ptr, const int32_t* ev_b, const int32_t* ev_t, const float* ev_v,
                 const float* k, float* y, int64_t NBLK, int64_t I, int64_t Ty, int64_t K, int64_t C) {
@@ -224,6 +249,9 @@ def _load_lib() -> ctypes.CDLL | None:
         lib.event_conv.argtypes = [ptr] * 6 + [i64] * 5
         lib.event_grad.argtypes = [ptr] * 6 + [i64] * 5
         lib.tap_conv.argtypes = [ptr] * 4 + [i64] * 6
+        lib.event_count.argtypes = [ptr] + [i64] * 4 + [ptr]
+        lib.event_count.restype = i64
+        lib.event_fill.argtypes = [ptr] + [i64] * 4 + [ptr] * 4
         _LIB = lib
         return lib
 
@@ -247,14 +275,16 @@ class _Events:
         t_len, batch, n_in = x.shape
         self.shape = (t_len, batch, n_in)
         self.n_blk = -(-batch // EVENT_BLOCK)
-        idx = torch.nonzero(x.permute(1, 0, 2))  # sorted by (b, t, i)
-        key = idx[:, 0] // EVENT_BLOCK * n_in + idx[:, 2]
-        key, order = torch.sort(key, stable=True)
-        idx = idx[order]
-        self.b, self.t = idx[:, 0].to(torch.int32), idx[:, 1].to(torch.int32)
-        self.v = x[idx[:, 1], idx[:, 0], idx[:, 2]].contiguous()
-        counts = torch.bincount(key, minlength=self.n_blk * n_in)
+        x = x.detach().contiguous()
+        counts = torch.zeros(self.n_blk * n_in, dtype=torch.int64)
+        nnz = _LIB.event_count(_p(x), t_len, batch, n_in, EVENT_BLOCK, _p(counts))
         self.ptr = F.pad(counts.cumsum(0), (1, 0)).contiguous()
+        self.b = torch.empty(nnz, dtype=torch.int32)
+        self.t = torch.empty(nnz, dtype=torch.int32)
+        self.v = torch.empty(nnz, dtype=torch.float32)
+        pos = self.ptr[:-1].clone()
+        _LIB.event_fill(_p(x), t_len, batch, n_in, EVENT_BLOCK, _p(pos), _p(self.b), _p(self.t), _p(self.v))
+        self.nnz = nnz
 
 
 def _event_conv(ev: _Events, kernel: Tensor, t_out: int) -> Tensor:

@@ -1,0 +1,152 @@
+"""Benchmark the delay backends on the published networks: the same inputs through both.
+
+    python experiments/bench.py                          # CPU, SHD, sigma 0.23 and K//2
+    python experiments/bench.py --device cuda --json out.json --networks shd,ssc
+
+A training step is forward + backward of the whole network (no optimizer); an evaluation step
+is ``model.eval()`` under ``no_grad`` (integer delays). Inputs are seeded random spike counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+
+from snn_delays.model import DelaySNN
+
+NETWORKS = {  # n_inputs, n_classes, n_hidden, n_layers, K, tau, dropout, batch
+    "shd": (140, 20, 256, 2, 25, 1.005, 0.4, 256),
+    "ssc": (140, 35, 512, 3, 31, 1.5, 0.25, 128),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device: torch.device, steps: int, repeats: int) -> float:  # noqa: ANN001
+    """Best of ``repeats`` means over ``steps`` calls, after one warm-up call (seconds)."""
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(device)
+        best = min(best, (time.perf_counter() - t0) / steps)
+    return best
+
+
+def _peak_mib(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water RSS
+
+
+def bench_one(net: str, backend: str, sigma: float, args: argparse.Namespace, x: torch.Tensor) -> dict:
+    n_in, n_cls, hidden, layers, k, tau, drop, _ = NETWORKS[net]
+    torch.manual_seed(0)
+    model = DelaySNN(
+        n_in,
+        n_cls,
+        n_hidden=hidden,
+        n_layers=layers,
+        kernel_size=k,
+        tau=tau,
+        dropout=drop,
+        delays="learned",
+        delay_backend=backend,
+    )
+    model.set_sigma(sigma)
+    model.to(args.device)
+    device = torch.device(args.device)
+
+    def train_step() -> None:
+        model.train()
+        model.zero_grad(set_to_none=True)
+        u = model(x)
+        u.float().square().mean().backward()
+
+    def eval_step() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train = _time(train_step, device, args.steps, args.repeats)
+    peak = _peak_mib(device)
+    evaluation = _time(eval_step, device, args.steps, args.repeats)
+    with torch.no_grad():
+        model.eval()
+        _, spikes = model(x, return_spikes=True)
+    rates = [round(float((s > 0).float().mean()), 4) for s in spikes]
+    return dict(
+        network=net,
+        backend=backend,
+        sigma=sigma,
+        train_s=train,
+        eval_s=evaluation,
+        peak_mib=peak,
+        spike_density=rates,
+    )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="default: the published batch")
+    parser.add_argument("--time-steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=None, help="calls per timing (CPU 1, GPU 20)")
+    parser.add_argument("--repeats", type=int, default=None, help="timings, best kept (CPU 1, GPU 3)")
+    parser.add_argument("--networks", default="shd")
+    parser.add_argument("--sigma", default="0.23,K//2", help="comma list; K//2 = the initial sigma")
+    parser.add_argument("--density", type=float, default=0.05, help="input spike density")
+    parser.add_argument("--backends", default="dcls,fast")
+    parser.add_argument("--json", default=None, help="write the results to this file")
+    args = parser.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    args.steps = args.steps or (20 if gpu else 1)
+    args.repeats = args.repeats or (3 if gpu else 1)
+    results = []
+    for net in args.networks.split(","):
+        n_in, *_, k, _, _, batch = NETWORKS[net]
+        batch = args.batch or batch
+        gen = torch.Generator().manual_seed(0)
+        spikes = torch.rand(args.time_steps, batch, n_in, generator=gen) < args.density
+        counts = spikes.float() * torch.randint(1, 3, spikes.shape, generator=gen)
+        x = counts.to(args.device)
+        for sig in args.sigma.split(","):
+            sigma = float(k // 2) if sig == "K//2" else float(sig)
+            rows = [bench_one(net, b, sigma, args, x) for b in args.backends.split(",")]
+            for row in rows:
+                row["train_speedup"] = rows[0]["train_s"] / row["train_s"]
+                row["eval_speedup"] = rows[0]["eval_s"] / row["eval_s"]
+                results.append(row)
+                print(
+                    f"{net:4s} {row['backend']:5s} sigma={sigma:6.2f} train {row['train_s'] * 1e3:9.1f} ms "
+                    f"(x{row['train_speedup']:5.2f})  eval {row['eval_s'] * 1e3:8.1f} ms "
+                    f"(x{row['eval_speedup']:5.2f})  peak {row['peak_mib'] or 0:8.0f} MiB  "
+                    f"spikes {row['spike_density']}",
+                    flush=True,
+                )
+    meta = dict(
+        device=str(args.device), torch=torch.__version__, argv=sys.argv[1:], threads=torch.get_num_threads()
+    )
+    if gpu:
+        meta["gpu"] = torch.cuda.get_device_name()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, results=results), f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
