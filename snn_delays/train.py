@@ -192,9 +192,22 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return metrics.get("test_acc") if metrics else None
 
 
+def _torchrun_overrides(argv: list[str]) -> list[str]:
+    """Under torchrun every rank runs Hydra: give them one run dir, and only rank 0 Hydra's files."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    extra = []
+    if run_id and not any(a.startswith("hydra.run.dir=") for a in argv):
+        extra.append(f"hydra.run.dir=outputs/torchrun/{run_id}")
+    if int(os.environ.get("RANK", "0")) > 0:
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    return extra
+
+
 def main() -> None:
     if not Path(CONF_DIR).is_dir():
         sys.exit(f"snn-delays: config folder {CONF_DIR} not found; install from a checkout with `pip install -e .`")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.argv += _torchrun_overrides(sys.argv[1:])
     _hydra_main()
 
 

@@ -227,6 +227,10 @@ class StopFlag:
     def __exit__(self, *exc: Any) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        # Hand the signal on (e.g. to submitit's requeue handler) once our state is saved.
+        previous = self._previous.get(self.signum) if self.signum is not None else None
+        if callable(previous):
+            previous(self.signum, None)
 
 
 def random_states() -> dict[str, Any]:

@@ -1,0 +1,34 @@
+"""Shared helpers: run the console scripts as a user would, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def run_cli(module: str, *args: str, check: bool = True, timeout: int = 600, cwd: Path | None = None,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m snn_delays.<module> ARGS`` with quiet progress; returns the finished process."""
+    full_env = {**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", f"snn_delays.{module}", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or ROOT, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture
+def cli():
+    return run_cli

@@ -1,0 +1,127 @@
+"""The delay layer and the network: shapes, gradients, one optimizer step, integer delays."""
+
+import pytest
+import torch
+
+from snn_delays.delays import DelayLayer, gaussian_kernel, max_delay_steps, reference_delay_conv
+from snn_delays.model import DelaySNN
+from snn_delays.neurons import SpikingNeurons, lif_reference
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def spikes(t, b, c, p=0.2):
+    return (torch.rand(t, b, c) < p).float()
+
+
+def test_kernel_size_from_ms():
+    assert max_delay_steps(250, 10) == 25
+    assert max_delay_steps(300, 10) == 31
+    assert max_delay_steps(150, 10) == 15
+
+
+@pytest.mark.parametrize("backend", ["fast", "dcls"])
+def test_layer_shapes_and_growth(backend):
+    layer = DelayLayer(6, 5, kernel_size=9, backend=backend)
+    y = layer(spikes(20, 3, 6))
+    assert y.shape == (20 + 4, 3, 5)  # (K-1)//2 steps longer
+
+
+def test_network_lengths_follow_spec():
+    model = DelaySNN(140, 20, n_hidden=16, n_layers=2, max_delay_ms=250, dt_ms=10, dropout=0.0)
+    assert model.kernel_size == 25
+    u, hidden = model(spikes(100, 2, 140), return_spikes=True)
+    assert [h.shape[0] for h in hidden] == [112, 124]
+    assert u.shape == (136, 2, 20)
+    assert set(torch.unique(hidden[0]).tolist()) <= {0.0, 1.0}
+
+
+def test_dcls_backend_matches_written_out_formula():
+    layer = DelayLayer(4, 3, kernel_size=7, backend="dcls", sigma_init=1.3)
+    x = torch.randn(15, 2, 4)
+    expected = reference_delay_conv(x, layer.weight, layer.positions, layer.sigma, 7)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["fast", "dcls"])
+def test_gradients_reach_weights_and_positions(backend):
+    model = DelaySNN(8, 3, n_hidden=12, n_layers=2, kernel_size=7, delay_backend=backend, dropout=0.0)
+    u = model(spikes(30, 4, 8, 0.3))
+    u.pow(2).mean().backward()
+    for p in model.weight_parameters() + model.delay_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_one_step_changes_weights_and_positions():
+    model = DelaySNN(8, 3, n_hidden=12, n_layers=1, kernel_size=7, dropout=0.0)
+    before = [p.detach().clone() for p in model.weight_parameters() + model.delay_parameters()]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model(spikes(30, 4, 8, 0.3)).pow(2).mean().backward()
+    opt.step()
+    after = model.weight_parameters() + model.delay_parameters()
+    assert all(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_fixed_and_no_delays_variants():
+    fixed = DelaySNN(8, 3, n_hidden=12, kernel_size=7, delays="fixed")
+    assert fixed.delay_parameters() == [] and len(fixed.delay_layers()) == 3
+    none = DelaySNN(8, 3, n_hidden=12, delays="none")
+    assert none.delay_layers() == [] and none(spikes(10, 2, 8)).shape == (10, 2, 3)
+
+
+@pytest.mark.parametrize("backend", ["fast", "dcls"])
+def test_evaluated_layer_is_an_explicit_shifted_sum(backend):
+    """y[t, o] = sum_i w[o,i] x[t - d[o,i], i] with d = K//2 - round(p)."""
+    k = 9
+    layer = DelayLayer(5, 4, kernel_size=k, backend=backend).eval()
+    x = torch.randn(12, 2, 5)
+    with torch.no_grad():
+        y = layer(x)
+    w, d = layer.weight.detach(), layer.delays()
+    assert d.min() >= 0 and d.max() <= k - 1
+    expected = torch.zeros(12 + (k - 1) // 2, 2, 4)
+    for o in range(4):
+        for i in range(5):
+            dd = int(d[o, i])
+            for t in range(expected.shape[0]):
+                if 0 <= t - dd < 12:
+                    expected[t, :, o] += w[o, i] * x[t - dd, :, i]
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sigma_and_clamp():
+    layer = DelayLayer(3, 2, kernel_size=5)
+    assert layer.sigma == 2  # K // 2
+    layer.set_sigma(0.23)
+    assert layer.sigma == pytest.approx(0.23)
+    with torch.no_grad():
+        layer.dcls.P.fill_(10.0)
+    layer.clamp_positions()
+    assert layer.positions.max() == 2
+    assert torch.equal(layer.delays(), torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_gaussian_kernel_sums_to_weight():
+    w, p = torch.randn(3, 4), torch.rand(3, 4) * 4 - 2
+    k = gaussian_kernel(w, p, 0.23, 9)
+    torch.testing.assert_close(k.sum(-1), w, rtol=1e-5, atol=1e-6)
+    assert torch.equal(k.abs().argmax(-1), (p.round() + 4).long())
+
+
+@pytest.mark.parametrize("tau", [1.005, 1.5])
+def test_lif_sequence_equals_step_by_step(tau):
+    x = torch.randn(25, 3, 7)
+    s, _ = lif_reference(x, tau)
+    torch.testing.assert_close(SpikingNeurons(tau)(x), s)
+    _, v = lif_reference(x, tau, threshold=float("inf"))
+    torch.testing.assert_close(SpikingNeurons(tau, readout=True)(x), v)
+
+
+def test_no_state_leaks_between_calls():
+    neurons = SpikingNeurons(1.5)
+    x = torch.randn(10, 2, 3)
+    first = neurons(x)
+    assert torch.equal(neurons(x), first)

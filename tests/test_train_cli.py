@@ -1,0 +1,81 @@
+"""End-to-end runs of the command line: the contract other checks call, outputs, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import torch
+from conftest import read_metrics, run_cli
+from spike_files import make_shd_root
+
+QUIET = ["trainer.progress=false"]
+METRIC_KEYS = {"best_valid_acc", "test_acc", "best_test_acc", "last_test_acc", "epochs", "train_seconds", "n_params"}
+
+
+def test_synthetic_run_writes_every_output_and_eval_reproduces_it(tmp_path):
+    out = tmp_path / "run"
+    run_cli("train", "experiment=synthetic", "trainer.epochs=3", "logger=csv", f"hydra.run.dir={out}", *QUIET)
+    metrics = read_metrics(out)
+    assert METRIC_KEYS <= set(metrics) and metrics["epochs"] == 3
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert len(rows) == 3
+    for key in ("train/loss", "train/acc", "valid/loss", "valid/acc", "test/acc", "lr/weights", "lr/positions",
+                "sigma", "delay/mean_ms/layer0"):
+        assert key in rows[0], key
+    assert float(rows[-1]["sigma"]) < float(rows[0]["sigma"])  # sigma decays
+    assert max(float(r["test/acc"]) for r in rows) == metrics["best_test_acc"]
+    assert (out / "logs" / "metrics.csv").is_file()  # the CSV logger's own file
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=False)
+    assert best["config"]["model"]["delays"] == "learned" and (out / "checkpoints" / "last.pt").is_file()
+
+    proc = run_cli("evaluate", f"checkpoint={out / 'checkpoints' / 'best.pt'}")
+    result = json.loads((out / "checkpoints" / "eval.json").read_text())
+    assert "test: acc" in proc.stdout
+    assert abs(result["test"]["acc"] - metrics["test_acc"]) < 1e-9
+
+
+def test_delays_beat_no_delays_on_synthetic(tmp_path):
+    """The synthetic classes differ only in spike timing: delays are needed to solve them."""
+    acc = {}
+    for model in ("delays", "no_delays"):
+        out = tmp_path / model
+        run_cli("train", "experiment=synthetic", f"model={model}", "logger=none", "seed=0",
+                f"hydra.run.dir={out}", *QUIET)
+        acc[model] = read_metrics(out)["test_acc"]
+    assert acc["delays"] >= acc["no_delays"] + 0.30, acc
+
+
+def test_contract_on_shd_layout_files(tmp_path):
+    root = tmp_path / "shd"
+    make_shd_root(root, n_train=40, n_test=20)
+    for model in ("delays", "fixed_delays", "no_delays"):
+        out = tmp_path / f"out_{model}"
+        run_cli("train", "dataset=shd", f"dataset.root={root}", "trainer.epochs=1", "trainer.batch_size=16",
+                f"model={model}", "logger=none", "seed=3", f"hydra.run.dir={out}", *QUIET)
+        metrics = read_metrics(out)
+        assert metrics["epochs"] == 1 and 0.0 <= metrics["test_acc"] <= 1.0
+        assert metrics["n_params"] > 0
+    assert list((root / "cache").iterdir()), "binned data should be cached"
+
+
+def test_wandb_offline_logger(tmp_path):
+    out = tmp_path / "run"
+    run_cli("train", "experiment=synthetic", "trainer.epochs=1", f"hydra.run.dir={out}", *QUIET)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+
+
+def test_unknown_config_key_fails_at_start_up(tmp_path):
+    proc = run_cli("train", "experiment=synthetic", "trainer.epocs=2", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode != 0 and "epocs" in proc.stderr
+    proc = run_cli("train", "experiment=synthetic", "model.n_hiden=3", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode != 0 and "n_hiden" in proc.stderr
+
+
+def test_missing_dataset_offline_names_file_url_and_folder(tmp_path):
+    root = tmp_path / "nothing_here"
+    proc = run_cli("train", "dataset=shd", f"dataset.root={root}", "dataset.download=false", "logger=none",
+                   f"hydra.run.dir={tmp_path / 'out'}", check=False)
+    assert proc.returncode != 0
+    assert "shd_train.h5" in proc.stderr and "https://" in proc.stderr and str(root) in proc.stderr
