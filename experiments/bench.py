@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -111,7 +112,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--density", type=float, default=0.05, help="input spike density")
     parser.add_argument("--backends", default="dcls,fast")
     parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gpu = args.device.startswith("cuda")
     args.steps = args.steps or (20 if gpu else 1)
     args.repeats = args.repeats or (3 if gpu else 1)

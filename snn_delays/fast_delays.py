@@ -42,6 +42,7 @@ from torch import Tensor
 SIGMA_OFFSET = 0.27
 NORM_EPS = 1e-7
 TAP_TOL = 1e-8  # a dropped tap weighs less than this times its synapse's peak tap
+TAPS_DENSE_RATIO = 3  # the tap path computes dL/dx while J <= K / 3, else oneDNN conv1d
 EVENT_DENSITY_MAX = 0.25  # above this input density the tap path beats the event path
 
 # --------------------------------------------------------------------------------------
@@ -360,8 +361,10 @@ class _DelayConvCPU(torch.autograd.Function):
         ev = _Events(x) if use_events else None
         if use_events:
             y = _event_conv(ev, kernel_d, t_out)
-        else:
+        elif j * TAPS_DENSE_RATIO <= ksize:
             y = _taps_forward(x, _window_coef(kernel_d, start, j), start, ksize)
+        else:
+            y = F.conv1d(_pad(x, ksize).permute(1, 2, 0), kernel_d).permute(2, 0, 1)
         ctx.ev, ctx.start, ctx.j = ev, start, j
         ctx.save_for_backward(x, kernel_d)
         return y.contiguous()
@@ -372,9 +375,13 @@ class _DelayConvCPU(torch.autograd.Function):
         n_out, n_in, ksize = kernel.shape
         grad_y = grad_y.contiguous()
         grad_x = grad_k = None
-        coef = _window_coef(kernel, ctx.start, ctx.j)
-        if ctx.needs_input_grad[0]:
+        coef = _window_coef(kernel, ctx.start, ctx.j) if ctx.j * TAPS_DENSE_RATIO <= ksize else None
+        if ctx.needs_input_grad[0] and ctx.j * TAPS_DENSE_RATIO <= ksize:
             grad_x = _taps_grad_input(grad_y, coef, ctx.start, ksize, x.shape[0]).contiguous()
+        elif ctx.needs_input_grad[0]:  # wide Gaussians: the dense (oneDNN) convolution is faster
+            xp_shape = (x.shape[1], n_in, x.shape[0] + ksize - 1 + (ksize - 1) // 2)
+            gx = torch.nn.grad.conv1d_input(xp_shape, kernel, grad_y.permute(1, 2, 0))
+            grad_x = gx[:, :, ksize - 1 : ksize - 1 + x.shape[0]].permute(2, 0, 1).contiguous()
         if ctx.needs_input_grad[1]:
             if ctx.ev is not None:
                 grad_k = _event_grad(ctx.ev, grad_y, n_out, ksize)

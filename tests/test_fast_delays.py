@@ -13,6 +13,8 @@ CASES = [  # (T, B, in, out, K, input density)
     (17, 5, 9, 4, 7, 0.05),
     (20, 17, 6, 11, 9, 1.0),
     (15, 2, 3, 2, 25, 0.5),
+    (14, 19, 6, 5, 31, 1.0),  # dense input: the tap path (J <= K/3 at small sigma)
+    (16, 6, 7, 3, 25, 0.02),  # sparse input: events forward, taps dL/dx
 ]
 
 
