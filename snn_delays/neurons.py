@@ -16,11 +16,17 @@ batches.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
-from spikingjelly.activation_based import neuron, surrogate
-from torch import Tensor, nn
+
+# spikingjelly probes for Triton at import and torch warns once per kernel where it is absent
+# (any CPU-only install): the CPU path does not need it, so keep that out of every run's log.
+logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
+
+from spikingjelly.activation_based import neuron, surrogate  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 
 NEURONS = ("lif", "plif")
 

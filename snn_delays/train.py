@@ -134,6 +134,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if logger is not None:
         logger.log_config(config)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if dist.world_size > 1:
+        log.info("rank %d/%d: training on %d of %d samples per epoch", dist.rank, dist.world_size,
+                 len(dist.shard(torch.arange(len(data.train)))), len(data.train))
     log.info("%s on %s: %d samples train / %d valid / %d test, %d parameters, K=%d",
              data.name, device, len(data.train), len(data.valid), len(data.test), n_params, model.kernel_size)
     extra = {"config": config, "data": {"n_inputs": data.n_inputs, "n_classes": data.n_classes, "dt_ms": data.dt_ms,

@@ -1,0 +1,81 @@
+"""Resume after a real signal to the same final metrics; data-parallel training with torchrun."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, read_metrics, run_cli
+
+RUN = ["experiment=synthetic", "trainer.epochs=5", "logger=none", "trainer.progress=false", "seed=4"]
+
+
+def history(run_dir):
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    return [{k: v for k, v in r.items()} for r in rows]
+
+
+def wait_for_epoch(path, epoch, proc, timeout=240):
+    start = time.time()
+    while time.time() - start < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before epoch {epoch}: {proc.communicate()}")
+        if path.exists() and torch.load(path, weights_only=False)["state"]["epoch"] >= epoch:
+            return
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint in time")
+
+
+def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_cli("train", *RUN, f"hydra.run.dir={full}")
+
+    proc = subprocess.Popen([sys.executable, "-m", "snn_delays.train", *RUN, f"hydra.run.dir={cut}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_epoch(cut / "checkpoints" / "last.pt", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    stopped_at = read_metrics(cut)["epochs"]
+    assert 2 <= stopped_at < 5, "the signal should stop training early"
+    assert "resume with trainer.resume=true" in out + err
+
+    run_cli("train", *RUN, f"hydra.run.dir={cut}", "trainer.resume=true")
+    a, b = read_metrics(full), read_metrics(cut)
+    for key in ("test_acc", "best_valid_acc", "best_test_acc", "last_test_acc", "epochs", "best_epoch"):
+        assert a[key] == b[key], key
+    drop_time = [{k: v for k, v in r.items()} for r in history(full)]
+    assert drop_time == history(cut)
+
+
+def test_resume_from_another_model_says_which_keys_differ(tmp_path):
+    out = tmp_path / "run"
+    run_cli("train", *RUN[:1], "trainer.epochs=1", "logger=none", f"hydra.run.dir={out}")
+    proc = run_cli("train", *RUN[:1], "trainer.epochs=2", "logger=none", "model.n_hidden=32",
+                   f"trainer.resume={out / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={tmp_path / 'b'}", check=False)
+    assert proc.returncode != 0
+    assert "model.n_hidden: 64 -> 32" in proc.stderr
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_torchrun_two_ranks_on_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "snn_delays.train",
+         "experiment=synthetic", "trainer.epochs=2", "logger=csv", "trainer.progress=false", f"hydra.run.dir={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
+    assert "rank 0/2: training on 256 of 512" in text and "rank 1/2: training on 256 of 512" in text
+    metrics = read_metrics(out)
+    assert metrics["epochs"] == 2
+    rows = list(csv.DictReader(open(out / "logs" / "metrics.csv")))
+    assert len(rows) == 2  # one logger (rank 0), one row per epoch
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
