@@ -1,0 +1,191 @@
+"""Every experiment composes with the published values and trains one tiny batch; every config
+group composes and instantiates. Data come from fixtures in the real formats (nothing downloads).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gsc_files import make_gsc_root
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_method, instantiate
+from omegaconf import DictConfig, OmegaConf
+from spike_files import make_shd_root, make_ssc_root
+from torch import Tensor
+
+from snn_delays.augment import Augment
+from snn_delays.config import TrainerConfig, register_configs
+from snn_delays.data.base import batches
+from snn_delays.model import DelaySNN
+from snn_delays.train import build_optimization
+from snn_delays.training import class_scores
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+TINY = ["model.n_hidden=16"]
+
+# SPEC, "Published configurations": inputs, classes, L x N, max delay / K, tau (steps), dropout,
+# epochs / batch. All three bin at 10 ms.
+PUBLISHED = {
+    "shd_paper": dict(target="snn_delays.data.spikes.load_shd", n_inputs=140, n_classes=20, n_layers=2,
+                      n_hidden=256, max_delay_ms=250.0, kernel_size=25, tau=1.005, dropout=0.4, epochs=150,
+                      batch_size=256),
+    "ssc_paper": dict(target="snn_delays.data.spikes.load_ssc", n_inputs=140, n_classes=35, n_layers=3,
+                      n_hidden=512, max_delay_ms=300.0, kernel_size=31, tau=1.5, dropout=0.25, epochs=60,
+                      batch_size=128),
+    "gsc_paper": dict(target="snn_delays.data.gsc.load_gsc", n_inputs=140, n_classes=35, n_layers=3,
+                      n_hidden=512, max_delay_ms=300.0, kernel_size=31, tau=1.5, dropout=0.25, epochs=100,
+                      batch_size=128),
+}  # fmt: skip
+SIZES = {name: (v["n_inputs"], v["n_classes"]) for name, v in PUBLISHED.items()} | {"synthetic": (8, 4)}
+
+register_configs()
+
+
+def compose_train(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def train_one_batch(cfg: DictConfig, model: DelaySNN, x: Tensor, y: Tensor, n_classes: int) -> None:
+    """One step as the training loop takes it: augment, forward, loss, backward, step, clamp."""
+    opt = build_optimization(cfg.optim, model, epochs=4)
+    before = [p.detach().clone() for p in model.weight_parameters() + model.delay_parameters()]
+    model.train()
+    x_aug, target = instantiate(cfg.augment, n_classes=n_classes)(x, y)
+    scores = class_scores(model(x_aug))
+    assert scores.shape == (x.shape[1], n_classes)
+    loss = F.cross_entropy(scores, target)
+    assert math.isfinite(float(loss.detach()))
+    opt.zero_grad()
+    loss.backward()
+    for p in model.weight_parameters() + model.delay_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    opt.step()
+    model.clamp_positions()
+    after = model.weight_parameters() + model.delay_parameters()
+    moved = [not torch.equal(a, b) for a, b in zip(before, after, strict=True)]
+    assert all(moved), "one step moves every tensor"
+
+
+# --- the published recipes ------------------------------------------------------------------
+def test_every_published_configuration_has_an_experiment():
+    assert set(PUBLISHED) | {"synthetic"} == set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_experiment_has_the_published_values(name):
+    cfg, want = compose_train(f"experiment={name}"), PUBLISHED[name]
+    assert cfg.dataset._target_ == want["target"]
+    assert cfg.dataset.get("dt_ms", 10.0) == 10.0 and cfg.dataset.get("pool", 5) == 5
+    assert cfg.dataset.get("n_mels", 140) == 140
+    m = cfg.model
+    assert m._target_ == "snn_delays.model.DelaySNN"
+    got = {k: m[k] for k in ("n_layers", "n_hidden", "max_delay_ms", "tau", "dropout")}
+    got |= {k: cfg.trainer[k] for k in ("epochs", "batch_size")}
+    assert got == {k: want[k] for k in got}
+    same = {"delays": "learned", "neuron": "lif", "surrogate_alpha": 5.0, "kernel_size": None}
+    assert {k: m[k] for k in same} == same and m.sigma_init is None and m.round_eval
+    o = cfg.optim
+    lrs = (o.weights.lr, o.weights_scheduler.max_lr, o.positions.lr)
+    assert lrs == (1e-3, 5e-3, 0.1) and o.weight_decay == 1e-5
+    assert (o.sigma_final, o.sigma_decay_fraction) == (0.23, 0.25)
+    assert not instantiate(cfg.augment, n_classes=want["n_classes"]).active, "published runs: no augmentation"
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_builds_the_published_kernel_and_trains_one_tiny_batch(name):
+    cfg = compose_train(f"experiment={name}", *TINY)
+    n_inputs, n_classes = SIZES[name]
+    torch.manual_seed(0)
+    model = instantiate(cfg.model, n_inputs=n_inputs, n_classes=n_classes, dt_ms=10.0)
+    assert len(model.blocks) == cfg.model.n_layers
+    if name in PUBLISHED:
+        assert model.kernel_size == PUBLISHED[name]["kernel_size"]
+        sigma = model.delay_layers()[0].sigma
+        assert sigma == pytest.approx(model.kernel_size // 2), "sigma starts at K // 2"
+    x = torch.poisson(torch.full((20, 2, n_inputs), 0.3))
+    train_one_batch(cfg, model, x, torch.tensor([0, n_classes - 1]), n_classes)
+
+
+# --- the experiments on data in the real formats -----------------------------------------------
+def write_data(name: str, root: Path) -> list[str]:
+    """Tiny files for ``name``; the overrides that point its dataset at them."""
+    if name == "synthetic":
+        return ["dataset.n_train=16", "dataset.n_valid=8", "dataset.n_test=8"]
+    if name == "shd_paper":
+        make_shd_root(root, n_train=40, n_test=20)
+    elif name == "ssc_paper":
+        make_ssc_root(root, n_train=35, n_valid=35, n_test=35)
+    else:
+        make_gsc_root(root, n_per_word=3)
+    return [f"dataset.root={root}", "dataset.download=false"]
+
+
+@pytest.mark.parametrize("augment", ["none", "default"])
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_loads_its_dataset_and_trains_one_batch(name, augment, tmp_path):
+    overrides = write_data(name, tmp_path / "data")
+    cfg = compose_train(f"experiment={name}", f"augment={augment}", *TINY, *overrides)
+    data = instantiate(cfg.dataset)
+    assert (data.n_inputs, data.n_classes, data.dt_ms) == (*SIZES[name], 10.0)
+    assert len(data.train) > 0 and len(data.test) > 0
+    torch.manual_seed(0)
+    model = instantiate(cfg.model, n_inputs=data.n_inputs, n_classes=data.n_classes, dt_ms=data.dt_ms)
+    x, y, _ = next(batches(data.train, 4))
+    assert x.dtype == torch.float32 and x.shape[1:] == (4, data.n_inputs) and y.dtype == torch.int64
+    train_one_batch(cfg, model, x, y, data.n_classes)
+
+
+# --- every config group ------------------------------------------------------------------------
+GROUPS = ("dataset", "model", "neuron", "optim", "trainer", "logger", "augment")  # not hydra/ plugins
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+
+
+def unknown_keys(node: DictConfig) -> set[str]:
+    """Keys its ``_target_`` does not accept (what would fail only at start-up)."""
+    params = inspect.signature(get_method(node._target_)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return set()
+    return {k for k in node if not k.startswith("_")} - set(params)
+
+
+def test_every_group_has_options():
+    assert {g for g, _ in OPTIONS} == set(GROUPS)
+    assert {"lif", "plif"} <= {n for g, n in OPTIONS if g == "neuron"}
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={n}" for g, n in OPTIONS])
+def test_config_group_option_composes_and_instantiates(group, option, tmp_path):
+    cfg = compose_train(f"{group}={option}", *TINY)
+    for node in (cfg.dataset, cfg.model, cfg.logger, cfg.augment):
+        assert not unknown_keys(node), unknown_keys(node)
+    if group == "neuron":
+        assert cfg.model.neuron == option
+    if group == "trainer":
+        assert set(cfg.trainer) == set(TrainerConfig.__dataclass_fields__)
+    if group == "dataset":  # the loaders that read files are exercised on fixtures above
+        assert cfg.dataset._target_.startswith("snn_delays.data.")
+        if option == "synthetic":
+            assert instantiate(cfg.dataset).n_inputs == cfg.dataset.n_channels
+    if group == "logger":
+        kwargs = {"mode": "disabled"} if "mode" in cfg.logger else {}  # no wandb files or process
+        logger = instantiate(cfg.logger, run_dir=tmp_path, **kwargs)
+        logger.log_config(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_metrics({"train/loss": 1.0}, step=1)
+        logger.finish()
+    aug = instantiate(cfg.augment, n_classes=3)
+    assert isinstance(aug, Augment) and aug.active == (group == "augment" and option != "none")
+    torch.manual_seed(0)
+    model = instantiate(cfg.model, n_inputs=6, n_classes=3, dt_ms=10.0)
+    assert model.delays_mode == cfg.model.delays
+    x = torch.poisson(torch.full((20, 2, 6), 0.5))
+    train_one_batch(cfg, model, x, torch.tensor([0, 2]), 3)
+    if cfg.model.neuron == "plif":
+        taus = [m for m in model.modules() if type(m).__name__ == "ParametricLIFNode"]
+        assert taus and all(m.w.grad is not None for m in taus), "plif learns its time constant"
