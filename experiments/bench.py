@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     meta = dict(
         device=str(args.device), torch=torch.__version__, argv=sys.argv[1:], threads=torch.get_num_threads()
     )
+    if hasattr(os, "getloadavg"):
+        meta["loadavg_after"] = os.getloadavg()  # other processes on the CPUs skew CPU timings
     if gpu:
         meta["gpu"] = torch.cuda.get_device_name()
     if args.json:
