@@ -28,7 +28,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from snn_delays.config import register_configs
 from snn_delays.model import DelaySNN
-from snn_delays.training import Distributed, FitConfig, Optimization, TrainState, fit, set_random_states, summary
+from snn_delays.training import (
+    Distributed,
+    FitConfig,
+    Optimization,
+    TrainState,
+    fit,
+    set_random_states,
+    summary,
+)
 
 log = logging.getLogger("snn_delays")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -122,6 +130,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     model = build_model(cfg.model, data.n_inputs, data.n_classes, data.dt_ms).to(device)
     opt = build_optimization(cfg.optim, model, cfg.trainer.epochs)
     data = data.to(device)
+    augment = instantiate(cfg.augment, n_classes=data.n_classes)
     config = OmegaConf.to_container(cfg, resolve=True)
     state, logger_kwargs = TrainState(), {}
     ckpt = resume_path(cfg, run_dir)
@@ -143,7 +152,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                                          "name": data.name}, "logger_run_id": getattr(logger, "run_id", None)}
     fit_cfg = FitConfig(cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.eval_batch_size,
                         cfg.trainer.progress, cfg.trainer.save_checkpoints, cfg.seed)
-    state = fit(net, data, opt, logger, fit_cfg, run_dir, state, dist, extra)
+    state = fit(net, data, opt, logger, fit_cfg, run_dir, state, dist, extra, augment=augment)
     metrics = write_outputs(run_dir, state, n_params) if dist.is_main else {}
     if logger is not None:
         logger.finish()

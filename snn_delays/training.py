@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 
 from snn_delays.data.base import DataBundle, Split, batches
 
+Augmenter = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x, y) -> (x, target)
+
 
 # --- losses and metrics ---------------------------------------------------------------
 def class_scores(u: Tensor) -> Tensor:
@@ -143,6 +145,13 @@ class TrainState:
     stopped_by: int | None = None  # the signal that interrupted training, if any
 
 
+def _accumulate(sums: Tensor, loss_sum: Tensor, scores: Tensor, y: Tensor) -> None:
+    """Add (loss * n, correct, n) into ``sums`` on the device: no host synchronisation."""
+    sums[0] += loss_sum.double()
+    sums[1] += (scores.argmax(-1) == y).sum()
+    sums[2] += len(y)
+
+
 # --- evaluation -------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int, dist: Distributed | None = None) -> dict[str, float]:
@@ -154,8 +163,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, dist: Distributed 
     sums = torch.zeros(3, device=split.x.device, dtype=torch.float64)  # loss*n, correct, n
     for x, y, _ in batches(split, batch_size, indices=dist.shard(torch.arange(len(split)))):
         scores = class_scores(model(x))
-        sums += torch.stack([F.cross_entropy(scores, y, reduction="sum").double(),
-                             (scores.argmax(-1) == y).sum().double(), torch.tensor(len(y), device=sums.device).double()])
+        _accumulate(sums, F.cross_entropy(scores, y, reduction="sum"), scores, y)
     loss, correct, n = dist.all_sum(sums).tolist()
     return {"loss": loss / n, "acc": correct / n}
 
@@ -163,7 +171,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, dist: Distributed 
 # --- training ------------------------------------------------------------------------------
 def train_epoch(
     model: nn.Module, split: Split, opt: Optimization, cfg: FitConfig, gen: torch.Generator,
-    dist: Distributed, stop: Callable[[], bool], desc: str,
+    dist: Distributed, stop: Callable[[], bool], desc: str, augment: Augmenter | None = None,
 ) -> dict[str, float]:
     model.train()
     core = getattr(model, "module", model)  # the bare model under DistributedDataParallel
@@ -175,16 +183,14 @@ def train_epoch(
     bar = tqdm(batches(split, per_rank, indices=shard), total=n_batches, desc=desc, leave=False,
                disable=not (cfg.progress and dist.is_main))
     for x, y, _ in bar:
-        u = model(x)
-        scores = class_scores(u)
-        loss = F.cross_entropy(scores, y)
+        x, target = augment(x, y) if augment is not None else (x, y)
+        scores = class_scores(model(x))
+        loss = F.cross_entropy(scores, target)  # integer labels, or CutMix label mixtures
         opt.zero_grad()
         loss.backward()
         opt.step()
         core.clamp_positions()
-        with torch.no_grad():
-            sums += torch.stack([loss.detach().double() * len(y), (scores.argmax(-1) == y).sum().double(),
-                                 torch.tensor(len(y), device=sums.device).double()])
+        _accumulate(sums, loss.detach() * len(y), scores.detach(), y)
         if stop():
             break
     loss, correct, n = dist.all_sum(sums).tolist()
@@ -259,6 +265,7 @@ def fit(
     dist: Distributed | None = None,
     extra_checkpoint: dict[str, Any] | None = None,
     on_epoch_end: Callable[[nn.Module, TrainState], None] | None = None,
+    augment: Augmenter | None = None,
 ) -> TrainState:
     """Train for ``cfg.epochs`` epochs (continuing from ``state``); returns the final state.
 
@@ -279,7 +286,7 @@ def fit(
                 core.set_sigma(sigma_at(epoch, opt.sigma_init, opt.sigma_final, opt.sigma_decay_epochs))
             lrs = opt.lrs()
             t0 = time.perf_counter()
-            train = train_epoch(model, data.train, opt, cfg, gen, dist, stop, f"epoch {epoch + 1}")
+            train = train_epoch(model, data.train, opt, cfg, gen, dist, stop, f"epoch {epoch + 1}", augment)
             if stop():
                 break
             opt.end_epoch()
