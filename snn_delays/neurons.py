@@ -17,7 +17,6 @@ batches.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
@@ -29,6 +28,7 @@ from spikingjelly.activation_based import neuron, surrogate  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 NEURONS = ("lif", "plif")
+READOUT_THRESHOLD = 1e9
 
 
 class SpikingNeurons(nn.Module):
@@ -40,7 +40,9 @@ class SpikingNeurons(nn.Module):
             raise ValueError(f"model.neuron must be one of {NEURONS}, got {kind!r}")
         if tau <= 1.0 and kind == "plif":
             raise ValueError(f"plif needs tau > 1 (its decay is sigmoid(w) = 1/tau), got {tau}")
-        threshold = math.inf if readout else 1.0
+        # spikingjelly's GPU kernels refuse an infinite threshold; as in the published code, a
+        # threshold no membrane reaches stands for it.
+        threshold = READOUT_THRESHOLD if readout else 1.0
         common = dict(
             decay_input=False,
             v_threshold=threshold,
