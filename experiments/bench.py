@@ -5,6 +5,8 @@
 
 A training step is forward + backward of the whole network (no optimizer); an evaluation step
 is ``model.eval()`` under ``no_grad`` (integer delays). Inputs are seeded random spike counts.
+The ``dcls`` reference runs spikingjelly's neurons (the published code path; ``--ref-neurons
+auto`` gives it the fused CPU LIF too), the ``fast`` backend the default neurons.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ def _peak_mib(device: torch.device) -> float | None:
 def bench_one(net: str, backend: str, sigma: float, args: argparse.Namespace, x: torch.Tensor) -> dict:
     n_in, n_cls, hidden, layers, k, tau, drop, _ = NETWORKS[net]
     torch.manual_seed(0)
+    impl = args.ref_neurons if backend == "dcls" else "auto"
+    old_impl = os.environ.get("SNN_DELAYS_NEURON_IMPL")
+    os.environ["SNN_DELAYS_NEURON_IMPL"] = impl  # read when the neurons are built
     model = DelaySNN(
         n_in,
         n_cls,
@@ -65,6 +70,10 @@ def bench_one(net: str, backend: str, sigma: float, args: argparse.Namespace, x:
         delays="learned",
         delay_backend=backend,
     )
+    if old_impl is None:
+        os.environ.pop("SNN_DELAYS_NEURON_IMPL")
+    else:
+        os.environ["SNN_DELAYS_NEURON_IMPL"] = old_impl
     model.set_sigma(sigma)
     model.to(args.device)
     device = torch.device(args.device)
@@ -92,6 +101,7 @@ def bench_one(net: str, backend: str, sigma: float, args: argparse.Namespace, x:
     return dict(
         network=net,
         backend=backend,
+        neurons=impl,
         sigma=sigma,
         train_s=train,
         eval_s=evaluation,
@@ -112,6 +122,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--density", type=float, default=0.05, help="input spike density")
     parser.add_argument("--backends", default="dcls,fast")
     parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--ref-neurons", default="spikingjelly", help="neuron impl of the dcls rows")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:

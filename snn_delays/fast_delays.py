@@ -221,6 +221,31 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+def compile_c(name: str, source: str) -> ctypes.CDLL | None:
+    """Compile ``source`` once per source text and machine into the cache dir; load it.
+
+    Returns None where it cannot (no compiler, ``SNN_DELAYS_NO_C`` set): callers fall back.
+    """
+    if os.environ.get("SNN_DELAYS_NO_C"):
+        return None
+    key = hashlib.sha1((source + platform.machine() + platform.node()).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"{name}_{key}.so"
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            src = path.with_suffix(f".{os.getpid()}.c")
+            src.write_text(source)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            cc = os.environ.get("CC", "cc")
+            flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+            subprocess.run([cc, *flags, str(src), "-o", str(tmp)], check=True, capture_output=True)
+            os.replace(tmp, path)
+            src.unlink(missing_ok=True)
+        return ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def _load_lib() -> ctypes.CDLL | None:
     """Compile (once per source and machine) and load the C kernels; None if impossible."""
     global _LIB, _LIB_TRIED
@@ -228,23 +253,8 @@ def _load_lib() -> ctypes.CDLL | None:
         if _LIB_TRIED:
             return _LIB
         _LIB_TRIED = True
-        if os.environ.get("SNN_DELAYS_NO_C"):
-            return None
-        key = hashlib.sha1((_C_SOURCE + platform.machine() + platform.node()).encode()).hexdigest()[:16]
-        path = _cache_dir() / f"fast_delays_{key}.so"
-        try:
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                src = path.with_suffix(f".{os.getpid()}.c")
-                src.write_text(_C_SOURCE)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                cc = os.environ.get("CC", "cc")
-                flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
-                subprocess.run([cc, *flags, str(src), "-o", str(tmp)], check=True, capture_output=True)
-                os.replace(tmp, path)
-                src.unlink(missing_ok=True)
-            lib = ctypes.CDLL(str(path))
-        except (OSError, subprocess.CalledProcessError):
+        lib = compile_c("fast_delays", _C_SOURCE)
+        if lib is None:
             return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.event_conv.argtypes = [ptr] * 6 + [i64] * 5

@@ -9,14 +9,19 @@ With ``decay_input=False``, hard reset to 0 and a detached reset (spikingjelly `
 an infinite threshold: it never spikes and its membrane potential is the network's output.
 ``neuron=plif`` learns ``tau`` (spikingjelly ``ParametricLIFNode``).
 
-spikingjelly picks its implementation from the tensor's device (a custom op on the CPU,
-Triton/CUDA on GPU). State is reset at the start of every call, so nothing leaks between
-batches.
+Implementation (``impl``, default from the environment variable ``SNN_DELAYS_NEURON_IMPL``,
+else ``auto``): ``auto`` runs ``lif`` on CPU float32 tensors through the fused C kernel of
+:mod:`snn_delays.fast_neurons` (same spikes as spikingjelly, gradients equal to float32
+rounding; its torch loop without a compiler) and everything else (GPU, PLIF) through
+spikingjelly, which picks its implementation from the tensor's device (a custom op on the CPU,
+Triton/CUDA on GPU); ``spikingjelly`` forces spikingjelly everywhere. State is reset at the
+start of every call, so nothing leaks between batches.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -27,15 +32,28 @@ logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
 from spikingjelly.activation_based import neuron, surrogate  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from snn_delays import fast_neurons  # noqa: E402
+
 NEURONS = ("lif", "plif")
+NEURON_IMPLS = ("auto", "spikingjelly")
 READOUT_THRESHOLD = 1e9
 
 
 class SpikingNeurons(nn.Module):
     """A population of LIF (or PLIF) neurons, multi-step. ``readout=True``: membrane out."""
 
-    def __init__(self, tau: float, kind: str = "lif", alpha: float = 5.0, readout: bool = False) -> None:
+    def __init__(
+        self,
+        tau: float,
+        kind: str = "lif",
+        alpha: float = 5.0,
+        readout: bool = False,
+        impl: str | None = None,
+    ) -> None:
         super().__init__()
+        impl = impl or os.environ.get("SNN_DELAYS_NEURON_IMPL") or "auto"
+        if impl not in NEURON_IMPLS:
+            raise ValueError(f"neuron implementation must be one of {NEURON_IMPLS}, got {impl!r}")
         if kind not in NEURONS:
             raise ValueError(f"model.neuron must be one of {NEURONS}, got {kind!r}")
         if tau <= 1.0 and kind == "plif":
@@ -56,9 +74,13 @@ class SpikingNeurons(nn.Module):
             self.node = neuron.LIFNode(tau=tau, **common)
         else:
             self.node = neuron.ParametricLIFNode(init_tau=tau, **common)
-        self.readout = readout
+        self.readout, self.impl, self.alpha, self.threshold = readout, impl, alpha, threshold
 
     def forward(self, current: Tensor) -> Tensor:
+        if self.impl == "auto" and isinstance(self.node, neuron.LIFNode) and fast_neurons.usable(current):
+            return fast_neurons.lif_multi_step(
+                current, self.node.tau, self.threshold, self.alpha, return_v=self.readout
+            )
         self.node.reset()
         out = self.node(current.contiguous())
         if self.readout:

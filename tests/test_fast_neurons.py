@@ -1,0 +1,84 @@
+"""The fused CPU LIF equals spikingjelly's LIFNode: identical spikes, gradients to float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from spikingjelly.activation_based import neuron, surrogate
+
+from snn_delays import fast_neurons
+from snn_delays.neurons import READOUT_THRESHOLD, SpikingNeurons, lif_reference
+
+IMPLS = [True, False]  # the C kernel, the torch loop
+
+
+def _sj(tau: float, threshold: float, alpha: float, readout: bool) -> neuron.LIFNode:
+    return neuron.LIFNode(
+        tau=tau,
+        decay_input=False,
+        v_threshold=threshold,
+        v_reset=0.0,
+        surrogate_function=surrogate.ATan(alpha=alpha),
+        detach_reset=True,
+        step_mode="m",
+        store_v_seq=readout,
+    )
+
+
+def _current(t: int, b: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(t, b, n, generator=g) * 0.8 + 0.3
+
+
+@pytest.mark.parametrize("tau", [1.005, 1.5, 2.0, 10.0])
+@pytest.mark.parametrize("use_c", IMPLS)
+@pytest.mark.parametrize("alpha", [5.0, 2.0])
+def test_spiking_equals_spikingjelly(tau, use_c, alpha):
+    x = _current(37, 5, 300, seed=int(tau * 10))  # 1500 neurons: several C chunks, a partial one
+    node = _sj(tau, 1.0, alpha, readout=False)
+    xs = x.clone().requires_grad_()
+    want = node(xs)
+    gout = torch.randn_like(want, generator=torch.Generator().manual_seed(1))
+    want.backward(gout)
+    xf = x.clone().requires_grad_()
+    got = fast_neurons.lif_multi_step(xf, tau, 1.0, alpha, use_c=use_c)
+    got.backward(gout)
+    assert 0.05 < float(want.detach().mean()) < 0.6  # spikes and silences both present
+    assert torch.equal(got, want)
+    torch.testing.assert_close(xf.grad, xs.grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got, lif_reference(x, tau)[0])
+
+
+@pytest.mark.parametrize("tau", [1.005, 1.5])
+@pytest.mark.parametrize("use_c", IMPLS)
+def test_readout_membrane_equals_spikingjelly(tau, use_c):
+    x = _current(29, 3, 70, seed=3)
+    node = _sj(tau, READOUT_THRESHOLD, 5.0, readout=True)
+    xs = x.clone().requires_grad_()
+    node(xs)
+    want = node.v_seq
+    gout = torch.randn_like(want, generator=torch.Generator().manual_seed(2))
+    want.backward(gout)
+    xf = x.clone().requires_grad_()
+    got = fast_neurons.lif_multi_step(xf, tau, READOUT_THRESHOLD, 5.0, return_v=True, use_c=use_c)
+    got.backward(gout)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(xf.grad, xs.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, lif_reference(x, tau, threshold=float("inf"))[1])
+
+
+def test_module_switch_and_eval():
+    x = _current(20, 4, 33, seed=5)
+    fast = SpikingNeurons(1.5)
+    slow = SpikingNeurons(1.5, impl="spikingjelly")
+    with torch.no_grad():
+        assert torch.equal(fast(x), slow(x))
+    assert torch.equal(
+        SpikingNeurons(1.5, readout=True)(x), SpikingNeurons(1.5, readout=True, impl="spikingjelly")(x)
+    )
+    with pytest.raises(ValueError):
+        SpikingNeurons(1.5, impl="nope")
+
+
+def test_c_kernel_compiles():
+    assert fast_neurons.c_kernels_available()
