@@ -1,0 +1,109 @@
+"""Read what a training run left behind: checkpoints, the per-epoch history, the data.
+
+A checkpoint (``RUN_DIR/checkpoints/{best,last}.pt``, written by :func:`snn_delays.training.fit`)
+holds ``model`` (the state dict), ``config`` (the resolved Hydra config), ``data`` (``n_inputs``,
+``n_classes``, ``dt_ms``, ``name``) and ``state`` (with the ``history``). The model is rebuilt
+from the checkpoint's own config, so no config files are needed to load it.
+Checkpoints are unpickled in full (``weights_only=False``): load only files you trust.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from snn_delays.model import DelaySNN
+
+CHECKPOINT_NAMES = ("best", "last")
+
+
+def find_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """The checkpoint file for ``path``: a ``.pt`` file, a run directory or its ``checkpoints/``."""
+    if which not in CHECKPOINT_NAMES:
+        raise ValueError(f"checkpoint must be one of {CHECKPOINT_NAMES}, got {which!r}")
+    path = Path(path)
+    if path.is_file():
+        return path
+    for candidate in (path / "checkpoints" / f"{which}.pt", path / f"{which}.pt"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no checkpoint at {path} (looked for {path}/checkpoints/{which}.pt)")
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint belongs to (``RUN/checkpoints/x.pt`` -> ``RUN``)."""
+    parent = checkpoint.resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw checkpoint dictionary, tensors on the CPU."""
+    return torch.load(Path(path), map_location="cpu", weights_only=False)
+
+
+def model_from_checkpoint(payload: dict[str, Any], device: str | torch.device = "cpu") -> DelaySNN:
+    """Rebuild the network from the checkpoint's config and load its weights (in eval mode)."""
+    from snn_delays.train import build_model  # the trainer's builder, imported late (it registers configs)
+
+    for key in ("model", "config", "data"):
+        if key not in payload:
+            raise KeyError(f"not a snn-delays training checkpoint: no {key!r} entry")
+    data = payload["data"]
+    model = build_model(
+        OmegaConf.create(payload["config"]["model"]), data["n_inputs"], data["n_classes"], data["dt_ms"]
+    )
+    model.load_state_dict(payload["model"])
+    return model.to(device).eval()
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[DelaySNN, dict, dict]:
+    """``(model, config, data_info)`` from a checkpoint file; the model is in eval mode."""
+    payload = read_checkpoint(path)
+    return model_from_checkpoint(payload, device), payload["config"], dict(payload["data"])
+
+
+def read_history(run_dir: str | Path | None, payload: dict[str, Any] | None = None) -> list[dict[str, float]]:
+    """Per-epoch rows: ``RUN_DIR/metrics.csv`` when present, else the checkpoint's history."""
+    csv_path = Path(run_dir) / "metrics.csv" if run_dir is not None else None
+    if csv_path is not None and csv_path.is_file():
+        with open(csv_path, newline="") as f:
+            return [{k: _to_float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    if payload is not None:
+        return list(payload.get("state", {}).get("history", []))
+    return []
+
+
+def _to_float(value: str | None) -> float:
+    try:
+        return float(value) if value not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def build_data(config: dict[str, Any], download: bool = False) -> Any:
+    """The run's :class:`~snn_delays.data.base.DataBundle`, from the checkpoint's dataset config.
+
+    ``download=False`` (the default) keeps an analysis tool from starting a multi-GB download:
+    the data must already be under the configured ``root`` (relative to the working directory).
+    """
+    from hydra.utils import instantiate
+
+    dataset_cfg = dict(config["dataset"])
+    if "download" in dataset_cfg:
+        dataset_cfg["download"] = download
+    return instantiate(OmegaConf.create(dataset_cfg))
+
+
+def sample_input(data: Any, index: int = 0) -> tuple[torch.Tensor, int]:
+    """One sample ``(T, C)`` float, trimmed to its length, from the test split (else valid, train)."""
+    for split in (data.test, data.valid, data.train):
+        if len(split) > 0:
+            index = index % len(split)
+            x = split.x[index, : int(split.lengths[index])].float().cpu()
+            return x, int(split.y[index])
+    raise ValueError(f"dataset {data.name!r} has no samples")

@@ -1,0 +1,95 @@
+"""``snn-delays-plot RUN_DIR_OR_CHECKPOINT``: every figure of a trained run as PNG files.
+
+Reads the checkpoint (``--checkpoint best|last`` of a run directory, or a ``.pt`` file), the
+per-epoch history (``metrics.csv``, else the checkpoint's), the position trace
+(``positions.npz``) when the run recorded one, and, for the spike raster only, one test sample
+of the run's dataset (which must already be on disk; ``--no-data`` skips it). Also
+``python -m snn_delays.plot_cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from snn_delays.checkpoints import (
+    build_data,
+    find_checkpoint,
+    model_from_checkpoint,
+    read_checkpoint,
+    read_history,
+    run_dir_of,
+    sample_input,
+)
+from snn_delays.plots import PositionTrace, figures_for_run, log_figures
+
+TRACE_FILE = "positions.npz"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="snn-delays-plot", description=__doc__.splitlines()[0].split(": ", 1)[1]
+    )
+    parser.add_argument("path", type=Path, help="a run directory (with checkpoints/) or a checkpoint file")
+    parser.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="which checkpoint of a run directory (default: best)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/figures)")
+    parser.add_argument("--no-data", action="store_true", help="skip the spike raster (it needs the dataset)")
+    parser.add_argument(
+        "--download",
+        action="store_true",
+        help="let the dataset loader download missing files for the raster (may be GBs)",
+    )
+    parser.add_argument("--sample", type=int, default=0, help="test-set sample of the raster (default: 0)")
+    parser.add_argument("--device", default="cpu", help="device for the raster's forward pass (default: cpu)")
+    parser.add_argument("--dpi", type=int, default=120)
+    return parser.parse_args(argv)
+
+
+def raster_sample(config: dict, index: int, download: bool = False) -> tuple | None:
+    """``(x, label, class_names)`` of one sample, or ``None`` (with a message) if the data is missing."""
+    try:
+        data = build_data(config, download=download)
+        x, label = sample_input(data, index)
+        return x, label, data.class_names
+    except Exception as err:  # noqa: BLE001 - any failure to load data only costs the raster
+        name = config.get("dataset", {}).get("_target_", "?")
+        print(
+            f"snn-delays-plot: skipping the spike raster: could not load the dataset ({name}): "
+            f"{type(err).__name__}: {err}\n  (the data must be under the run's dataset.root, relative to the "
+            "current directory; pass --no-data to skip this step, --download to fetch it)",
+            file=sys.stderr,
+        )
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        ckpt = find_checkpoint(args.path, args.checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"snn-delays-plot: {err}", file=sys.stderr)
+        return 2
+    run_dir = run_dir_of(ckpt)
+    payload = read_checkpoint(ckpt)
+    model = model_from_checkpoint(payload, args.device)
+    history = read_history(run_dir, payload)
+    trace = PositionTrace.load(run_dir / TRACE_FILE) if (run_dir / TRACE_FILE).is_file() else None
+    sample = None if args.no_data else raster_sample(payload["config"], args.sample, args.download)
+    x, label, names = sample if sample is not None else (None, None, None)
+    figures = figures_for_run(model, history, trace, x, label, names)
+    out = args.out if args.out is not None else run_dir / "figures"
+    paths = log_figures(None, figures, int(payload.get("state", {}).get("epoch", 0)), out, dpi=args.dpi)
+    print(f"{ckpt}: {len(paths)} figures")
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

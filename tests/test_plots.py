@@ -1,0 +1,279 @@
+"""Figures: one panel per layer, the right numbers in them, and the plot command on a real run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+from matplotlib.figure import Figure
+
+from snn_delays import plot_cli, plots
+from snn_delays.checkpoints import find_checkpoint, load_checkpoint, read_history, run_dir_of
+from snn_delays.model import DelaySNN
+
+N_LAYERS = 2  # hidden layers: 3 delay layers with the readout
+
+
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-epoch synthetic run through the real command line, trained once per test session."""
+    run = tmp_path_factory.getbasetemp() / "tiny_run"
+    if not (run / "metrics.json").is_file():
+        run_cli(
+            "train",
+            "experiment=synthetic",
+            "trainer.epochs=2",
+            "logger=none",
+            "trainer.progress=false",
+            "dataset.n_train=128",
+            "dataset.n_valid=32",
+            "dataset.n_test=32",
+            f"hydra.run.dir={run}",
+        )
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_run(tmp_path_factory)
+
+
+@pytest.fixture
+def model() -> DelaySNN:
+    torch.manual_seed(0)
+    return DelaySNN(
+        n_inputs=6, n_classes=3, n_hidden=8, n_layers=N_LAYERS, max_delay_ms=50.0, dt_ms=10.0, dropout=0.0
+    ).eval()
+
+
+def history(epochs: int = 3) -> list[dict[str, float]]:
+    return [
+        {
+            "epoch": e,
+            "train/loss": 1.0 / e,
+            "train/acc": 0.5,
+            "valid/loss": 1.2 / e,
+            "valid/acc": 0.4 + e / 10,
+            "test/loss": 1.1 / e,
+            "test/acc": 0.45,
+            "lr/weights": 1e-3,
+            "lr/positions": 0.1,
+            "sigma": 2.0 / e,
+            **{f"delay/mean_ms/layer{i}": 20.0 for i in range(N_LAYERS + 1)},
+            **{f"delay/std_ms/layer{i}": 5.0 for i in range(N_LAYERS + 1)},
+        }
+        for e in range(1, epochs + 1)
+    ]
+
+
+def labelled(fig: Figure) -> bool:
+    return all(ax.get_xlabel() and ax.get_ylabel() and ax.get_title() for ax in fig.axes)
+
+
+@pytest.mark.parametrize("make", [plots.delay_histogram, plots.weight_vs_delay])
+def test_per_layer_figures_have_one_labelled_panel_per_layer(model, make):
+    fig = make(model)
+    assert isinstance(fig, Figure) and len(fig.axes) == N_LAYERS + 1 and labelled(fig)
+    assert all(ax.get_xlabel() == "delay (ms)" for ax in fig.axes)
+
+
+def test_histogram_counts_every_synapse_at_its_rounded_delay(model):
+    fig = plots.delay_histogram(model)
+    for ax, layer in zip(fig.axes, model.delay_layers(), strict=True):
+        heights = [p.get_height() for p in ax.patches]
+        expected = np.bincount(layer.delays().flatten().numpy(), minlength=layer.kernel_size)
+        assert heights == expected.tolist()
+
+
+def test_kernel_figure_shows_gaussian_and_rounded_kernel_at_the_right_delays(model):
+    layer = model.delay_layers()[1]
+    layer.set_sigma(0.0)  # Gaussian peak at the tap nearest the position
+    fig = plots.kernel_figure(model, layer=1, neurons=[0, 5])
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    assert len(images) == 4 and all(im.axes.get_xlabel() in ("delay (ms)", "") for im in images)
+    delays = layer.delays().numpy()
+    for row, o in enumerate([0, 5]):
+        gauss, rounded = (np.asarray(im.get_array()) for im in images[2 * row : 2 * row + 2])
+        assert gauss.shape == rounded.shape == (8, layer.kernel_size)  # presynaptic neuron x delay
+        assert (np.count_nonzero(rounded, axis=1) <= 1).all()
+        np.testing.assert_array_equal(np.abs(rounded).argmax(1), delays[o])
+        np.testing.assert_array_equal(np.abs(gauss).argmax(1), delays[o])
+        np.testing.assert_allclose(rounded.sum(1), layer.weight[o].detach().numpy(), rtol=1e-6)
+    assert images[0].axes.get_xlim() == pytest.approx((-5.0, 45.0))  # 0..40 ms, K = 5 taps of 10 ms
+
+
+def test_position_trace_records_saves_loads_and_rewinds(model, tmp_path):
+    trace = plots.PositionTrace(n_synapses=10, seed=1)
+    trace.record(model, 0)
+    layers = model.delay_layers()
+    with torch.no_grad():
+        layers[0].dcls.P.add_(0.5)
+    trace.record(model, 1)
+    first = layers[0]
+    expected = (first.kernel_size // 2 - first.positions.detach().flatten()[trace.index[0]].numpy()) * 10.0
+    np.testing.assert_allclose(trace.layer_delays(0)[-1], expected, rtol=1e-6)
+    assert trace.layer_delays(0).shape == (2, 10) and trace.layer_delays(2).shape == (
+        2,
+        10,
+    )  # readout: 24 synapses
+    assert trace.means[0][1] == pytest.approx(trace.means[0][0] - 5.0, abs=1e-4)  # +0.5 step = 5 ms earlier
+
+    trace.save(tmp_path / "positions.npz")
+    loaded = plots.PositionTrace.load(tmp_path / "positions.npz")
+    assert loaded.epochs == [0, 1] and loaded.names == trace.names
+    for i in range(N_LAYERS + 1):
+        np.testing.assert_array_equal(loaded.index[i], trace.index[i])
+        np.testing.assert_allclose(loaded.layer_delays(i), trace.layer_delays(i))
+    loaded.record(model, 1)  # a resumed run re-records epoch 1: no duplicate
+    assert loaded.epochs == [0, 1]
+    fig = plots.position_figure(loaded)
+    assert len(fig.axes) == N_LAYERS + 1 and labelled(fig)
+    assert plots.PositionTrace(seed=1).index == []  # nothing chosen before the first record
+
+
+def test_spike_raster_has_input_each_hidden_layer_and_output_on_one_time_axis(model):
+    model.train()
+    x = (torch.rand(12, 6) < 0.3).to(torch.uint8)
+    fig = plots.spike_raster(model, x, label=1, class_names=["a", "b", "c"])
+    assert model.training, "the model's mode is restored"
+    assert len(fig.axes) == 1 + N_LAYERS + 1
+    assert fig.axes[-1].get_xlabel() == "time (ms)"
+    t_out = 12 + (N_LAYERS + 1) * (5 - 1) // 2  # each delay layer adds (K-1)//2 steps
+    assert fig.axes[-1].get_xlim() == pytest.approx((0, t_out * 10.0))
+    assert "label b" in fig.axes[-1].get_title()
+
+
+def test_training_curves_draw_the_panels_with_data():
+    fig = plots.training_curves(history())
+    assert len(fig.axes) == 5 and labelled(fig)  # loss, accuracy, sigma, learning rates, mean delays
+    assert fig.axes[3].get_yscale() == "log"
+    acc = fig.axes[1].get_lines()[1].get_ydata()  # valid accuracy in %
+    np.testing.assert_allclose(acc, [50, 60, 70])
+    no_delays = [
+        {k: v for k, v in row.items() if not k.startswith(("delay/", "sigma", "lr/positions"))}
+        for row in history()
+    ]
+    assert len(plots.training_curves(no_delays).axes) == 3
+    with pytest.raises(ValueError, match="empty"):
+        plots.training_curves([])
+
+
+class RecordingLogger:
+    def __init__(self) -> None:
+        self.figures, self.histograms = [], {}
+
+    def log_figure(self, name, figure, step):
+        assert figure.axes, "figures are logged before they are closed"
+        self.figures.append((name, step))
+
+    def log_histogram(self, name, values, step):
+        self.histograms[name] = values
+
+
+def test_figures_for_run_and_log_figures_save_and_log_everything(model, tmp_path):
+    trace = plots.PositionTrace()
+    trace.record(model, 0)
+    figures = plots.figures_for_run(model, history(), trace, torch.ones(10, 6))
+    assert set(figures) == {
+        "training/curves",
+        "delays/histogram",
+        "delays/weight_vs_delay",
+        "delays/positions",
+        "spikes/raster",
+        *(f"delays/kernels_layer{i}" for i in range(N_LAYERS + 1)),
+    }
+    logger = RecordingLogger()
+    assert plots.log_figures(logger, figures, 7, None, plots.delay_values_ms(model)) == []
+    assert logger.figures == [(n, 7) for n in figures]
+    assert set(logger.histograms) == {f"delay/hist_ms/layer{i}" for i in range(N_LAYERS + 1)}
+    np.testing.assert_array_equal(
+        logger.histograms["delay/hist_ms/layer0"], model.delay_layers()[0].delays().flatten().numpy() * 10.0
+    )
+    saved = plots.figures_for_run(model, sample_x=torch.ones(10, 6))
+    saved = {k: saved[k] for k in ("delays/histogram", "spikes/raster")}
+    paths = plots.log_figures(None, saved, 7, tmp_path / "figures", dpi=30)
+    assert [p.name for p in paths] == ["delays_histogram.png", "spikes_raster.png"]
+    assert all(p.stat().st_size > 0 and p.parent == tmp_path / "figures" for p in paths)
+    assert all(not fig.axes for fig in figures.values()), "figures are closed after logging"
+
+
+def test_a_model_without_delays_gets_the_figures_that_apply(tmp_path, caplog):
+    model = DelaySNN(n_inputs=4, n_classes=2, n_hidden=5, n_layers=1, delays="none").eval()
+    assert set(plots.figures_for_run(model, history(), None, torch.ones(6, 4))) == {
+        "training/curves",
+        "spikes/raster",
+    }
+    with pytest.raises(ValueError, match="no delay layers"):
+        plots.delay_histogram(model)
+    # The trainer's hook never raises: a broken figure costs a warning, not the run.
+    assert plots.log_epoch_figures(None, model, [{"epoch": 1}], 1, tmp_path, sample_x=torch.ones(3, 99)) == []
+    assert "figures for epoch 1 failed" in caplog.text
+
+
+def test_checkpoint_loads_back_into_the_same_network(run_dir):
+    ckpt = find_checkpoint(run_dir, "last")
+    assert ckpt == run_dir / "checkpoints" / "last.pt" and run_dir_of(ckpt) == run_dir.resolve()
+    model, config, data = load_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)["model"]
+    assert not model.training and data["name"] == "synthetic" and config["trainer"]["epochs"] == 2
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved[key])
+    rows = read_history(run_dir)
+    assert [r["epoch"] for r in rows] == [1.0, 2.0] and not math.isnan(rows[-1]["test/acc"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        find_checkpoint(run_dir / "nowhere")
+
+
+def test_plot_command_writes_every_figure_of_a_trained_run(run_dir, tmp_path):
+    if not (run_dir / "positions.npz").is_file():  # until the trainer records one itself
+        trace = plots.PositionTrace()
+        model = load_checkpoint(find_checkpoint(run_dir, "last"))[0]
+        trace.record(model, 2)
+        trace.save(run_dir / "positions.npz")
+    proc = run_cli("plot_cli", str(run_dir), "--checkpoint", "last", "--dpi", "40")
+    pngs = sorted((run_dir / "figures").glob("*.png"))
+    names = {p.stem for p in pngs}
+    assert {
+        "training_curves",
+        "delays_histogram",
+        "delays_weight_vs_delay",
+        "delays_positions",
+        "spikes_raster",
+        "delays_kernels_layer0",
+        "delays_kernels_layer1",
+    } <= names
+    assert all(p.stat().st_size > 1000 for p in pngs)
+    assert all(str(p) in proc.stdout for p in pngs)
+
+
+def test_plot_command_options(run_dir, tmp_path, monkeypatch, capsys):
+    written = {}
+
+    def fake_log_figures(logger, figures, step, out_dir, dpi):
+        written.update(names=set(figures), out=out_dir, step=step, dpi=dpi)
+        return []
+
+    monkeypatch.setattr(plot_cli, "log_figures", fake_log_figures)
+    out = tmp_path / "elsewhere"
+    assert plot_cli.main([str(run_dir / "checkpoints" / "best.pt"), "--no-data", "--out", str(out)]) == 0
+    assert "spikes/raster" not in written["names"] and "delays/histogram" in written["names"]
+    assert written["out"] == out and written["step"] >= 1
+    assert plot_cli.main([str(tmp_path / "no_run")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_plot_command_explains_missing_data_and_never_downloads(tmp_path, capsys):
+    config = {
+        "dataset": {
+            "_target_": "snn_delays.data.spikes.load_shd",
+            "root": str(tmp_path / "shd"),
+            "download": True,
+        }
+    }
+    assert plot_cli.raster_sample(config, 0) is None
+    err = capsys.readouterr().err
+    assert "skipping the spike raster" in err and "--no-data" in err and "shd_train.h5" in err
+    assert not (tmp_path / "shd").exists() or not any((tmp_path / "shd").rglob("*.h5*"))
