@@ -16,6 +16,7 @@ import math
 import os
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from snn_delays.config import register_configs
 from snn_delays.model import DelaySNN
+from snn_delays.plots import PositionTrace, log_epoch_figures
 from snn_delays.training import (
     Distributed,
     FitConfig,
@@ -150,15 +152,37 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
              data.name, device, len(data.train), len(data.valid), len(data.test), n_params, model.kernel_size)
     extra = {"config": config, "data": {"n_inputs": data.n_inputs, "n_classes": data.n_classes, "dt_ms": data.dt_ms,
                                          "name": data.name}, "logger_run_id": getattr(logger, "run_id", None)}
+    on_epoch_end = figure_hook(cfg, run_dir, model, data, logger, state.epoch, resumed=ckpt is not None)
     fit_cfg = FitConfig(cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.eval_batch_size,
                         cfg.trainer.progress, cfg.trainer.save_checkpoints, cfg.seed)
-    state = fit(net, data, opt, logger, fit_cfg, run_dir, state, dist, extra, augment=augment)
+    state = fit(net, data, opt, logger, fit_cfg, run_dir, state, dist, extra,
+                on_epoch_end=on_epoch_end if dist.is_main else None, augment=augment)
     metrics = write_outputs(run_dir, state, n_params) if dist.is_main else {}
     if logger is not None:
         logger.finish()
     if state.stopped_by is not None:
         log.warning("stopped by signal %d after epoch %d: resume with trainer.resume=true", state.stopped_by, state.epoch)
     return metrics
+
+
+def figure_hook(cfg: DictConfig, run_dir: Path, model: DelaySNN, data: Any, logger: Any, epoch: int,
+                resumed: bool) -> Callable[[DelaySNN, TrainState], None]:
+    """Record the position trace each epoch; every ``logger.figure_every`` epochs, draw the figures."""
+    trace_path = run_dir / "positions.npz"
+    trace = PositionTrace.load(trace_path) if resumed and trace_path.is_file() else PositionTrace()
+    trace.record(model, epoch)  # epoch 0: the initial positions
+    split = next((s for s in (data.test, data.valid, data.train) if len(s)), data.train)
+    sample_x, sample_y = split.x[0, : int(split.lengths[0])], int(split.y[0])
+    every = int(cfg.logger.get("figure_every", 0) or 0)
+
+    def on_epoch_end(core: DelaySNN, st: TrainState) -> None:
+        trace.record(core, st.epoch)
+        trace.save(trace_path)
+        if every and (st.epoch % every == 0 or st.epoch == cfg.trainer.epochs):
+            log_epoch_figures(logger, core, st.history, st.epoch, run_dir, trace, sample_x=sample_x,
+                              sample_label=sample_y, class_names=data.class_names)
+
+    return on_epoch_end
 
 
 def load_for_resume(path: Path, cfg: DictConfig, model: DelaySNN, opt: Optimization) -> tuple[TrainState, dict]:

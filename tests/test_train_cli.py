@@ -26,6 +26,10 @@ def test_synthetic_run_writes_every_output_and_eval_reproduces_it(tmp_path):
     assert float(rows[-1]["sigma"]) < float(rows[0]["sigma"])  # sigma decays
     assert max(float(r["test/acc"]) for r in rows) == metrics["best_test_acc"]
     assert (out / "logs" / "metrics.csv").is_file()  # the CSV logger's own file
+    # figures drawn at the last epoch (logger.figure_every), positions traced every epoch
+    pngs = {p.name for p in (out / "figures").glob("*.png")}
+    assert {"delays_histogram.png", "training_curves.png", "spikes_raster.png"} <= pngs
+    assert (out / "positions.npz").is_file()
     best = torch.load(out / "checkpoints" / "best.pt", weights_only=False)
     assert best["config"]["model"]["delays"] == "learned" and (out / "checkpoints" / "last.pt").is_file()
 
