@@ -1,16 +1,18 @@
-"""Where does a GPU training step go? SHD network, batch 256, 100 steps, several variants.
+"""Where does a GPU training step go? SHD (or SSC) network, 100 steps, several variants.
 
-    python experiments/gpu_profile.py [--batch 256] [--steps 100]
+    python experiments/gpu_profile.py [--network shd|ssc] [--batch 256] [--steps 100] [--profile]
 
-Times (CUDA events, median of repeats) the training step (forward + backward + both Adam
-steps) and the evaluation step of: the fast backend, the dcls reference (cuDNN on), the dcls
-reference with cuDNN off (as the published code ran), the network without delays; then prints
-the profiler's top CUDA kernels of one fast training step.
+Times (CUDA events, median of repeats) the training step (forward + backward + one Adam step)
+and the evaluation step of: the fast backend (GEMM path on CUDA), the fast backend forced onto
+conv1d (``SNN_DELAYS_CONV_IMPL=dense``, the previous CUDA path), the dcls reference (cuDNN on),
+the dcls reference with cuDNN off (as the published code ran), the network without delays;
+peak memory of each; with ``--profile`` the profiler's top CUDA kernels of one fast step.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
@@ -19,11 +21,23 @@ import torch.nn.functional as F
 from snn_delays.model import DelaySNN
 from snn_delays.training import class_scores
 
+NETS = {"shd": (20, 256, 2, 25, 1.005, 0.4, 256), "ssc": (35, 512, 3, 31, 1.5, 0.25, 128)}
 
-def make(backend: str, delays: str = "learned") -> DelaySNN:
+
+def make(net: str, backend: str, delays: str = "learned") -> DelaySNN:
+    n_cls, hidden, layers, k, tau, drop, _ = NETS[net]
     torch.manual_seed(0)
-    model = DelaySNN(140, 20, n_hidden=256, n_layers=2, kernel_size=25, tau=1.005, dropout=0.4,
-                     delays=delays, delay_backend=backend).cuda()
+    model = DelaySNN(
+        140,
+        n_cls,
+        n_hidden=hidden,
+        n_layers=layers,
+        kernel_size=k,
+        tau=tau,
+        dropout=drop,
+        delays=delays,
+        delay_backend=backend,
+    ).cuda()
     model.set_sigma(0.23)
     return model
 
@@ -63,26 +77,41 @@ def steps(model: DelaySNN, x: torch.Tensor, y: torch.Tensor):  # noqa: ANN201
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--network", default="shd", choices=sorted(NETS))
+    parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
+    n_cls, batch = NETS[args.network][0], args.batch or NETS[args.network][-1]
     torch.manual_seed(1)
-    x = (torch.rand(args.steps, args.batch, 140, device="cuda") < 0.05).float()
-    y = torch.randint(20, (args.batch,), device="cuda")
+    x = (torch.rand(args.steps, batch, 140, device="cuda") < 0.05).float()
+    y = torch.randint(n_cls, (batch,), device="cuda")
     rows = []
-    for name, backend, delays, cudnn in [("fast", "fast", "learned", True), ("dcls", "dcls", "learned", True),
-                                         ("dcls, cuDNN off (published)", "dcls", "learned", False),
-                                         ("no delays", "fast", "none", True)]:
+    variants = [
+        ("fast (GEMM)", "fast", "learned", True, "auto"),
+        ("dcls", "dcls", "learned", True, "auto"),
+        ("fast, conv1d path (previous)", "fast", "learned", True, "dense"),
+        ("dcls, cuDNN off (published)", "dcls", "learned", False, "auto"),
+        ("no delays", "fast", "none", True, "auto"),
+    ]
+    for name, backend, delays, cudnn, conv in variants:
         torch.backends.cudnn.enabled = cudnn
+        os.environ["SNN_DELAYS_CONV_IMPL"] = conv
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        train, evaluate = steps(make(backend, delays), x, y)
+        train, evaluate = steps(make(args.network, backend, delays), x, y)
         rows.append((name, time_ms(train), time_ms(evaluate), torch.cuda.max_memory_allocated() / 2**20))
+        print(name, rows[-1][1:], flush=True)
     torch.backends.cudnn.enabled = True
+    os.environ["SNN_DELAYS_CONV_IMPL"] = "auto"
     ref = rows[1]
+    print(f"{args.network} batch {batch} on {torch.cuda.get_device_name()}, ratios vs dcls (cuDNN on)")
     print(f"{'variant':32s} {'train ms':>9s} {'eval ms':>8s} {'peak MiB':>9s} {'train x':>8s} {'eval x':>7s}")
     for name, tr, ev, mem in rows:
         print(f"{name:32s} {tr:9.2f} {ev:8.2f} {mem:9.0f} {ref[1] / tr:8.2f} {ref[2] / ev:7.2f}")
-    train, _ = steps(make("fast"), x, y)
+    if not args.profile:
+        return
+    train, _ = steps(make(args.network, "fast"), x, y)
     train()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         train()

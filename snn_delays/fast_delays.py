@@ -403,12 +403,140 @@ class _DelayConvCPU(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------
+# GEMM path (CUDA): the delay conv as one matrix product over time-shifted copies
+# --------------------------------------------------------------------------------------
+#
+# With time-major rows r = (t, b), the padded input ``xp`` (T', B, I) and the output y
+# (T_out, B, O), T' = T_out + K - 1:
+#
+#   y[t, b, :] = sum_n xp[t + n, b, :] @ k[:, :, n]^T
+#
+# is one GEMM once either side is unfolded over the K taps (a gather, one copy kernel):
+# - input side (I <= O): U[(t,b), (n,i)] = xp[t+n, b, i], y = U @ k as (K*I, O);
+# - output side (O < I): P = xp @ k as (I, K*O), y[t,b,o] = sum_n P[t+n, b, n, o].
+# The copy is K x min(I, O) channels wide; no cuDNN algorithm choice, no workspace. dL/dk is
+# the transposed product with the same unfolding, dL/dx the forward of dL/dy (padded) with
+# the flipped, transposed kernel. On CUDA the products run in TF32 when
+# ``torch.backends.cudnn.allow_tf32`` is set (the precision of the reference's cuDNN conv,
+# on by default), in full float32 otherwise.
+
+
+def _unfold(src: Tensor, t_out: int, ksize: int, flip: bool = False) -> Tensor:
+    """(t_out * B, K * C) rows ``src[t + n, b, :]`` (``n`` reversed with ``flip``), a copy."""
+    _, batch, ch = src.shape
+    src = src.contiguous()
+    u = src.as_strided((t_out, batch, ksize, ch), (batch * ch, ch, batch * ch, 1))
+    if flip:
+        u = u.flip(2)
+    return u.reshape(t_out * batch, ksize * ch)
+
+
+def _shift_sum(p: Tensor, t_out: int, batch: int, ksize: int, ch: int) -> Tensor:
+    """``y[t, b, c] = sum_n p[t + n, b, n, c]`` from ``p`` (T', B, K, C) contiguous."""
+    p = p.contiguous()
+    row = batch * ksize * ch
+    view = p.as_strided((t_out, batch, ch, ksize), (row, ksize * ch, 1, row + ch))
+    return view.sum(-1)
+
+
+class _tf32:  # noqa: N801 - a context manager used like a function
+    """TF32 matmuls on CUDA iff cuDNN convs may use TF32 (the reference's precision)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.on = device.type == "cuda" and torch.backends.cudnn.allow_tf32
+
+    def __enter__(self) -> None:
+        if self.on:
+            self.old = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.on:
+            torch.backends.cuda.matmul.allow_tf32 = self.old
+
+
+def gemm_conv(x: Tensor, kernel: Tensor) -> Tensor:
+    """``y`` (T + (K-1)//2, B, O) = the delay conv of ``x`` (T, B, I) with ``kernel`` (O, I, K)."""
+    n_out, n_in, ksize = kernel.shape
+    t_len, batch, _ = x.shape
+    t_out = t_len + (ksize - 1) // 2
+    xp = _pad(x, ksize)
+    with _tf32(x.device):
+        if n_in <= n_out:
+            w = kernel.permute(2, 1, 0).reshape(ksize * n_in, n_out)
+            y = _unfold(xp, t_out, ksize) @ w
+            return y.view(t_out, batch, n_out)
+        w = kernel.permute(1, 2, 0).reshape(n_in, ksize * n_out)
+        p = xp.reshape(-1, n_in) @ w
+        return _shift_sum(p.view(-1, batch, ksize, n_out), t_out, batch, ksize, n_out)
+
+
+def _gemm_grad_kernel(x: Tensor, grad_y: Tensor, ksize: int) -> Tensor:
+    """dL/dk (O, I, K) = sum_(t,b) xp[t + n, b, i] g[t, b, o]."""
+    t_out, batch, n_out = grad_y.shape
+    n_in = x.shape[2]
+    xp = _pad(x, ksize)
+    with _tf32(x.device):
+        if n_in <= n_out:
+            gk = _unfold(xp, t_out, ksize).t() @ grad_y.reshape(-1, n_out)  # (K*I, O)
+            return gk.view(ksize, n_in, n_out).permute(2, 1, 0)
+        # ug[(s, b), (n, o)] = g[s - n, b, o]: g padded by K-1 on both sides, taps reversed
+        gp = F.pad(grad_y, (0, 0, 0, 0, ksize - 1, ksize - 1))
+        ug = _unfold(gp, xp.shape[0], ksize, flip=True)  # (T' * B, K * O)
+        gk = xp.reshape(-1, n_in).t() @ ug  # (I, K*O)
+        return gk.view(n_in, ksize, n_out).permute(2, 0, 1)
+
+
+def _gemm_grad_input(grad_y: Tensor, kernel: Tensor, t_len: int) -> Tensor:
+    """dL/dx (T, B, I) = sum_n g[s + K-1-n] @ k[:, :, n]: the conv of g with the flipped k."""
+    n_out, n_in, ksize = kernel.shape
+    t_out = grad_y.shape[0]
+    gp = F.pad(grad_y, (0, 0, 0, 0, 0, t_len + ksize - 1 - t_out))
+    with _tf32(grad_y.device):
+        w = kernel.flip(2).permute(2, 0, 1).reshape(ksize * n_out, n_in)
+        gx = _unfold(gp, t_len, ksize) @ w
+    return gx.view(t_len, grad_y.shape[1], n_in)
+
+
+class _DelayConvGEMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel: Tensor) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, kernel)
+        return gemm_conv(x, kernel.detach())
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):  # noqa: ANN001, ANN205
+        x, kernel = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        grad_x = grad_k = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _gemm_grad_input(grad_y, kernel, x.shape[0])
+        if ctx.needs_input_grad[1]:
+            grad_k = _gemm_grad_kernel(x, grad_y, kernel.shape[2])
+        return grad_x, grad_k
+
+
+# --------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------
 
 
 def _use_c(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and _load_lib() is not None
+
+
+def _path(x: Tensor, impl: str | None) -> str:
+    """``c`` (CPU kernels), ``gemm`` (CUDA default) or ``dense`` (conv1d, any device)."""
+    impl = impl or os.environ.get("SNN_DELAYS_CONV_IMPL") or "auto"
+    if impl == "auto":
+        if _use_c(x):
+            return "c"
+        return "gemm" if x.device.type == "cuda" else "dense"
+    if impl not in ("c", "gemm", "dense"):
+        raise ValueError(f"delay conv impl must be auto, c, gemm or dense, got {impl!r}")
+    if impl == "c" and not _use_c(x):
+        raise RuntimeError("the C kernels need a CPU float32 input and a C compiler")
+    return impl
 
 
 def delay_conv_dense(x: Tensor, weight: Tensor, pos: Tensor, sigma: float, kernel_size: int) -> Tensor:
@@ -418,19 +546,32 @@ def delay_conv_dense(x: Tensor, weight: Tensor, pos: Tensor, sigma: float, kerne
     return y.permute(2, 0, 1).contiguous()
 
 
-def delay_conv(x: Tensor, weight: Tensor, pos: Tensor, sigma: float, kernel_size: int) -> Tensor:
-    """Training path: ``y`` (T + (K-1)//2, B, out) from the DCLS Gaussian kernel."""
-    if not _use_c(x):
+def delay_conv(
+    x: Tensor, weight: Tensor, pos: Tensor, sigma: float, kernel_size: int, impl: str | None = None
+) -> Tensor:
+    """Training path: ``y`` (T + (K-1)//2, B, out) from the DCLS Gaussian kernel.
+
+    ``impl`` (default: ``$SNN_DELAYS_CONV_IMPL``, else ``auto``) forces a path: ``c``, ``gemm``
+    (the CUDA default; runs on any device) or ``dense``.
+    """
+    path = _path(x, impl)
+    if path == "dense":
         return delay_conv_dense(x, weight, pos, sigma, kernel_size)
     kernel = gaussian_kernel(weight, pos, sigma, kernel_size)
+    if path == "gemm":
+        return _DelayConvGEMM.apply(x, kernel)
     start, j = tap_window(pos, sigma, kernel_size)
     return _DelayConvCPU.apply(x, kernel, start, j)
 
 
-def integer_delay_conv(x: Tensor, weight: Tensor, delays: Tensor, kernel_size: int) -> Tensor:
+def integer_delay_conv(
+    x: Tensor, weight: Tensor, delays: Tensor, kernel_size: int, impl: str | None = None
+) -> Tensor:
     """Evaluation path: ``y[t,b,o] = sum_i weight[o,i] x[t - delays[o,i], b, i]``."""
     taps = (kernel_size - 1 - delays).to(torch.int32)  # tap index of each synapse
-    if _use_c(x) and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    path = _path(x, impl)
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if path == "c" and not grad:
         w = weight.detach().float()
         if _density(x) * kernel_size <= 2.0:
             kernel = torch.zeros(*w.shape, kernel_size, dtype=w.dtype)
@@ -439,5 +580,7 @@ def integer_delay_conv(x: Tensor, weight: Tensor, delays: Tensor, kernel_size: i
         return _taps_forward(x, w.unsqueeze(-1), taps, kernel_size).contiguous()
     kernel = torch.zeros(*weight.shape, kernel_size, device=weight.device, dtype=weight.dtype)
     kernel = kernel.scatter(-1, taps.long().unsqueeze(-1), weight.unsqueeze(-1))
+    if path == "gemm":
+        return _DelayConvGEMM.apply(x, kernel)
     y = F.conv1d(_pad(x, kernel_size).permute(1, 2, 0), kernel)
     return y.permute(2, 0, 1).contiguous()

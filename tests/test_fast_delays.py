@@ -32,12 +32,13 @@ def _input(t: int, b: int, n_in: int, density: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("sigma", [0.23, 1.0, "K//2"])
-@pytest.mark.parametrize("c_kernels", [True, False])
-def test_training_path_equals_dcls(case, sigma, c_kernels, monkeypatch):
+@pytest.mark.parametrize("impl", ["c", "no-compiler", "gemm"])
+def test_training_path_equals_dcls(case, sigma, impl, monkeypatch):
     t, b, n_in, n_out, k, density = case
     sigma = k // 2 if sigma == "K//2" else sigma
-    if not c_kernels:
+    if impl == "no-compiler":
         monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)
+    monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", "auto" if impl == "no-compiler" else impl)
     torch.manual_seed(0)
     ref, fast = _pair(n_in, n_out, k, sigma)
     x = _input(t, b, n_in, density)
@@ -56,8 +57,10 @@ def test_training_path_equals_dcls(case, sigma, c_kernels, monkeypatch):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_integer_path_equals_dcls_eval(case):
+@pytest.mark.parametrize("impl", ["c", "gemm"])
+def test_integer_path_equals_dcls_eval(case, impl, monkeypatch):
     t, b, n_in, n_out, k, density = case
+    monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", impl)
     torch.manual_seed(2)
     ref, fast = _pair(n_in, n_out, k, 0.23)
     ref.eval(), fast.eval()
@@ -71,12 +74,13 @@ def test_integer_path_equals_dcls_eval(case):
     assert torch.equal((got >= thr)[~close], (want >= thr)[~close])
 
 
-def test_integer_path_is_one_tap_per_synapse():
+@pytest.mark.parametrize("impl", ["auto", "gemm", "dense"])
+def test_integer_path_is_one_tap_per_synapse(impl):
     torch.manual_seed(3)
     x = torch.randn(10, 2, 3)
     w = torch.randn(4, 3)
     d = torch.randint(0, 5, (4, 3))
-    y = fast_delays.integer_delay_conv(x, w, d, 5)
+    y = fast_delays.integer_delay_conv(x, w, d, 5, impl=impl)
     want = torch.zeros(10 + 2, 2, 4)
     for o in range(4):
         for i in range(3):
@@ -96,3 +100,20 @@ def test_tap_count_covers_the_gaussian():
         inside.scatter_(-1, start.long().unsqueeze(-1) + torch.arange(j), True)
         peak = kernel.amax(-1, keepdim=True)
         assert (kernel[~inside] < fast_delays.TAP_TOL * peak.expand_as(kernel)[~inside]).all()
+
+
+@pytest.mark.parametrize("shape", [(9, 3, 4, 6, 5), (9, 3, 6, 4, 5), (30, 2, 7, 7, 25)])  # I<O, O<I, T~K
+def test_gemm_path_gradients_match_dense(shape):
+    """Both unfolding sides (input for I <= O, output for O < I) against autograd of conv1d."""
+    t, b, n_in, n_out, k = shape
+    torch.manual_seed(4)
+    x = torch.randn(t, b, n_in, dtype=torch.float64, requires_grad=True)
+    kernel = torch.randn(n_out, n_in, k, dtype=torch.float64, requires_grad=True)
+    y = fast_delays._DelayConvGEMM.apply(x, kernel)
+    want = torch.nn.functional.conv1d(fast_delays._pad(x, k).permute(1, 2, 0), kernel).permute(2, 0, 1)
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(want)
+    got = torch.autograd.grad(y, (x, kernel), g)
+    ref = torch.autograd.grad(want, (x, kernel), g)
+    for a, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, r)
