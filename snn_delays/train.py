@@ -225,7 +225,8 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
 def _hydra_main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     metrics = run(cfg, run_dir)
-    return metrics.get("test_acc") if metrics else None
+    # What a sweeper optimises: validation accuracy, never the test set.
+    return metrics.get("best_valid_acc") if metrics else None
 
 
 def _torchrun_overrides(argv: list[str]) -> list[str]:

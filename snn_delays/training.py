@@ -113,6 +113,13 @@ class Distributed:
             torch.distributed.all_reduce(t)
         return t
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any (e.g. a signal reached one rank)."""
+        if self.world_size == 1:
+            return flag
+        t = torch.tensor([float(flag)], device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+        return bool(self.all_sum(t).item() > 0)
+
     def shard(self, indices: Tensor) -> Tensor:
         return indices[self.rank :: self.world_size]
 
@@ -191,7 +198,7 @@ def train_epoch(
         opt.step()
         core.clamp_positions()
         _accumulate(sums, loss.detach() * len(y), scores.detach(), y)
-        if stop():
+        if stop() and dist.world_size == 1:  # ranks stop together, at the epoch's end
             break
     loss, correct, n = dist.all_sum(sums).tolist()
     return {"loss": loss / max(n, 1), "acc": correct / max(n, 1)}
@@ -287,7 +294,7 @@ def fit(
             lrs = opt.lrs()
             t0 = time.perf_counter()
             train = train_epoch(model, data.train, opt, cfg, gen, dist, stop, f"epoch {epoch + 1}", augment)
-            if stop():
+            if dist.any(stop()):
                 break
             opt.end_epoch()
             state.train_seconds += time.perf_counter() - t0
