@@ -199,8 +199,9 @@ def load_for_resume(path: Path, cfg: DictConfig, model: DelaySNN, opt: Optimizat
 
 
 # Keys that may change between an interrupted run and its continuation.
-RESUMABLE_KEYS = ("trainer.resume", "trainer.progress", "trainer.device", "trainer.epochs", "logger", "dataset.root",
-                  "dataset.download", "trainer.eval_batch_size")
+# Not trainer.epochs: the one-cycle schedule is built for the planned number of epochs.
+RESUMABLE_KEYS = ("trainer.resume", "trainer.progress", "trainer.device", "logger", "dataset.root",
+                  "dataset.download", "dataset.cache", "trainer.eval_batch_size")
 
 
 def check_compatible(saved: dict, current: dict, path: Path) -> None:

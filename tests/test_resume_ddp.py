@@ -63,6 +63,17 @@ def test_resume_from_another_model_says_which_keys_differ(tmp_path):
     assert "model.n_hidden: 64 -> 32" in proc.stderr
 
 
+def test_wandb_run_resumes_under_the_same_id(tmp_path):
+    out = tmp_path / "run"
+    args = [*RUN[:1], "trainer.epochs=1", "logger=wandb", "logger.figure_every=0", "trainer.progress=false",
+            f"hydra.run.dir={out}"]
+    run_cli("train", *args)
+    run_id = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["logger_run_id"]
+    run_cli("train", *args, "trainer.resume=true")
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert run_id and len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_torchrun_two_ranks_on_cpu(tmp_path):
     out = tmp_path / "ddp"
