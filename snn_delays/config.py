@@ -23,7 +23,6 @@ class TrainerConfig:
     progress: bool = True
     save_checkpoints: bool = True
     resume: Any = False  # false | true (this run's last.pt) | a checkpoint path
-    compile: bool = False
 
 
 @dataclass
