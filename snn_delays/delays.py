@@ -32,23 +32,14 @@ from DCLS.construct.modules import Dcls1d
 from torch import Tensor, nn
 
 from snn_delays import fast_delays
+from snn_delays.fast_delays import NORM_EPS, gaussian_kernel  # one copy of the kernel formula
 
-SIGMA_OFFSET = 0.27  # added to |sigma| by the DCLS gauss version
-NORM_EPS = 1e-7  # DCLS adds this to the interpolation's normaliser
 BACKENDS = ("fast", "dcls")
 
 
 def pad_time(x: Tensor, kernel_size: int) -> Tensor:
     """Zero-pad a (T, B, C) tensor by K-1 steps before and (K-1)//2 after."""
     return F.pad(x, (0, 0, 0, 0, kernel_size - 1, (kernel_size - 1) // 2))
-
-
-def gaussian_kernel(weight: Tensor, pos: Tensor, sigma: float | Tensor, kernel_size: int) -> Tensor:
-    """Dense DCLS gauss kernel ``(out, in, K)`` from weights and positions ``(out, in)``."""
-    taps = torch.arange(kernel_size, device=weight.device, dtype=weight.dtype)
-    s = abs(float(sigma)) + SIGMA_OFFSET
-    g = torch.exp(-0.5 * ((taps - (pos.unsqueeze(-1) + kernel_size // 2)) / s) ** 2)
-    return weight.unsqueeze(-1) * g / (g.sum(-1, keepdim=True) + NORM_EPS)
 
 
 def integer_delays(pos: Tensor, kernel_size: int) -> Tensor:
