@@ -421,14 +421,24 @@ class _DelayConvCPU(torch.autograd.Function):
 # on by default), in full float32 otherwise.
 
 
-def _unfold(src: Tensor, t_out: int, ksize: int, flip: bool = False) -> Tensor:
-    """(t_out * B, K * C) rows ``src[t + n, b, :]`` (``n`` reversed with ``flip``), a copy."""
-    _, batch, ch = src.shape
-    src = src.contiguous()
-    u = src.as_strided((t_out, batch, ksize, ch), (batch * ch, ch, batch * ch, 1))
-    if flip:
-        u = u.flip(2)
-    return u.reshape(t_out * batch, ksize * ch)
+GEMM_CHUNK = 1 << 25  # floats of one unfolded block (128 MiB): bounds the extra memory
+
+
+def _chunks(t_len: int, row: int) -> list[tuple[int, int]]:
+    """Time ranges whose unfolded rows (``row`` floats per step) fit in ``GEMM_CHUNK``."""
+    step = max(1, GEMM_CHUNK // max(1, row))
+    return [(t0, min(t_len, t0 + step)) for t0 in range(0, t_len, step)]
+
+
+def _unfold(src: Tensor, t0: int, t1: int, ksize: int, flip: bool = False) -> Tensor:
+    """((t1 - t0) B, K C) rows ``src[t + n, b, :]`` (``src[t + K-1-n]`` with ``flip``), a copy.
+
+    One ``cat`` of K contiguous time slices: a vectorised copy kernel.
+    """
+    batch, ch = src.shape[1:]
+    shifts = range(ksize - 1, -1, -1) if flip else range(ksize)
+    u = torch.cat([src[t0 + n : t1 + n] for n in shifts], dim=2)
+    return u.view((t1 - t0) * batch, ksize * ch)
 
 
 def _shift_sum(p: Tensor, t_out: int, batch: int, ksize: int, ch: int) -> Tensor:
@@ -455,19 +465,26 @@ class _tf32:  # noqa: N801 - a context manager used like a function
             torch.backends.cuda.matmul.allow_tf32 = self.old
 
 
+def _unfold_mm(src: Tensor, w: Tensor, t_out: int, ksize: int) -> Tensor:
+    """``out[t] = sum_n src[t + n] @ w[n]`` with ``w`` (K C, N): (t_out, B, N), in time chunks."""
+    batch, ch = src.shape[1:]
+    out = torch.empty(t_out, batch, w.shape[1], device=src.device, dtype=src.dtype)
+    for t0, t1 in _chunks(t_out, batch * ksize * ch):
+        torch.mm(_unfold(src, t0, t1, ksize), w, out=out[t0:t1].view(-1, w.shape[1]))
+    return out
+
+
 def gemm_conv(x: Tensor, kernel: Tensor) -> Tensor:
     """``y`` (T + (K-1)//2, B, O) = the delay conv of ``x`` (T, B, I) with ``kernel`` (O, I, K)."""
     n_out, n_in, ksize = kernel.shape
     t_len, batch, _ = x.shape
     t_out = t_len + (ksize - 1) // 2
-    xp = _pad(x, ksize)
+    xp = _pad(x, ksize).contiguous()
     with _tf32(x.device):
         if n_in <= n_out:
-            w = kernel.permute(2, 1, 0).reshape(ksize * n_in, n_out)
-            y = _unfold(xp, t_out, ksize) @ w
-            return y.view(t_out, batch, n_out)
+            return _unfold_mm(xp, kernel.permute(2, 1, 0).reshape(ksize * n_in, n_out), t_out, ksize)
         w = kernel.permute(1, 2, 0).reshape(n_in, ksize * n_out)
-        p = xp.reshape(-1, n_in) @ w
+        p = xp.view(-1, n_in) @ w
         return _shift_sum(p.view(-1, batch, ksize, n_out), t_out, batch, ksize, n_out)
 
 
@@ -475,15 +492,18 @@ def _gemm_grad_kernel(x: Tensor, grad_y: Tensor, ksize: int) -> Tensor:
     """dL/dk (O, I, K) = sum_(t,b) xp[t + n, b, i] g[t, b, o]."""
     t_out, batch, n_out = grad_y.shape
     n_in = x.shape[2]
-    xp = _pad(x, ksize)
+    xp = _pad(x, ksize).contiguous()
     with _tf32(x.device):
         if n_in <= n_out:
-            gk = _unfold(xp, t_out, ksize).t() @ grad_y.reshape(-1, n_out)  # (K*I, O)
+            gk = torch.zeros(ksize * n_in, n_out, device=x.device, dtype=x.dtype)
+            for t0, t1 in _chunks(t_out, batch * ksize * n_in):
+                gk.addmm_(_unfold(xp, t0, t1, ksize).t(), grad_y[t0:t1].reshape(-1, n_out))
             return gk.view(ksize, n_in, n_out).permute(2, 1, 0)
         # ug[(s, b), (n, o)] = g[s - n, b, o]: g padded by K-1 on both sides, taps reversed
         gp = F.pad(grad_y, (0, 0, 0, 0, ksize - 1, ksize - 1))
-        ug = _unfold(gp, xp.shape[0], ksize, flip=True)  # (T' * B, K * O)
-        gk = xp.reshape(-1, n_in).t() @ ug  # (I, K*O)
+        gk = torch.zeros(n_in, ksize * n_out, device=x.device, dtype=x.dtype)
+        for t0, t1 in _chunks(xp.shape[0], batch * ksize * n_out):
+            gk.addmm_(xp[t0:t1].reshape(-1, n_in).t(), _unfold(gp, t0, t1, ksize, flip=True))
         return gk.view(n_in, ksize, n_out).permute(2, 0, 1)
 
 
@@ -491,11 +511,10 @@ def _gemm_grad_input(grad_y: Tensor, kernel: Tensor, t_len: int) -> Tensor:
     """dL/dx (T, B, I) = sum_n g[s + K-1-n] @ k[:, :, n]: the conv of g with the flipped k."""
     n_out, n_in, ksize = kernel.shape
     t_out = grad_y.shape[0]
-    gp = F.pad(grad_y, (0, 0, 0, 0, 0, t_len + ksize - 1 - t_out))
+    gp = F.pad(grad_y, (0, 0, 0, 0, 0, t_len + ksize - 1 - t_out)).contiguous()
     with _tf32(grad_y.device):
         w = kernel.flip(2).permute(2, 0, 1).reshape(ksize * n_out, n_in)
-        gx = _unfold(gp, t_len, ksize) @ w
-    return gx.view(t_len, grad_y.shape[1], n_in)
+        return _unfold_mm(gp, w, t_len, ksize)
 
 
 class _DelayConvGEMM(torch.autograd.Function):

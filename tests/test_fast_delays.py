@@ -103,9 +103,12 @@ def test_tap_count_covers_the_gaussian():
 
 
 @pytest.mark.parametrize("shape", [(9, 3, 4, 6, 5), (9, 3, 6, 4, 5), (30, 2, 7, 7, 25)])  # I<O, O<I, T~K
-def test_gemm_path_gradients_match_dense(shape):
+@pytest.mark.parametrize("chunk", [None, 50])  # 50 floats: one time step per GEMM block
+def test_gemm_path_gradients_match_dense(shape, chunk, monkeypatch):
     """Both unfolding sides (input for I <= O, output for O < I) against autograd of conv1d."""
     t, b, n_in, n_out, k = shape
+    if chunk:
+        monkeypatch.setattr(fast_delays, "GEMM_CHUNK", chunk)
     torch.manual_seed(4)
     x = torch.randn(t, b, n_in, dtype=torch.float64, requires_grad=True)
     kernel = torch.randn(n_out, n_in, k, dtype=torch.float64, requires_grad=True)
