@@ -32,7 +32,11 @@ class OptimConfig:
     )
     weight_decay: float = 1e-5  # on synaptic weights only
     weights_scheduler: Any = field(
-        default_factory=lambda: {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "_partial_": True, "max_lr": 5e-3}
+        default_factory=lambda: {
+            "_target_": "torch.optim.lr_scheduler.OneCycleLR",
+            "_partial_": True,
+            "max_lr": 5e-3,
+        }
     )
     positions: Any = field(
         default_factory=lambda: {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 0.1}

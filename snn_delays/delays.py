@@ -72,8 +72,12 @@ class DelayLayer(nn.Module):
         self.in_features, self.out_features, self.kernel_size = in_features, out_features, kernel_size
         self.backend, self.round_eval = backend, round_eval
         self.dcls = Dcls1d(
-            in_features, out_features, kernel_count=1, dilated_kernel_size=kernel_size,
-            bias=False, version="gauss",
+            in_features,
+            out_features,
+            kernel_count=1,
+            dilated_kernel_size=kernel_size,
+            bias=False,
+            version="gauss",
         )
         lim = kernel_size // 2
         with torch.no_grad():
@@ -120,7 +124,9 @@ class DelayLayer(nn.Module):
         if self.backend == "dcls":
             return self._forward_dcls(x, rounded)
         if rounded:
-            return fast_delays.integer_delay_conv(x, self.weight / (1 + NORM_EPS), self.delays(), self.kernel_size)
+            return fast_delays.integer_delay_conv(
+                x, self.weight / (1 + NORM_EPS), self.delays(), self.kernel_size
+            )
         return fast_delays.delay_conv(x, self.weight, self.positions, self.sigma, self.kernel_size)
 
     def _forward_dcls(self, x: Tensor, rounded: bool) -> Tensor:

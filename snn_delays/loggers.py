@@ -83,8 +83,15 @@ class WandbLogger(NullLogger):
 
         self._wandb = wandb
         self.run = wandb.init(
-            project=project, mode=mode, entity=entity, group=group, name=name,
-            tags=list(tags or []), dir=str(self.run_dir), id=run_id, resume="allow" if run_id else None,
+            project=project,
+            mode=mode,
+            entity=entity,
+            group=group,
+            name=name,
+            tags=list(tags or []),
+            dir=str(self.run_dir),
+            id=run_id,
+            resume="allow" if run_id else None,
         )
         self.run_id = self.run.id
         self.run.define_metric("epoch")

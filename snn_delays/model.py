@@ -97,8 +97,13 @@ class DelaySNN(nn.Module):
             if delays == "none":
                 return Dense(n_in, n_out)
             return DelayLayer(
-                n_in, n_out, kernel_size, learn_positions=delays == "learned",
-                backend=delay_backend, sigma_init=sigma_init, round_eval=round_eval,
+                n_in,
+                n_out,
+                kernel_size,
+                learn_positions=delays == "learned",
+                backend=delay_backend,
+                sigma_init=sigma_init,
+                round_eval=round_eval,
             )
 
         sizes = [n_inputs] + [n_hidden] * n_layers
@@ -137,8 +142,10 @@ class DelaySNN(nn.Module):
 
     def weight_parameters(self) -> list[nn.Parameter]:
         """Synaptic weights (weight decay applies to these only)."""
-        return [layer.dcls.weight if isinstance(layer, DelayLayer) else layer.weight
-                for layer in self.synapse_layers()]
+        return [
+            layer.dcls.weight if isinstance(layer, DelayLayer) else layer.weight
+            for layer in self.synapse_layers()
+        ]
 
     def other_parameters(self) -> Iterator[nn.Parameter]:
         """BatchNorm affine parameters and PLIF time constants: trained, no weight decay."""

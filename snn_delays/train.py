@@ -140,33 +140,78 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         state, logger_kwargs = load_for_resume(ckpt, cfg, model, opt)
     net = model
     if dist.world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     logger = instantiate(cfg.logger, run_dir=run_dir, **logger_kwargs) if dist.is_main else None
     if logger is not None:
         logger.log_config(config)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if dist.world_size > 1:
-        log.info("rank %d/%d: training on %d of %d samples per epoch", dist.rank, dist.world_size,
-                 len(dist.shard(torch.arange(len(data.train)))), len(data.train))
-    log.info("%s on %s: %d samples train / %d valid / %d test, %d parameters, K=%d",
-             data.name, device, len(data.train), len(data.valid), len(data.test), n_params, model.kernel_size)
-    extra = {"config": config, "data": {"n_inputs": data.n_inputs, "n_classes": data.n_classes, "dt_ms": data.dt_ms,
-                                         "name": data.name}, "logger_run_id": getattr(logger, "run_id", None)}
+        log.info(
+            "rank %d/%d: training on %d of %d samples per epoch",
+            dist.rank,
+            dist.world_size,
+            len(dist.shard(torch.arange(len(data.train)))),
+            len(data.train),
+        )
+    log.info(
+        "%s on %s: %d samples train / %d valid / %d test, %d parameters, K=%d",
+        data.name,
+        device,
+        len(data.train),
+        len(data.valid),
+        len(data.test),
+        n_params,
+        model.kernel_size,
+    )
+    extra = {
+        "config": config,
+        "data": {
+            "n_inputs": data.n_inputs,
+            "n_classes": data.n_classes,
+            "dt_ms": data.dt_ms,
+            "name": data.name,
+        },
+        "logger_run_id": getattr(logger, "run_id", None),
+    }
     on_epoch_end = figure_hook(cfg, run_dir, model, data, logger, state.epoch, resumed=ckpt is not None)
-    fit_cfg = FitConfig(cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.eval_batch_size,
-                        cfg.trainer.progress, cfg.trainer.save_checkpoints, cfg.seed)
-    state = fit(net, data, opt, logger, fit_cfg, run_dir, state, dist, extra,
-                on_epoch_end=on_epoch_end if dist.is_main else None, augment=augment)
+    fit_cfg = FitConfig(
+        cfg.trainer.epochs,
+        cfg.trainer.batch_size,
+        cfg.trainer.eval_batch_size,
+        cfg.trainer.progress,
+        cfg.trainer.save_checkpoints,
+        cfg.seed,
+    )
+    state = fit(
+        net,
+        data,
+        opt,
+        logger,
+        fit_cfg,
+        run_dir,
+        state,
+        dist,
+        extra,
+        on_epoch_end=on_epoch_end if dist.is_main else None,
+        augment=augment,
+    )
     metrics = write_outputs(run_dir, state, n_params) if dist.is_main else {}
     if logger is not None:
         logger.finish()
     if state.stopped_by is not None:
-        log.warning("stopped by signal %d after epoch %d: resume with trainer.resume=true", state.stopped_by, state.epoch)
+        log.warning(
+            "stopped by signal %d after epoch %d: resume with trainer.resume=true",
+            state.stopped_by,
+            state.epoch,
+        )
     return metrics
 
 
-def figure_hook(cfg: DictConfig, run_dir: Path, model: DelaySNN, data: Any, logger: Any, epoch: int,
-                resumed: bool) -> Callable[[DelaySNN, TrainState], None]:
+def figure_hook(
+    cfg: DictConfig, run_dir: Path, model: DelaySNN, data: Any, logger: Any, epoch: int, resumed: bool
+) -> Callable[[DelaySNN, TrainState], None]:
     """Record the position trace each epoch; every ``logger.figure_every`` epochs, draw the figures."""
     trace_path = run_dir / "positions.npz"
     trace = PositionTrace.load(trace_path) if resumed and trace_path.is_file() else PositionTrace()
@@ -179,13 +224,24 @@ def figure_hook(cfg: DictConfig, run_dir: Path, model: DelaySNN, data: Any, logg
         trace.record(core, st.epoch)
         trace.save(trace_path)
         if every and (st.epoch % every == 0 or st.epoch == cfg.trainer.epochs):
-            log_epoch_figures(logger, core, st.history, st.epoch, run_dir, trace, sample_x=sample_x,
-                              sample_label=sample_y, class_names=data.class_names)
+            log_epoch_figures(
+                logger,
+                core,
+                st.history,
+                st.epoch,
+                run_dir,
+                trace,
+                sample_x=sample_x,
+                sample_label=sample_y,
+                class_names=data.class_names,
+            )
 
     return on_epoch_end
 
 
-def load_for_resume(path: Path, cfg: DictConfig, model: DelaySNN, opt: Optimization) -> tuple[TrainState, dict]:
+def load_for_resume(
+    path: Path, cfg: DictConfig, model: DelaySNN, opt: Optimization
+) -> tuple[TrainState, dict]:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     check_compatible(ckpt.get("config", {}), OmegaConf.to_container(cfg, resolve=True), path)
     model.load_state_dict(ckpt["model"])
@@ -195,17 +251,28 @@ def load_for_resume(path: Path, cfg: DictConfig, model: DelaySNN, opt: Optimizat
     state.stopped_by = None
     log.info("resuming from %s after epoch %d", path, state.epoch)
     run_id = ckpt.get("logger_run_id")
-    return state, ({"run_id": run_id} if run_id and cfg.logger.get("_target_", "").endswith("WandbLogger") else {})
+    return state, (
+        {"run_id": run_id} if run_id and cfg.logger.get("_target_", "").endswith("WandbLogger") else {}
+    )
 
 
 # Keys that may change between an interrupted run and its continuation.
 # Not trainer.epochs: the one-cycle schedule is built for the planned number of epochs.
-RESUMABLE_KEYS = ("trainer.resume", "trainer.progress", "trainer.device", "logger", "dataset.root",
-                  "dataset.download", "dataset.cache", "trainer.eval_batch_size")
+RESUMABLE_KEYS = (
+    "trainer.resume",
+    "trainer.progress",
+    "trainer.device",
+    "logger",
+    "dataset.root",
+    "dataset.download",
+    "dataset.cache",
+    "trainer.eval_batch_size",
+)
 
 
 def check_compatible(saved: dict, current: dict, path: Path) -> None:
     """Refuse to resume from a checkpoint of another model, dataset or recipe."""
+
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(d, dict):
             return {prefix: d}
@@ -215,8 +282,11 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
         return out
 
     a, b = flat(saved), flat(current)
-    differ = sorted(k for k in set(a) | set(b)
-                    if a.get(k) != b.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS))
+    differ = sorted(
+        k
+        for k in set(a) | set(b)
+        if a.get(k) != b.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)
+    )
     if differ:
         details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:12])
         raise ValueError(f"cannot resume from {path}: its config differs in {len(differ)} key(s): {details}")
@@ -243,7 +313,9 @@ def _torchrun_overrides(argv: list[str]) -> list[str]:
 
 def main() -> None:
     if not Path(CONF_DIR).is_dir():
-        sys.exit(f"snn-delays: config folder {CONF_DIR} not found; install from a checkout with `pip install -e .`")
+        sys.exit(
+            f"snn-delays: config folder {CONF_DIR} not found; install from a checkout with `pip install -e .`"
+        )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.argv += _torchrun_overrides(sys.argv[1:])
     _hydra_main()

@@ -87,7 +87,10 @@ class Optimization:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"weights": self.weights.state_dict(), "weights_scheduler": self.weights_scheduler.state_dict()}
+        state = {
+            "weights": self.weights.state_dict(),
+            "weights_scheduler": self.weights_scheduler.state_dict(),
+        }
         if self.positions is not None:
             state["positions"] = self.positions.state_dict()
             state["positions_scheduler"] = self.positions_scheduler.state_dict()
@@ -161,7 +164,9 @@ def _accumulate(sums: Tensor, loss_sum: Tensor, scores: Tensor, y: Tensor) -> No
 
 # --- evaluation -------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int, dist: Distributed | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, split: Split, batch_size: int, dist: Distributed | None = None
+) -> dict[str, float]:
     """Loss and accuracy of the evaluated (integer-delay) network on one split."""
     dist = dist or Distributed()
     if len(split) == 0:
@@ -177,8 +182,15 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, dist: Distributed 
 
 # --- training ------------------------------------------------------------------------------
 def train_epoch(
-    model: nn.Module, split: Split, opt: Optimization, cfg: FitConfig, gen: torch.Generator,
-    dist: Distributed, stop: Callable[[], bool], desc: str, augment: Augmenter | None = None,
+    model: nn.Module,
+    split: Split,
+    opt: Optimization,
+    cfg: FitConfig,
+    gen: torch.Generator,
+    dist: Distributed,
+    stop: Callable[[], bool],
+    desc: str,
+    augment: Augmenter | None = None,
 ) -> dict[str, float]:
     model.train()
     core = getattr(model, "module", model)  # the bare model under DistributedDataParallel
@@ -187,8 +199,13 @@ def train_epoch(
     sums = torch.zeros(3, device=split.x.device, dtype=torch.float64)
     shard = dist.shard(order)
     n_batches = math.ceil(len(shard) / per_rank)
-    bar = tqdm(batches(split, per_rank, indices=shard), total=n_batches, desc=desc, leave=False,
-               disable=not (cfg.progress and dist.is_main))
+    bar = tqdm(
+        batches(split, per_rank, indices=shard),
+        total=n_batches,
+        desc=desc,
+        leave=False,
+        disable=not (cfg.progress and dist.is_main),
+    )
     for x, y, _ in bar:
         x, target = augment(x, y) if augment is not None else (x, y)
         scores = class_scores(model(x))
@@ -286,8 +303,13 @@ def fit(
     gen.set_state(state.shuffle_rng)
     ckpt_dir = run_dir / "checkpoints"
     with StopFlag() as stop:
-        epochs = tqdm(range(state.epoch, cfg.epochs), desc="epochs", disable=not (cfg.progress and dist.is_main),
-                      initial=state.epoch, total=cfg.epochs)
+        epochs = tqdm(
+            range(state.epoch, cfg.epochs),
+            desc="epochs",
+            disable=not (cfg.progress and dist.is_main),
+            initial=state.epoch,
+            total=cfg.epochs,
+        )
         for epoch in epochs:
             if opt.sigma_init is not None:
                 core.set_sigma(sigma_at(epoch, opt.sigma_init, opt.sigma_final, opt.sigma_decay_epochs))
@@ -300,9 +322,16 @@ def fit(
             state.train_seconds += time.perf_counter() - t0
             valid = evaluate(model, data.valid, cfg.eval_batch_size, dist)
             test = evaluate(model, data.test, cfg.eval_batch_size, dist)
-            row = {"epoch": epoch + 1, "train/loss": train["loss"], "train/acc": train["acc"],
-                   "valid/loss": valid["loss"], "valid/acc": valid["acc"],
-                   "test/loss": test["loss"], "test/acc": test["acc"], **lrs}
+            row = {
+                "epoch": epoch + 1,
+                "train/loss": train["loss"],
+                "train/acc": train["acc"],
+                "valid/loss": valid["loss"],
+                "valid/acc": valid["acc"],
+                "test/loss": test["loss"],
+                "test/acc": test["acc"],
+                **lrs,
+            }
             if core.sigma is not None:
                 row["sigma"] = core.sigma
             row.update(delay_stats(model, data.dt_ms))
@@ -311,7 +340,9 @@ def fit(
             state.history.append(row)
             if dist.is_main:
                 logger.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-                epochs.set_postfix(loss=f"{train['loss']:.3f}", valid=f"{valid['acc']:.3f}", test=f"{test['acc']:.3f}")
+                epochs.set_postfix(
+                    loss=f"{train['loss']:.3f}", valid=f"{valid['acc']:.3f}", test=f"{test['acc']:.3f}"
+                )
                 if cfg.save_checkpoints:
                     payload = checkpoint_payload(core, opt, state, extra_checkpoint)
                     save_checkpoint(payload, ckpt_dir / "last.pt")
@@ -327,12 +358,18 @@ def _update_best(state: TrainState, row: dict[str, float], has_valid: bool) -> b
     # Without a validation split the epoch is chosen on the test set, as the published SHD figure was.
     key = "valid/acc" if has_valid else "test/acc"
     if row[key] > state.best_valid_acc:
-        state.best_valid_acc, state.best_epoch, state.test_acc_at_best = row[key], int(row["epoch"]), row["test/acc"]
+        state.best_valid_acc, state.best_epoch, state.test_acc_at_best = (
+            row[key],
+            int(row["epoch"]),
+            row["test/acc"],
+        )
         return True
     return False
 
 
-def checkpoint_payload(model: nn.Module, opt: Optimization, state: TrainState, extra: dict[str, Any] | None) -> dict:
+def checkpoint_payload(
+    model: nn.Module, opt: Optimization, state: TrainState, extra: dict[str, Any] | None
+) -> dict:
     return {
         "model": model.state_dict(),
         "optim": opt.state_dict(),

@@ -14,14 +14,28 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def run_cli(module: str, *args: str, check: bool = True, timeout: int = 600, cwd: Path | None = None,
-            env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str,
+    *args: str,
+    check: bool = True,
+    timeout: int = 600,
+    cwd: Path | None = None,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """``python -m snn_delays.<module> ARGS`` with quiet progress; returns the finished process."""
     full_env = {**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", f"snn_delays.{module}", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd or ROOT, env=full_env)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"snn_delays.{module}", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd or ROOT,
+        env=full_env,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"{module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 

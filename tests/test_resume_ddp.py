@@ -36,8 +36,13 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     run_cli("train", *RUN, f"hydra.run.dir={full}")
 
-    proc = subprocess.Popen([sys.executable, "-m", "snn_delays.train", *RUN, f"hydra.run.dir={cut}"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "snn_delays.train", *RUN, f"hydra.run.dir={cut}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_epoch(cut / "checkpoints" / "last.pt", 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -57,16 +62,30 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
 def test_resume_from_another_model_says_which_keys_differ(tmp_path):
     out = tmp_path / "run"
     run_cli("train", *RUN[:1], "trainer.epochs=1", "logger=none", f"hydra.run.dir={out}")
-    proc = run_cli("train", *RUN[:1], "trainer.epochs=2", "logger=none", "model.n_hidden=32",
-                   f"trainer.resume={out / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={tmp_path / 'b'}", check=False)
+    proc = run_cli(
+        "train",
+        *RUN[:1],
+        "trainer.epochs=2",
+        "logger=none",
+        "model.n_hidden=32",
+        f"trainer.resume={out / 'checkpoints' / 'last.pt'}",
+        f"hydra.run.dir={tmp_path / 'b'}",
+        check=False,
+    )
     assert proc.returncode != 0
     assert "model.n_hidden: 64 -> 32" in proc.stderr
 
 
 def test_wandb_run_resumes_under_the_same_id(tmp_path):
     out = tmp_path / "run"
-    args = [*RUN[:1], "trainer.epochs=1", "logger=wandb", "logger.figure_every=0", "trainer.progress=false",
-            f"hydra.run.dir={out}"]
+    args = [
+        *RUN[:1],
+        "trainer.epochs=1",
+        "logger=wandb",
+        "logger.figure_every=0",
+        "trainer.progress=false",
+        f"hydra.run.dir={out}",
+    ]
     run_cli("train", *args)
     run_id = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["logger_run_id"]
     run_cli("train", *args, "trainer.resume=true")
@@ -79,9 +98,26 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "snn_delays.train",
-         "experiment=synthetic", "trainer.epochs=2", "logger=csv", "trainer.progress=false", f"hydra.run.dir={out}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "snn_delays.train",
+            "experiment=synthetic",
+            "trainer.epochs=2",
+            "logger=csv",
+            "trainer.progress=false",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text
     assert "rank 0/2: training on 256 of 512" in text and "rank 1/2: training on 256 of 512" in text

@@ -10,7 +10,15 @@ from conftest import read_metrics, run_cli
 from spike_files import make_shd_root
 
 QUIET = ["trainer.progress=false"]
-METRIC_KEYS = {"best_valid_acc", "test_acc", "best_test_acc", "last_test_acc", "epochs", "train_seconds", "n_params"}
+METRIC_KEYS = {
+    "best_valid_acc",
+    "test_acc",
+    "best_test_acc",
+    "last_test_acc",
+    "epochs",
+    "train_seconds",
+    "n_params",
+}
 
 
 def test_synthetic_run_writes_every_output_and_eval_reproduces_it(tmp_path):
@@ -20,8 +28,17 @@ def test_synthetic_run_writes_every_output_and_eval_reproduces_it(tmp_path):
     assert METRIC_KEYS <= set(metrics) and metrics["epochs"] == 3
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert len(rows) == 3
-    for key in ("train/loss", "train/acc", "valid/loss", "valid/acc", "test/acc", "lr/weights", "lr/positions",
-                "sigma", "delay/mean_ms/layer0"):
+    for key in (
+        "train/loss",
+        "train/acc",
+        "valid/loss",
+        "valid/acc",
+        "test/acc",
+        "lr/weights",
+        "lr/positions",
+        "sigma",
+        "delay/mean_ms/layer0",
+    ):
         assert key in rows[0], key
     assert float(rows[-1]["sigma"]) < float(rows[0]["sigma"])  # sigma decays
     assert max(float(r["test/acc"]) for r in rows) == metrics["best_test_acc"]
@@ -44,8 +61,15 @@ def test_delays_beat_no_delays_on_synthetic(tmp_path):
     acc = {}
     for model in ("delays", "no_delays"):
         out = tmp_path / model
-        run_cli("train", "experiment=synthetic", f"model={model}", "logger=none", "seed=0",
-                f"hydra.run.dir={out}", *QUIET)
+        run_cli(
+            "train",
+            "experiment=synthetic",
+            f"model={model}",
+            "logger=none",
+            "seed=0",
+            f"hydra.run.dir={out}",
+            *QUIET,
+        )
         acc[model] = read_metrics(out)["test_acc"]
     assert acc["delays"] >= acc["no_delays"] + 0.30, acc
 
@@ -55,8 +79,18 @@ def test_contract_on_shd_layout_files(tmp_path):
     make_shd_root(root, n_train=40, n_test=20)
     for model in ("delays", "fixed_delays", "no_delays"):
         out = tmp_path / f"out_{model}"
-        run_cli("train", "dataset=shd", f"dataset.root={root}", "trainer.epochs=1", "trainer.batch_size=16",
-                f"model={model}", "logger=none", "seed=3", f"hydra.run.dir={out}", *QUIET)
+        run_cli(
+            "train",
+            "dataset=shd",
+            f"dataset.root={root}",
+            "trainer.epochs=1",
+            "trainer.batch_size=16",
+            f"model={model}",
+            "logger=none",
+            "seed=3",
+            f"hydra.run.dir={out}",
+            *QUIET,
+        )
         metrics = read_metrics(out)
         assert metrics["epochs"] == 1 and 0.0 <= metrics["test_acc"] <= 1.0
         assert metrics["n_params"] > 0
@@ -71,15 +105,26 @@ def test_wandb_offline_logger(tmp_path):
 
 
 def test_unknown_config_key_fails_at_start_up(tmp_path):
-    proc = run_cli("train", "experiment=synthetic", "trainer.epocs=2", f"hydra.run.dir={tmp_path}", check=False)
+    proc = run_cli(
+        "train", "experiment=synthetic", "trainer.epocs=2", f"hydra.run.dir={tmp_path}", check=False
+    )
     assert proc.returncode != 0 and "epocs" in proc.stderr
-    proc = run_cli("train", "experiment=synthetic", "model.n_hiden=3", f"hydra.run.dir={tmp_path}", check=False)
+    proc = run_cli(
+        "train", "experiment=synthetic", "model.n_hiden=3", f"hydra.run.dir={tmp_path}", check=False
+    )
     assert proc.returncode != 0 and "n_hiden" in proc.stderr
 
 
 def test_missing_dataset_offline_names_file_url_and_folder(tmp_path):
     root = tmp_path / "nothing_here"
-    proc = run_cli("train", "dataset=shd", f"dataset.root={root}", "dataset.download=false", "logger=none",
-                   f"hydra.run.dir={tmp_path / 'out'}", check=False)
+    proc = run_cli(
+        "train",
+        "dataset=shd",
+        f"dataset.root={root}",
+        "dataset.download=false",
+        "logger=none",
+        f"hydra.run.dir={tmp_path / 'out'}",
+        check=False,
+    )
     assert proc.returncode != 0
     assert "shd_train.h5" in proc.stderr and "https://" in proc.stderr and str(root) in proc.stderr

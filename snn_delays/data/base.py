@@ -99,9 +99,7 @@ def batches(
         yield x, split.y[idx_dev], idx
 
 
-def stratified_split(
-    labels: Tensor, fraction: float, seed: int
-) -> tuple[Tensor, Tensor]:
+def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """Indices ``(keep, held_out)``: ``fraction`` of every class held out, seeded."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"dataset.valid_fraction must be in [0, 1), got {fraction}")

@@ -55,4 +55,6 @@ def make_synthetic(
     offsets = _class_offsets(n_classes, n_channels, gen)
     splits = [_make_split(n, offsets, n_steps, noise_rate, gen) for n in (n_train, n_valid, n_test)]
     names = [f"pattern{c}" for c in range(n_classes)]
-    return DataBundle("synthetic", *splits, n_inputs=n_channels, n_classes=n_classes, dt_ms=10.0, class_names=names)
+    return DataBundle(
+        "synthetic", *splits, n_inputs=n_channels, n_classes=n_classes, dt_ms=10.0, class_names=names
+    )
