@@ -128,3 +128,22 @@ def test_missing_dataset_offline_names_file_url_and_folder(tmp_path):
     )
     assert proc.returncode != 0
     assert "shd_train.h5" in proc.stderr and "https://" in proc.stderr and str(root) in proc.stderr
+
+
+def test_fast_and_dcls_backends_train_to_the_same_accuracy(tmp_path):
+    """Same data, same seed: the fast path computes the reference's function, so training agrees."""
+    metrics = {}
+    for backend in ("fast", "dcls"):
+        out = tmp_path / backend
+        run_cli(
+            "train",
+            "experiment=synthetic",
+            f"model.delay_backend={backend}",
+            "logger=none",
+            "seed=1",
+            f"hydra.run.dir={out}",
+            *QUIET,
+        )
+        metrics[backend] = read_metrics(out)
+    assert metrics["fast"]["test_acc"] >= 0.9 and metrics["dcls"]["test_acc"] >= 0.9, metrics
+    assert abs(metrics["fast"]["test_acc"] - metrics["dcls"]["test_acc"]) <= 0.05, metrics
