@@ -34,6 +34,7 @@ from snn_delays.training import (
     Distributed,
     FitConfig,
     Optimization,
+    StopFlag,
     TrainState,
     fit,
     set_random_states,
@@ -184,22 +185,25 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         cfg.trainer.save_checkpoints,
         cfg.seed,
     )
-    state = fit(
-        net,
-        data,
-        opt,
-        logger,
-        fit_cfg,
-        run_dir,
-        state,
-        dist,
-        extra,
-        on_epoch_end=on_epoch_end if dist.is_main else None,
-        augment=augment,
-    )
-    metrics = write_outputs(run_dir, state, n_params) if dist.is_main else {}
-    if logger is not None:
-        logger.finish()
+    # Watch for SIGTERM/SIGUSR1 until the outputs are written: a late signal must not cut them.
+    with StopFlag() as stop:
+        state = fit(
+            net,
+            data,
+            opt,
+            logger,
+            fit_cfg,
+            run_dir,
+            state,
+            dist,
+            extra,
+            on_epoch_end=on_epoch_end if dist.is_main else None,
+            augment=augment,
+            stop=stop,
+        )
+        metrics = write_outputs(run_dir, state, n_params) if dist.is_main else {}
+        if logger is not None:
+            logger.finish()
     if state.stopped_by is not None:
         log.warning(
             "stopped by signal %d after epoch %d: resume with trainer.resume=true",

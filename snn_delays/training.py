@@ -14,6 +14,7 @@ random states.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import signal
@@ -290,11 +291,14 @@ def fit(
     extra_checkpoint: dict[str, Any] | None = None,
     on_epoch_end: Callable[[nn.Module, TrainState], None] | None = None,
     augment: Augmenter | None = None,
+    stop: StopFlag | None = None,
 ) -> TrainState:
     """Train for ``cfg.epochs`` epochs (continuing from ``state``); returns the final state.
 
     If a stop signal arrives, the epoch in progress is abandoned and the function returns with
     ``state.epoch`` < ``cfg.epochs``: ``last.pt`` already holds the last completed epoch.
+    ``stop`` lets the caller watch for signals over more than training (writing outputs, say);
+    by default fit watches while it runs.
     """
     dist = dist or Distributed()
     state = state or TrainState()
@@ -302,7 +306,9 @@ def fit(
     gen = torch.Generator()
     gen.set_state(state.shuffle_rng)
     ckpt_dir = run_dir / "checkpoints"
-    with StopFlag() as stop:
+    with contextlib.ExitStack() as stack:
+        if stop is None:
+            stop = stack.enter_context(StopFlag())
         epochs = tqdm(
             range(state.epoch, cfg.epochs),
             desc="epochs",
