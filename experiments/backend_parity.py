@@ -29,7 +29,7 @@ def write_shd_file(
     for _ in range(n):
         c = int(rng.integers(n_classes))
         start = rng.uniform(0.0, 0.2)
-        t = start + patterns[c] + rng.normal(0, 0.002, patterns.shape[1])
+        t = np.clip(start + patterns[c] + rng.normal(0, 0.002, patterns.shape[1]), 0.0, None)
         u = np.arange(patterns.shape[1]) * 5 + rng.integers(0, 5, patterns.shape[1])
         noise = rng.uniform(0, 0.6, 60)
         t, u = np.concatenate([t, noise]), np.concatenate([u, rng.integers(0, 700, 60)])
@@ -38,10 +38,10 @@ def write_shd_file(
         units.append(u[order].astype(np.uint16))
         labels.append(c)
     with h5py.File(path, "w") as f:
-        f.create_dataset(
-            "spikes/times", data=np.array(times, dtype=object), dtype=h5py.vlen_dtype(np.float32)
-        )
-        f.create_dataset("spikes/units", data=np.array(units, dtype=object), dtype=h5py.vlen_dtype(np.uint16))
+        t_set = f.create_dataset("spikes/times", (n,), dtype=h5py.vlen_dtype(np.float32))
+        u_set = f.create_dataset("spikes/units", (n,), dtype=h5py.vlen_dtype(np.uint16))
+        for i in range(n):
+            t_set[i], u_set[i] = times[i], units[i]
         f.create_dataset("labels", data=np.array(labels, dtype=np.uint16))
         f.create_dataset("extra/keys", data=np.array([f"class{c}".encode() for c in range(n_classes)]))
         f.create_dataset("extra/speaker", data=np.zeros(n, dtype=np.uint16))
