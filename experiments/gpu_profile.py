@@ -17,18 +17,17 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from bench import NETWORKS  # the published networks, one table for both scripts (run from experiments/)
 
 from snn_delays.model import DelaySNN
 from snn_delays.training import class_scores
 
-NETS = {"shd": (20, 256, 2, 25, 1.005, 0.4, 256), "ssc": (35, 512, 3, 31, 1.5, 0.25, 128)}
-
 
 def make(net: str, backend: str, delays: str = "learned") -> DelaySNN:
-    n_cls, hidden, layers, k, tau, drop, _ = NETS[net]
+    n_in, n_cls, hidden, layers, k, tau, drop, _ = NETWORKS[net]
     torch.manual_seed(0)
     model = DelaySNN(
-        140,
+        n_in,
         n_cls,
         n_hidden=hidden,
         n_layers=layers,
@@ -77,12 +76,12 @@ def steps(model: DelaySNN, x: torch.Tensor, y: torch.Tensor):  # noqa: ANN201
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--network", default="shd", choices=sorted(NETS))
+    parser.add_argument("--network", default="shd", choices=sorted(NETWORKS))
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    n_cls, batch = NETS[args.network][0], args.batch or NETS[args.network][-1]
+    n_cls, batch = NETWORKS[args.network][1], args.batch or NETWORKS[args.network][-1]
     torch.manual_seed(1)
     x = (torch.rand(args.steps, batch, 140, device="cuda") < 0.05).float()
     y = torch.randint(n_cls, (batch,), device="cuda")

@@ -32,14 +32,9 @@ from DCLS.construct.modules import Dcls1d
 from torch import Tensor, nn
 
 from snn_delays import fast_delays
-from snn_delays.fast_delays import NORM_EPS, gaussian_kernel  # one copy of the kernel formula
+from snn_delays.fast_delays import NORM_EPS, gaussian_kernel, pad_time  # one copy of each formula
 
 BACKENDS = ("fast", "dcls")
-
-
-def pad_time(x: Tensor, kernel_size: int) -> Tensor:
-    """Zero-pad a (T, B, C) tensor by K-1 steps before and (K-1)//2 after."""
-    return F.pad(x, (0, 0, 0, 0, kernel_size - 1, (kernel_size - 1) // 2))
 
 
 def integer_delays(pos: Tensor, kernel_size: int) -> Tensor:

@@ -50,7 +50,7 @@ EVENT_DENSITY_MAX = 0.25  # above this input density the tap path beats the even
 # --------------------------------------------------------------------------------------
 
 
-def _pad(x: Tensor, kernel_size: int) -> Tensor:
+def pad_time(x: Tensor, kernel_size: int) -> Tensor:
     return F.pad(x, (0, 0, 0, 0, kernel_size - 1, (kernel_size - 1) // 2))
 
 
@@ -342,7 +342,7 @@ def _window_coef(kernel: Tensor, start: Tensor, j: int) -> Tensor:
 
 def _taps_forward(x: Tensor, coef: Tensor, start: Tensor, ksize: int) -> Tensor:
     """Forward on the tap path: (T, B, in) -> (T_out, B, out)."""
-    return _tap_conv(_pad(x, ksize), coef, start, x.shape[0] + (ksize - 1) // 2)
+    return _tap_conv(pad_time(x, ksize), coef, start, x.shape[0] + (ksize - 1) // 2)
 
 
 def _taps_grad_input(grad_y: Tensor, coef: Tensor, start: Tensor, ksize: int, t_len: int) -> Tensor:
@@ -374,7 +374,7 @@ class _DelayConvCPU(torch.autograd.Function):
         elif j * TAPS_DENSE_RATIO <= ksize:
             y = _taps_forward(x, _window_coef(kernel_d, start, j), start, ksize)
         else:
-            y = F.conv1d(_pad(x, ksize).permute(1, 2, 0), kernel_d).permute(2, 0, 1)
+            y = F.conv1d(pad_time(x, ksize).permute(1, 2, 0), kernel_d).permute(2, 0, 1)
         ctx.ev, ctx.start, ctx.j = ev, start, j
         ctx.save_for_backward(x, kernel_d)
         return y.contiguous()
@@ -396,7 +396,7 @@ class _DelayConvCPU(torch.autograd.Function):
             if ctx.ev is not None:
                 grad_k = _event_grad(ctx.ev, grad_y, n_out, ksize)
             else:
-                xp = _pad(x, ksize).permute(1, 2, 0)
+                xp = pad_time(x, ksize).permute(1, 2, 0)
                 grad_k = torch.nn.grad.conv1d_weight(xp, kernel.shape, grad_y.permute(1, 2, 0))
         ctx.ev = None
         return grad_x, grad_k, None, None
@@ -479,7 +479,7 @@ def gemm_conv(x: Tensor, kernel: Tensor) -> Tensor:
     n_out, n_in, ksize = kernel.shape
     t_len, batch, _ = x.shape
     t_out = t_len + (ksize - 1) // 2
-    xp = _pad(x, ksize).contiguous()
+    xp = pad_time(x, ksize).contiguous()
     with _tf32(x.device):
         if n_in <= n_out:
             return _unfold_mm(xp, kernel.permute(2, 1, 0).reshape(ksize * n_in, n_out), t_out, ksize)
@@ -492,7 +492,7 @@ def _gemm_grad_kernel(x: Tensor, grad_y: Tensor, ksize: int) -> Tensor:
     """dL/dk (O, I, K) = sum_(t,b) xp[t + n, b, i] g[t, b, o]."""
     t_out, batch, n_out = grad_y.shape
     n_in = x.shape[2]
-    xp = _pad(x, ksize).contiguous()
+    xp = pad_time(x, ksize).contiguous()
     with _tf32(x.device):
         if n_in <= n_out:
             gk = torch.zeros(ksize * n_in, n_out, device=x.device, dtype=x.dtype)
@@ -561,7 +561,7 @@ def _path(x: Tensor, impl: str | None) -> str:
 def delay_conv_dense(x: Tensor, weight: Tensor, pos: Tensor, sigma: float, kernel_size: int) -> Tensor:
     """Fallback training path: Gaussian-interpolated kernel, dense convolution (any device)."""
     kernel = gaussian_kernel(weight, pos, sigma, kernel_size)
-    y = F.conv1d(_pad(x, kernel_size).permute(1, 2, 0), kernel)
+    y = F.conv1d(pad_time(x, kernel_size).permute(1, 2, 0), kernel)
     return y.permute(2, 0, 1).contiguous()
 
 
@@ -601,5 +601,5 @@ def integer_delay_conv(
     kernel = kernel.scatter(-1, taps.long().unsqueeze(-1), weight.unsqueeze(-1))
     if path == "gemm":
         return _DelayConvGEMM.apply(x, kernel)
-    y = F.conv1d(_pad(x, kernel_size).permute(1, 2, 0), kernel)
+    y = F.conv1d(pad_time(x, kernel_size).permute(1, 2, 0), kernel)
     return y.permute(2, 0, 1).contiguous()
