@@ -43,6 +43,7 @@ SIGMA_OFFSET = 0.27
 NORM_EPS = 1e-7
 TAP_TOL = 1e-8  # a dropped tap weighs less than this times its synapse's peak tap
 TAPS_DENSE_RATIO = 3  # the tap path computes dL/dx while J <= K / 3, else oneDNN conv1d
+SCATTER_DENSITY_MAX = 0.1  # evaluation: scalar adds per input spike below this density, else taps
 EVENT_DENSITY_MAX = 0.25  # above this input density the tap path beats the event path
 
 # --------------------------------------------------------------------------------------
@@ -96,113 +97,257 @@ def tap_window(pos: Tensor, sigma: float, kernel_size: int) -> tuple[Tensor, int
 
 _C_SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
-/* Events are sorted by (block of BB batch rows, input channel i, b, t); ptr[blk * I + i] is
-   the first event of that group. Blocking keeps y (or g) rows of BB samples in L2 while the
-   kernel rows k[i] (K x C) are reused by all events of channel i in the block. */
+typedef float v16 __attribute__((vector_size(64)));  /* 16 float lanes (one 512-bit vector) */
+static inline v16 ld16(const float* p) { v16 v; memcpy(&v, p, sizeof(v)); return v; }
+static inline void st16(float* p, v16 v) { memcpy(p, &v, sizeof(v)); }
 
-/* Count the nonzeros of x (T, B, I) per group (b / BB, i): cnt[(b / BB) * I + i]. */
-int64_t event_count(const float* x, int64_t T, int64_t B, int64_t I, int64_t BB, int64_t* cnt) {
-    int64_t nnz = 0;
+/* ---- Events (the nonzeros of a spike input x (T, B, I)), in two orders -------------------
+   by row: (b, t, i), rptr[b * T + t] = first event of row (b, t): the forward's order;
+   by channel: (block of BB samples, i, b, t), cptr[blk * I + i] = first event of the group:
+   dL/dk's order. Counting first, then filling at the prefix sums (computed by the caller). */
+void row_count(const float* x, int64_t T, int64_t B, int64_t I, int64_t* cnt) {
     for (int64_t t = 0; t < T; ++t)
         for (int64_t b = 0; b < B; ++b) {
             const float* r = x + (t * B + b) * I;
-            int64_t* c = cnt + (b / BB) * I;
-            for (int64_t i = 0; i < I; ++i)
-                if (r[i] != 0.0f) { ++c[i]; ++nnz; }
+            int64_t c = 0;
+            for (int64_t i = 0; i < I; ++i) c += r[i] != 0.0f;
+            cnt[b * T + t] = c;
         }
-    return nnz;
 }
 
-/* Fill the events in group order, (b, t) ascending inside a group; pos = group offsets. */
-void event_fill(const float* x, int64_t T, int64_t B, int64_t I, int64_t BB, int64_t* pos,
-                int32_t* ev_b, int32_t* ev_t, float* ev_v) {
-    for (int64_t b = 0; b < B; ++b)
-        for (int64_t t = 0; t < T; ++t) {
+void row_fill(const float* x, int64_t T, int64_t B, int64_t I, const int64_t* ptr,
+              int32_t* ev_i, float* ev_v) {
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t b = 0; b < B; ++b) {
             const float* r = x + (t * B + b) * I;
-            int64_t* p = pos + (b / BB) * I;
+            int64_t e = ptr[b * T + t];
             for (int64_t i = 0; i < I; ++i)
-                if (r[i] != 0.0f) { const int64_t e = p[i]++; ev_b[e] = (int32_t)b; ev_t[e] = (int32_t)t; ev_v[e] = r[i]; }
+                if (r[i] != 0.0f) { ev_i[e] = (int32_t)i; ev_v[e] = r[i]; ++e; }
         }
 }
 
-/* y[b, t + K-1-n, :] (B, Ty, C) += v * k[i, n, :], k (I, K, C). One thread per block. */
-void event_conv(const int64_t* ptr, const int32_t* ev_b, const int32_t* ev_t, const float* ev_v,
-                const float* k, float* y, int64_t NBLK, int64_t I, int64_t Ty, int64_t K, int64_t C) {
-    #pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t blk = 0; blk < NBLK; ++blk) {
-        for (int64_t i = 0; i < I; ++i) {
-            const float* ki = k + i * K * C;
-            for (int64_t e = ptr[blk * I + i]; e < ptr[blk * I + i + 1]; ++e) {
-                const int64_t t = ev_t[e];
-                const float v = ev_v[e];
-                float* yb = y + (int64_t)ev_b[e] * Ty * C;
-                const int64_t n0 = (t + K - Ty) > 0 ? (t + K - Ty) : 0;
-                for (int64_t n = n0; n < K; ++n) {
-                    float* restrict yr = yb + (t + K - 1 - n) * C;
-                    const float* restrict kr = ki + n * C;
-                    for (int64_t c = 0; c < C; ++c) yr[c] += v * kr[c];
-                }
-            }
-        }
+/* The channel order from the row order: cnt[(b / BB) * I + i] counts, then fill at pos. */
+void chan_count(const int64_t* rptr, const int32_t* ev_i, int64_t T, int64_t B, int64_t I,
+                int64_t BB, int64_t* cnt) {
+    for (int64_t b = 0; b < B; ++b) {
+        int64_t* c = cnt + (b / BB) * I;
+        for (int64_t e = rptr[b * T]; e < rptr[(b + 1) * T]; ++e) ++c[ev_i[e]];
     }
 }
 
-/* gk[i, n, :] (I, K, C) += v * g[b, t + K-1-n, :], g (B, Ty, C). Threads split channels. */
-void event_grad(const int64_t* ptr, const int32_t* ev_b, const int32_t* ev_t, const float* ev_v,
-                const float* g, float* gk, int64_t NBLK, int64_t I, int64_t Ty, int64_t K, int64_t C) {
+void chan_fill(const int64_t* rptr, const int32_t* ev_i, const float* ev_v, int64_t T, int64_t B,
+               int64_t I, int64_t BB, int64_t* pos, int32_t* cb, int32_t* ct, float* cv) {
+    for (int64_t b = 0; b < B; ++b) {
+        int64_t* p = pos + (b / BB) * I;
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t e = rptr[b * T + t]; e < rptr[b * T + t + 1]; ++e) {
+                const int64_t k = p[ev_i[e]]++;
+                cb[k] = (int32_t)b; ct[k] = (int32_t)t; cv[k] = ev_v[e];
+            }
+    }
+}
+
+/* ---- Event convolution and its kernel gradient (taps padded to Kp = NCH * C) -------------
+   Shapes: kernel k (NOB, I, Kp, 16): output channels in blocks of 16 lanes, the taps padded
+   at the front with Kp - K zeros; y and g (B, R, NOB * 16) with R = T + Kp - 1 rows per sample
+   (tap n of an input at time t lands in row t + Kp - 1 - n); dL/dk gk (I, Kp, NOB * 16).
+   Register blocking: C taps x 16 lanes are accumulated in registers, in the forward over the
+   events of one row (b, t) (they all land in the same C output rows), in dL/dk over the
+   events of one channel in a block of samples (they all read the same C kernel rows). */
+static inline __attribute__((always_inline)) void evconv_row(
+        const int32_t* ev_i, const float* ev_v, int64_t e0, int64_t e1, const float* kb,
+        float* yt, int64_t ys, int64_t Kp, const int C) {
+    for (int64_t n0 = 0; n0 < Kp; n0 += C) {
+        v16 acc[16];
+        for (int q = 0; q < C; ++q) acc[q] = (v16){0};
+        for (int64_t e = e0; e < e1; ++e) {
+            const float v = ev_v[e];
+            const float* kr = kb + ((int64_t)ev_i[e] * Kp + n0) * 16;
+            #pragma GCC unroll 16
+            for (int q = 0; q < C; ++q) acc[q] += v * ld16(kr + q * 16);
+        }
+        float* yr = yt + (Kp - 1 - n0) * ys;
+        #pragma GCC unroll 16
+        for (int q = 0; q < C; ++q) st16(yr - q * ys, ld16(yr - q * ys) + acc[q]);
+    }
+}
+
+static inline __attribute__((always_inline)) void evgrad_chan(
+        const int32_t* ev_b, const int32_t* ev_t, const float* ev_v, int64_t e0, int64_t e1,
+        const float* g, float* gki, int64_t R, int64_t Os, int64_t Kp, const int C) {
+    for (int64_t n0 = 0; n0 < Kp; n0 += C) {
+        v16 acc[16];
+        for (int q = 0; q < C; ++q) acc[q] = (v16){0};
+        for (int64_t e = e0; e < e1; ++e) {
+            const float v = ev_v[e];
+            const float* gr = g + ((int64_t)ev_b[e] * R + ev_t[e] + Kp - 1 - n0) * Os;
+            #pragma GCC unroll 16
+            for (int q = 0; q < C; ++q) acc[q] += v * ld16(gr - q * Os);
+        }
+        #pragma GCC unroll 16
+        for (int q = 0; q < C; ++q) st16(gki + (n0 + q) * Os, ld16(gki + (n0 + q) * Os) + acc[q]);
+    }
+}
+
+#define EV_CASES(CALL) \
+    switch (C) { case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; \
+    case 4: CALL(4); break; case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; \
+    case 8: CALL(8); break; case 9: CALL(9); break; case 10: CALL(10); break; case 11: CALL(11); break; \
+    case 12: CALL(12); break; case 13: CALL(13); break; case 14: CALL(14); break; \
+    case 15: CALL(15); break; default: CALL(16); }
+
+/* y (B, R, NOB*16) += events (row order) x k. Threads take (block of 16 channels, sample). */
+void event_conv(const int64_t* rptr, const int32_t* ev_i, const float* ev_v, const float* k,
+                float* y, int64_t B, int64_t T, int64_t I, int64_t NOB, int64_t Kp, int64_t C) {
+    const int64_t R = T + Kp - 1, Os = NOB * 16;
+    #pragma omp parallel for collapse(2) schedule(dynamic, 4)
+    for (int64_t ob = 0; ob < NOB; ++ob)
+        for (int64_t b = 0; b < B; ++b) {
+            const float* kb = k + ob * I * Kp * 16;
+            for (int64_t t = 0; t < T; ++t) {
+                const int64_t e0 = rptr[b * T + t], e1 = rptr[b * T + t + 1];
+                if (e0 == e1) continue;
+                float* yt = y + (b * R + t) * Os + ob * 16;
+#define EVC(CC) evconv_row(ev_i, ev_v, e0, e1, kb, yt, Os, Kp, CC)
+                EV_CASES(EVC)
+#undef EVC
+            }
+        }
+}
+
+/* gk (I, Kp, NOB*16) += events (channel order) x g. Threads take channels within a block. */
+void event_grad(const int64_t* cptr, const int32_t* ev_b, const int32_t* ev_t, const float* ev_v,
+                const float* g, float* gk, int64_t NBLK, int64_t T, int64_t I, int64_t NOB,
+                int64_t Kp, int64_t C) {
+    const int64_t R = T + Kp - 1, Os = NOB * 16;
+    #pragma omp parallel
+    for (int64_t blk = 0; blk < NBLK; ++blk) {
+        #pragma omp for collapse(2) schedule(static) nowait
+        for (int64_t i = 0; i < I; ++i)
+            for (int64_t ob = 0; ob < NOB; ++ob) {
+                const int64_t e0 = cptr[blk * I + i], e1 = cptr[blk * I + i + 1];
+                if (e0 == e1) continue;
+                float* gki = gk + i * Kp * Os + ob * 16;
+#define EVG(CC) evgrad_chan(ev_b, ev_t, ev_v, e0, e1, g + ob * 16, gki, R, Os, Kp, CC)
+                EV_CASES(EVG)
+#undef EVG
+            }
+    }
+}
+
+/* Integer delays (evaluation): y[t + d[i, o], b, o] += x[t, b, i] w[i, o] where t + d < Ty.
+   x (T, B, I), y (Ty, B, O), w (I, O), idx[i, o] = d[i, o] * O + o with 0 <= d < K. Each
+   thread takes whole samples and accumulates one sample in a private (T + K, O) buffer: the
+   rows an input spike touches (t .. t + K-1) stay in L1, adds need no bounds check and never
+   alias across threads; rows past Ty are dropped when the sample is copied out. */
+void delay_scatter(const float* x, const float* w, const int32_t* idx, float* y,
+                   int64_t T, int64_t B, int64_t I, int64_t Ty, int64_t O, int64_t K) {
+    const int64_t rows = (T + K > Ty) ? T + K : Ty;
     #pragma omp parallel
     {
-        for (int64_t blk = 0; blk < NBLK; ++blk) {
-            #pragma omp for schedule(static) nowait
-            for (int64_t i = 0; i < I; ++i) {
-                float* gi = gk + i * K * C;
-                for (int64_t e = ptr[blk * I + i]; e < ptr[blk * I + i + 1]; ++e) {
-                    const int64_t t = ev_t[e];
-                    const float v = ev_v[e];
-                    const float* gb = g + (int64_t)ev_b[e] * Ty * C;
-                    const int64_t n0 = (t + K - Ty) > 0 ? (t + K - Ty) : 0;
-                    for (int64_t n = n0; n < K; ++n) {
-                        float* restrict o = gi + n * C;
-                        const float* restrict r = gb + (t + K - 1 - n) * C;
-                        for (int64_t c = 0; c < C; ++c) o[c] += v * r[c];
-                    }
+        float* yb = (float*)malloc(rows * O * sizeof(float));
+        #pragma omp for schedule(dynamic, 2)
+        for (int64_t b = 0; b < B; ++b) {
+            memset(yb, 0, rows * O * sizeof(float));
+            for (int64_t t = 0; t < T; ++t) {
+                const float* xr = x + (t * B + b) * I;
+                float* restrict yt = yb + t * O;
+                for (int64_t i = 0; i < I; ++i) {
+                    const float v = xr[i];
+                    if (v == 0.0f) continue;
+                    const float* restrict wi = w + i * O;
+                    const int32_t* restrict ii = idx + i * O;
+                    #pragma GCC unroll 8
+                    for (int64_t o = 0; o < O; ++o) yt[ii[o]] += v * wi[o];
                 }
             }
+            for (int64_t r = 0; r < Ty; ++r) memcpy(y + (r * B + b) * O, yb + r * O, O * sizeof(float));
         }
+        free(yb);
     }
+}
+
+/* The kernels' OpenMP runtime is the system's, not torch's: follow torch's thread count. */
+void set_threads(int n) {
+    #ifdef _OPENMP
+    omp_set_num_threads(n);
+    #endif
 }
 
 /* dst[nb, o, t, :] = sum_i sum_j coef[o, i, j] src[nb, i, t + start[o, i] + j, :]
-   src (NB, I, Ts, 16), dst (NB, O, Td, 16): batch in chunks of 16 (one 512-bit vector).
-   The caller pads src so that every row read exists. Accumulators: TT steps x 16 lanes. */
+   src (NB, I, Ts, 16), dst (NB, O, Td, 16): batch in chunks of 16 lanes (one 512-bit vector).
+   The caller pads src so that every row read exists.
+   Register blocking: one tile of TT output steps x 16 lanes is accumulated in registers over
+   all (i, j); the TT + J - 1 source rows of a synapse are loaded once and reused by its J taps.
+   Threads take (nb, tile) pairs and loop over o inside, so the source rows of one tile
+   (I x (TT + K - 1) rows) stay in L2 while the coefficients stream. */
 #define TT 8
 #define BW 16
+#define JMAX 8
+
+static inline __attribute__((always_inline)) void tap_tile(
+        const float* sb, const float* coef, const int32_t* start, float* db,
+        int64_t I, int64_t Ts, int64_t o, int64_t t0, int64_t nt, const int64_t J) {
+    v16 acc[TT];
+    for (int tt = 0; tt < TT; ++tt) acc[tt] = (v16){0};
+    const float* c = coef + o * I * J;
+    const int32_t* st = start + o * I;
+    for (int64_t i = 0; i < I; ++i, c += J) {
+        const float* s = sb + (i * Ts + t0 + st[i]) * BW;
+        v16 r[TT + JMAX - 1];
+        #pragma GCC unroll 16
+        for (int q = 0; q < TT + J - 1; ++q) r[q] = ld16(s + q * BW);
+        #pragma GCC unroll 8
+        for (int j = 0; j < J; ++j) {
+            const float cj = c[j];
+            #pragma GCC unroll 8
+            for (int tt = 0; tt < TT; ++tt) acc[tt] += cj * r[tt + j];
+        }
+    }
+    memcpy(db + t0 * BW, acc, nt * BW * sizeof(float));
+}
+
+/* Any J (the generic loop, no register reuse of the source rows). */
+static inline void tap_tile_any(
+        const float* sb, const float* coef, const int32_t* start, float* db,
+        int64_t I, int64_t Ts, int64_t o, int64_t t0, int64_t nt, int64_t J) {
+    v16 acc[TT];
+    for (int tt = 0; tt < TT; ++tt) acc[tt] = (v16){0};
+    for (int64_t i = 0; i < I; ++i) {
+        const float* c = coef + (o * I + i) * J;
+        const float* s = sb + (i * Ts + t0 + start[o * I + i]) * BW;
+        for (int64_t j = 0; j < J; ++j) {
+            const float cj = c[j];
+            for (int tt = 0; tt < TT; ++tt) acc[tt] += cj * ld16(s + (j + tt) * BW);
+        }
+    }
+    memcpy(db + t0 * BW, acc, nt * BW * sizeof(float));
+}
+
+#define TAP_CASE(JJ) case JJ: for (int64_t o = 0; o < O; ++o) \
+    tap_tile(sb, coef, start, dst + (nb * O + o) * Td * BW, I, Ts, o, t0, nt, JJ); break;
+
 void tap_conv(const float* src, const float* coef, const int32_t* start, float* dst,
               int64_t NB, int64_t I, int64_t Ts, int64_t O, int64_t Td, int64_t J) {
     const int64_t ntile = (Td + TT - 1) / TT;
     #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int64_t nb = 0; nb < NB; ++nb) {
-        for (int64_t o = 0; o < O; ++o) {
+        for (int64_t tile = 0; tile < ntile; ++tile) {
             const float* sb = src + nb * I * Ts * BW;
-            float* db = dst + (nb * O + o) * Td * BW;
-            for (int64_t tile = 0; tile < ntile; ++tile) {
-                const int64_t t0 = tile * TT;
-                float acc[TT][BW];
-                memset(acc, 0, sizeof(acc));
-                for (int64_t i = 0; i < I; ++i) {
-                    const float* c = coef + (o * I + i) * J;
-                    const float* s = sb + (i * Ts + t0 + start[o * I + i]) * BW;
-                    for (int64_t j = 0; j < J; ++j) {
-                        const float cj = c[j];
-                        const float* sj = s + j * BW;
-                        for (int tt = 0; tt < TT; ++tt)
-                            for (int q = 0; q < BW; ++q) acc[tt][q] += cj * sj[tt * BW + q];
-                    }
-                }
-                const int64_t nt = (Td - t0) < TT ? (Td - t0) : TT;
-                memcpy(db + t0 * BW, acc, nt * BW * sizeof(float));
+            const int64_t t0 = tile * TT;
+            const int64_t nt = (Td - t0) < TT ? (Td - t0) : TT;
+            switch (J) {
+                TAP_CASE(1) TAP_CASE(2) TAP_CASE(3) TAP_CASE(4)
+                TAP_CASE(5) TAP_CASE(6) TAP_CASE(7) TAP_CASE(8)
+                default:
+                    for (int64_t o = 0; o < O; ++o)
+                        tap_tile_any(sb, coef, start, dst + (nb * O + o) * Td * BW, I, Ts, o, t0, nt, J);
             }
         }
     }
@@ -257,12 +402,15 @@ def _load_lib() -> ctypes.CDLL | None:
         if lib is None:
             return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.event_conv.argtypes = [ptr] * 6 + [i64] * 5
-        lib.event_grad.argtypes = [ptr] * 6 + [i64] * 5
+        lib.event_conv.argtypes = [ptr] * 5 + [i64] * 6
+        lib.event_grad.argtypes = [ptr] * 6 + [i64] * 6
         lib.tap_conv.argtypes = [ptr] * 4 + [i64] * 6
-        lib.event_count.argtypes = [ptr] + [i64] * 4 + [ptr]
-        lib.event_count.restype = i64
-        lib.event_fill.argtypes = [ptr] + [i64] * 4 + [ptr] * 4
+        lib.delay_scatter.argtypes = [ptr] * 4 + [i64] * 6
+        lib.set_threads.argtypes = [ctypes.c_int]
+        lib.row_count.argtypes = [ptr] + [i64] * 3 + [ptr]
+        lib.row_fill.argtypes = [ptr] + [i64] * 3 + [ptr] * 3
+        lib.chan_count.argtypes = [ptr] * 2 + [i64] * 4 + [ptr]
+        lib.chan_fill.argtypes = [ptr] * 3 + [i64] * 4 + [ptr] * 4
         _LIB = lib
         return lib
 
@@ -271,53 +419,101 @@ def c_kernels_available() -> bool:
     return _load_lib() is not None
 
 
+def sync_threads() -> None:
+    """Size the kernels' OpenMP team as torch's: they link the system's OpenMP runtime, not
+    torch's, which would otherwise use every core whatever ``torch.set_num_threads`` says."""
+    if _load_lib() is not None:
+        _LIB.set_threads(torch.get_num_threads())
+
+
+def _lib() -> ctypes.CDLL:
+    sync_threads()
+    return _LIB
+
+
 def _p(t: Tensor) -> int:
     return t.data_ptr()
 
 
-EVENT_BLOCK = 4  # batch rows per event block: 4 x T x 256 floats of y stay in L2
+EVENT_BLOCK = 4  # samples per dL/dk event block: their dL/dy rows stay in L2
 TT, BW = 8, 16  # tap_conv tile: time steps x batch lanes
 
 
-class _Events:
-    """Nonzeros of x (T, B, I), sorted by (batch block, channel, b, t), with group offsets."""
+def _tap_chunks(ksize: int) -> tuple[int, int]:
+    """Taps held in registers at once (C <= 16) and the padded tap count Kp = C * chunks."""
+    n_chunks = -(-ksize // 16)
+    c = -(-ksize // n_chunks)
+    return c, c * n_chunks
+
+
+class _RowEvents:
+    """Nonzeros of x (T, B, I) by row (b, t): ``ptr[b T + t]`` is the first of row (b, t).
+
+    Counted on construction (``nnz``, ``density``); :meth:`fill` lists them.
+    """
 
     def __init__(self, x: Tensor) -> None:
         t_len, batch, n_in = x.shape
-        self.shape = (t_len, batch, n_in)
-        self.n_blk = -(-batch // EVENT_BLOCK)
-        x = x.detach().contiguous()
-        counts = torch.zeros(self.n_blk * n_in, dtype=torch.int64)
-        nnz = _LIB.event_count(_p(x), t_len, batch, n_in, EVENT_BLOCK, _p(counts))
+        self.x = x.detach().contiguous()
+        counts = torch.empty(batch * t_len, dtype=torch.int64)
+        _LIB.row_count(_p(self.x), t_len, batch, n_in, _p(counts))
         self.ptr = F.pad(counts.cumsum(0), (1, 0)).contiguous()
-        self.b = torch.empty(nnz, dtype=torch.int32)
-        self.t = torch.empty(nnz, dtype=torch.int32)
-        self.v = torch.empty(nnz, dtype=torch.float32)
+        self.nnz = int(self.ptr[-1])
+        self.density = self.nnz / max(1, x.numel())
+        self.shape = (t_len, batch, n_in)
+
+    def fill(self) -> _RowEvents:
+        t_len, batch, n_in = self.shape
+        self.i = torch.empty(self.nnz, dtype=torch.int32)
+        self.v = torch.empty(self.nnz, dtype=torch.float32)
+        _LIB.row_fill(_p(self.x), t_len, batch, n_in, _p(self.ptr), _p(self.i), _p(self.v))
+        del self.x
+        return self
+
+
+class _ChanEvents:
+    """The same events by (block of samples, channel); (b, t) ascending in a group."""
+
+    def __init__(self, rows: _RowEvents) -> None:
+        t_len, batch, n_in = self.shape = rows.shape
+        self.n_blk = -(-batch // EVENT_BLOCK)
+        counts = torch.zeros(self.n_blk * n_in, dtype=torch.int64)
+        _LIB.chan_count(_p(rows.ptr), _p(rows.i), t_len, batch, n_in, EVENT_BLOCK, _p(counts))
+        self.ptr = F.pad(counts.cumsum(0), (1, 0)).contiguous()
+        self.b = torch.empty(rows.nnz, dtype=torch.int32)
+        self.t = torch.empty(rows.nnz, dtype=torch.int32)
+        self.v = torch.empty(rows.nnz, dtype=torch.float32)
         pos = self.ptr[:-1].clone()
-        _LIB.event_fill(_p(x), t_len, batch, n_in, EVENT_BLOCK, _p(pos), _p(self.b), _p(self.t), _p(self.v))
-        self.nnz = nnz
+        args = (t_len, batch, n_in, EVENT_BLOCK, _p(pos), _p(self.b), _p(self.t), _p(self.v))
+        _LIB.chan_fill(_p(rows.ptr), _p(rows.i), _p(rows.v), *args)
 
 
-def _event_conv(ev: _Events, kernel: Tensor, t_out: int) -> Tensor:
+def _event_conv(ev: _RowEvents, kernel: Tensor, t_out: int) -> Tensor:
     """y (T_out, B, out) (a transposed view) from events and the dense kernel (out, in, K)."""
-    _, batch, n_in = ev.shape
+    t_len, batch, n_in = ev.shape
     n_out, _, ksize = kernel.shape
-    kt = kernel.permute(1, 2, 0).contiguous()  # (in, K, out)
-    y = torch.zeros(batch, t_out, n_out, dtype=torch.float32)
-    args = (ev.n_blk, n_in, t_out, ksize, n_out)
-    _LIB.event_conv(_p(ev.ptr), _p(ev.b), _p(ev.t), _p(ev.v), _p(kt), _p(y), *args)
-    return y.transpose(0, 1)
+    c, kp = _tap_chunks(ksize)
+    nob = -(-n_out // 16)
+    kt = kernel.new_zeros(nob * 16, n_in, kp)
+    kt[:n_out, :, kp - ksize :] = kernel
+    kt = kt.view(nob, 16, n_in, kp).permute(0, 2, 3, 1).contiguous()  # (NOB, in, Kp, 16)
+    y = torch.zeros(batch, t_len + kp - 1, nob * 16, dtype=torch.float32)
+    _lib().event_conv(_p(ev.ptr), _p(ev.i), _p(ev.v), _p(kt), _p(y), batch, t_len, n_in, nob, kp, c)
+    return y[:, :t_out, :n_out].transpose(0, 1)
 
 
-def _event_grad(ev: _Events, grad_y: Tensor, n_out: int, ksize: int) -> Tensor:
+def _event_grad(ev: _ChanEvents, grad_y: Tensor, n_out: int, ksize: int) -> Tensor:
     """dL/dk (out, in, K) from events and dL/dy (T_out, B, out)."""
+    t_len, batch, n_in = ev.shape
     t_out = grad_y.shape[0]
-    n_in = ev.shape[2]
-    g = grad_y.transpose(0, 1).contiguous()  # (B, T_out, out)
-    gk = torch.zeros(n_in, ksize, n_out, dtype=torch.float32)
-    args = (ev.n_blk, n_in, t_out, ksize, n_out)
-    _LIB.event_grad(_p(ev.ptr), _p(ev.b), _p(ev.t), _p(ev.v), _p(g), _p(gk), *args)
-    return gk.permute(2, 0, 1)
+    c, kp = _tap_chunks(ksize)
+    nob = -(-n_out // 16)
+    g = grad_y.new_zeros(batch, t_len + kp - 1, nob * 16)
+    g[:, :t_out, :n_out] = grad_y.transpose(0, 1)
+    gk = torch.zeros(n_in, kp, nob * 16, dtype=torch.float32)
+    args = (ev.n_blk, t_len, n_in, nob, kp, c)
+    _lib().event_grad(_p(ev.ptr), _p(ev.b), _p(ev.t), _p(ev.v), _p(g), _p(gk), *args)
+    return gk[:, kp - ksize :, :n_out].permute(2, 0, 1)
 
 
 def _tap_conv(src: Tensor, coef: Tensor, start: Tensor, t_dst: int) -> Tensor:
@@ -330,8 +526,20 @@ def _tap_conv(src: Tensor, coef: Tensor, start: Tensor, t_dst: int) -> Tensor:
     src = src.reshape(t_src + TT, nb, BW, n_in).permute(1, 3, 0, 2).contiguous()
     dst = torch.empty(nb, n_out, t_dst, BW, dtype=torch.float32)
     coef, start = coef.contiguous(), start.contiguous()
-    _LIB.tap_conv(_p(src), _p(coef), _p(start), _p(dst), nb, n_in, t_src + TT, n_out, t_dst, j)
+    _lib().tap_conv(_p(src), _p(coef), _p(start), _p(dst), nb, n_in, t_src + TT, n_out, t_dst, j)
     return dst.permute(2, 0, 3, 1).reshape(t_dst, nb * BW, n_out)[:, :batch]
+
+
+def _delay_scatter(x: Tensor, weight: Tensor, delays: Tensor, t_out: int, ksize: int) -> Tensor:
+    """Integer delays from the nonzeros of x: (T, B, in) -> (t_out, B, out), scalar adds."""
+    t_len, batch, n_in = x.shape
+    n_out = weight.shape[0]
+    x = x.detach().contiguous()
+    w = weight.t().contiguous()
+    idx = (delays.t().to(torch.int32) * n_out + torch.arange(n_out, dtype=torch.int32)).contiguous()
+    y = torch.empty(t_out, batch, n_out, dtype=torch.float32)
+    _lib().delay_scatter(_p(x), _p(w), _p(idx), _p(y), t_len, batch, n_in, t_out, n_out, ksize)
+    return y
 
 
 def _window_coef(kernel: Tensor, start: Tensor, j: int) -> Tensor:
@@ -355,10 +563,6 @@ def _taps_grad_input(grad_y: Tensor, coef: Tensor, start: Tensor, ksize: int, t_
     return _tap_conv(src, coef_t, start_t, t_len)
 
 
-def _density(x: Tensor) -> float:
-    return float(torch.count_nonzero(x)) / max(1, x.numel())
-
-
 class _DelayConvCPU(torch.autograd.Function):
     """y from x and the dense kernel; events for sparse x, taps for dL/dx and dense x."""
 
@@ -367,15 +571,15 @@ class _DelayConvCPU(torch.autograd.Function):
         n_out, _, ksize = kernel.shape
         t_out = x.shape[0] + (ksize - 1) // 2
         kernel_d = kernel.detach()
-        use_events = _density(x) <= EVENT_DENSITY_MAX * j / ksize * 4
-        ev = _Events(x) if use_events else None
-        if use_events:
-            y = _event_conv(ev, kernel_d, t_out)
+        rows = _RowEvents(x)
+        rows = rows.fill() if rows.density <= EVENT_DENSITY_MAX * j / ksize * 4 else None
+        if rows is not None:
+            y = _event_conv(rows, kernel_d, t_out)
         elif j * TAPS_DENSE_RATIO <= ksize:
             y = _taps_forward(x, _window_coef(kernel_d, start, j), start, ksize)
         else:
             y = F.conv1d(pad_time(x, ksize).permute(1, 2, 0), kernel_d).permute(2, 0, 1)
-        ctx.ev, ctx.start, ctx.j = ev, start, j
+        ctx.rows, ctx.start, ctx.j = rows, start, j
         ctx.save_for_backward(x, kernel_d)
         return y.contiguous()
 
@@ -393,12 +597,12 @@ class _DelayConvCPU(torch.autograd.Function):
             gx = torch.nn.grad.conv1d_input(xp_shape, kernel, grad_y.permute(1, 2, 0))
             grad_x = gx[:, :, ksize - 1 : ksize - 1 + x.shape[0]].permute(2, 0, 1).contiguous()
         if ctx.needs_input_grad[1]:
-            if ctx.ev is not None:
-                grad_k = _event_grad(ctx.ev, grad_y, n_out, ksize)
+            if ctx.rows is not None:
+                grad_k = _event_grad(_ChanEvents(ctx.rows), grad_y, n_out, ksize)
             else:
                 xp = pad_time(x, ksize).permute(1, 2, 0)
                 grad_k = torch.nn.grad.conv1d_weight(xp, kernel.shape, grad_y.permute(1, 2, 0))
-        ctx.ev = None
+        ctx.rows = None
         return grad_x, grad_k, None, None
 
 
@@ -592,10 +796,8 @@ def integer_delay_conv(
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if path == "c" and not grad:
         w = weight.detach().float()
-        if _density(x) * kernel_size <= 2.0:
-            kernel = torch.zeros(*w.shape, kernel_size, dtype=w.dtype)
-            kernel.scatter_(-1, taps.long().unsqueeze(-1), w.unsqueeze(-1))
-            return _event_conv(_Events(x), kernel, x.shape[0] + (kernel_size - 1) // 2).contiguous()
+        if _RowEvents(x).density <= SCATTER_DENSITY_MAX:
+            return _delay_scatter(x, w, delays, x.shape[0] + (kernel_size - 1) // 2, kernel_size)
         return _taps_forward(x, w.unsqueeze(-1), taps, kernel_size).contiguous()
     kernel = torch.zeros(*weight.shape, kernel_size, device=weight.device, dtype=weight.dtype)
     kernel = kernel.scatter(-1, taps.long().unsqueeze(-1), weight.unsqueeze(-1))

@@ -26,7 +26,7 @@ import threading
 import torch
 from torch import Tensor
 
-from snn_delays.fast_delays import compile_c
+from snn_delays.fast_delays import compile_c, sync_threads
 
 _C_SOURCE = r"""
 #include <stdint.h>
@@ -151,6 +151,7 @@ class _LIF(torch.autograd.Function):
             s = torch.empty_like(x)
             v = torch.empty_like(x) if want_v else None
             h = torch.empty_like(x) if need_h else None
+            sync_threads()
             _LIB.lif_forward(_ptr(x), _ptr(s), _ptr(h), _ptr(v), t_len, m, tau, thr)
         else:
             s, v, h = _forward_torch(x, tau, thr, need_h)
@@ -171,6 +172,7 @@ class _LIF(torch.autograd.Function):
             gx = torch.empty_like(h)
             t_len, m = h.shape[0], h[0].numel()
             alpha = ctx.alpha
+            sync_threads()
             _LIB.lif_backward(
                 _ptr(gs),
                 _ptr(gv),

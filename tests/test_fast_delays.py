@@ -120,3 +120,40 @@ def test_gemm_path_gradients_match_dense(shape, chunk, monkeypatch):
     ref = torch.autograd.grad(want, (x, kernel), g)
     for a, r in zip(got, ref, strict=True):
         torch.testing.assert_close(a, r)
+
+
+@pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
+@pytest.mark.parametrize("j", [1, 2, 5, 7, 8, 9, 13])  # 1..8 register-blocked, above: generic
+def test_tap_kernel_every_window_width(j):
+    """``_tap_conv`` against the explicit sum, with batch and time off the 16-lane/8-step tiles."""
+    torch.manual_seed(5)
+    t_src, batch, n_in, n_out, t_dst = 50, 19, 5, 6, 30
+    src = torch.randn(t_src, batch, n_in)
+    coef = torch.randn(n_out, n_in, j)
+    start = torch.randint(0, t_src - t_dst - j + 1, (n_out, n_in), dtype=torch.int32)
+    got = fast_delays._tap_conv(src, coef, start, t_dst)
+    want = torch.zeros(t_dst, batch, n_out)
+    for o in range(n_out):
+        for i in range(n_in):
+            for jj in range(j):
+                s0 = int(start[o, i]) + jj
+                want[:, :, o] += coef[o, i, jj] * src[s0 : s0 + t_dst, :, i]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
+@pytest.mark.parametrize("density", [0.05, 0.5])  # scalar adds per spike, and the one-tap path
+@pytest.mark.parametrize("threads", [1, 2])
+def test_integer_path_sparse_and_dense_inputs(density, threads):
+    torch.manual_seed(6)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = (torch.rand(30, 7, 9) < density).float() * torch.randint(1, 3, (30, 7, 9))
+        w = torch.randn(11, 9)
+        d = torch.randint(0, 25, (11, 9))
+        got = fast_delays.integer_delay_conv(x, w, d, 25, impl="c")
+    finally:
+        torch.set_num_threads(old)
+    want = fast_delays.integer_delay_conv(x, w, d, 25, impl="dense")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
