@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from snn_delays.fast_delays import keep_freed_memory
 from snn_delays.model import DelaySNN
 
 NETWORKS = {  # n_inputs, n_classes, n_hidden, n_layers, K, tau, dropout, batch
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc_kept = keep_freed_memory()  # as the trainer does on CPU; the same for both backends
     gpu = args.device.startswith("cuda")
     args.steps = args.steps or (20 if gpu else 1)
     args.repeats = args.repeats or (3 if gpu else 1)
@@ -153,7 +155,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     flush=True,
                 )
     meta = dict(
-        device=str(args.device), torch=torch.__version__, argv=sys.argv[1:], threads=torch.get_num_threads()
+        device=str(args.device),
+        torch=torch.__version__,
+        argv=sys.argv[1:],
+        threads=torch.get_num_threads(),
+        keep_freed_memory=malloc_kept,
     )
     if hasattr(os, "getloadavg"):
         meta["loadavg_after"] = os.getloadavg()  # other processes on the CPUs skew CPU timings

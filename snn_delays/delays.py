@@ -80,6 +80,8 @@ class DelayLayer(nn.Module):
             nn.init.uniform_(self.dcls.P, -lim, lim)
             self.dcls.SIG.fill_(lim if sigma_init is None else sigma_init)
         self.dcls.SIG.requires_grad_(False)  # sigma is scheduled, never learned
+        self._sigma_key: tuple[int, int] | None = None  # (storage, version) of the cached value
+        self._sigma_value = 0.0
         self.dcls.P.requires_grad_(learn_positions)
 
     # --- parameters seen as (out, in) matrices -------------------------------------------
@@ -93,7 +95,17 @@ class DelayLayer(nn.Module):
 
     @property
     def sigma(self) -> float:
-        return float(self.dcls.SIG.detach().flatten()[0])
+        """The current sigma as a Python float, read from the device only when it changed.
+
+        Every forward needs it on the host (the kernel width, the tap count); reading the
+        parameter each time would synchronise with the GPU once per layer and batch.
+        """
+        sig = self.dcls.SIG
+        key = (sig.data_ptr(), sig._version)
+        if self._sigma_key != key:
+            self._sigma_value = float(sig.detach().flatten()[0])
+            self._sigma_key = key
+        return self._sigma_value
 
     def set_sigma(self, value: float) -> None:
         with torch.no_grad():

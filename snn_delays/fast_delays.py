@@ -419,6 +419,26 @@ def c_kernels_available() -> bool:
     return _load_lib() is not None
 
 
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed large blocks for reuse instead of returning them to the system.
+
+    By default every allocation above 32 MiB is a fresh ``mmap`` (one activation of the SHD
+    network is 32.5 MB), so each is zero-filled page by page on first touch, every step: about
+    a third of a CPU evaluation step. Process-wide; the trainer calls it for CPU runs and
+    ``experiments/bench.py`` for both backends alike. ``SNN_DELAYS_SYSTEM_MALLOC=1`` opts out.
+    Returns whether the setting took (False off glibc).
+    """
+    if os.environ.get("SNN_DELAYS_SYSTEM_MALLOC") or platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
+
+
 def sync_threads() -> None:
     """Size the kernels' OpenMP team as torch's: they link the system's OpenMP runtime, not
     torch's, which would otherwise use every core whatever ``torch.set_num_threads`` says."""

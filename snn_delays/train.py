@@ -27,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from snn_delays import fast_delays
 from snn_delays.config import register_configs
 from snn_delays.model import DelaySNN
 from snn_delays.plots import PositionTrace, log_epoch_figures
@@ -128,6 +129,8 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train as ``cfg`` says, writing into ``run_dir``; returns the metrics of metrics.json."""
     dist, device = setup_distributed(cfg.trainer.device)
+    if device.type == "cpu":
+        fast_delays.keep_freed_memory()  # activations reused, not re-faulted every step
     seed_everything(cfg.seed + dist.rank)
     data = instantiate(cfg.dataset)
     model = build_model(cfg.model, data.n_inputs, data.n_classes, data.dt_ms).to(device)

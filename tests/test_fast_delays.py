@@ -157,3 +157,14 @@ def test_integer_path_sparse_and_dense_inputs(density, threads):
         torch.set_num_threads(old)
     want = fast_delays.integer_delay_conv(x, w, d, 25, impl="dense")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_keep_freed_memory_takes_and_can_be_switched_off(monkeypatch):
+    import platform
+
+    monkeypatch.setenv("SNN_DELAYS_SYSTEM_MALLOC", "1")
+    assert fast_delays.keep_freed_memory() is False
+    monkeypatch.delenv("SNN_DELAYS_SYSTEM_MALLOC")
+    assert fast_delays.keep_freed_memory() is (
+        platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    )

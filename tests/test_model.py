@@ -125,3 +125,17 @@ def test_no_state_leaks_between_calls():
     x = torch.randn(10, 2, 3)
     first = neurons(x)
     assert torch.equal(neurons(x), first)
+
+
+def test_sigma_is_read_again_only_when_it_changes():
+    """The host copy of sigma follows set_sigma, load_state_dict and in-place edits."""
+    layer = DelayLayer(3, 4, 7, backend="fast", sigma_init=2.0)
+    assert layer.sigma == 2.0
+    layer.set_sigma(0.5)
+    assert layer.sigma == 0.5
+    other = DelayLayer(3, 4, 7, backend="fast", sigma_init=1.25)
+    layer.load_state_dict(other.state_dict())
+    assert layer.sigma == 1.25
+    with torch.no_grad():
+        layer.dcls.SIG.mul_(2)
+    assert layer.sigma == 2.5
