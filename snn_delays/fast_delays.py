@@ -366,14 +366,15 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def compile_c(name: str, source: str) -> ctypes.CDLL | None:
-    """Compile ``source`` once per source text and machine into the cache dir; load it.
+def compile_c(name: str, source: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """Compile ``source`` once per source text, flags and machine into the cache dir; load it.
 
     Returns None where it cannot (no compiler, ``SNN_DELAYS_NO_C`` set): callers fall back.
     """
     if os.environ.get("SNN_DELAYS_NO_C"):
         return None
-    key = hashlib.sha1((source + platform.machine() + platform.node()).encode()).hexdigest()[:16]
+    key = hashlib.sha1((source + " ".join(flags) + platform.machine() + platform.node()).encode())
+    key = key.hexdigest()[:16]
     path = _cache_dir() / f"{name}_{key}.so"
     try:
         if not path.exists():
@@ -382,8 +383,8 @@ def compile_c(name: str, source: str) -> ctypes.CDLL | None:
             src.write_text(source)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             cc = os.environ.get("CC", "cc")
-            flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
-            subprocess.run([cc, *flags, str(src), "-o", str(tmp)], check=True, capture_output=True)
+            base = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
+            subprocess.run([cc, *base, *flags, str(src), "-o", str(tmp)], check=True, capture_output=True)
             os.replace(tmp, path)
             src.unlink(missing_ok=True)
         return ctypes.CDLL(str(path))
@@ -398,7 +399,8 @@ def _load_lib() -> ctypes.CDLL | None:
         if _LIB_TRIED:
             return _LIB
         _LIB_TRIED = True
-        lib = compile_c("fast_delays", _C_SOURCE)
+        # fused multiply-adds (ISO C mode would keep a * b + c as two roundings, two instructions)
+        lib = compile_c("fast_delays", _C_SOURCE, ("-ffp-contract=fast",))
         if lib is None:
             return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
