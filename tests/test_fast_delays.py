@@ -168,3 +168,33 @@ def test_keep_freed_memory_takes_and_can_be_switched_off(monkeypatch):
     assert fast_delays.keep_freed_memory() is (
         platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     )
+
+
+@pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
+@pytest.mark.parametrize("forward", ["events", "taps", "fft"])
+@pytest.mark.parametrize("grad_input", ["taps", "fft"])
+@pytest.mark.parametrize("sigma", [0.23, 3.0])
+def test_every_cpu_path_equals_dcls(forward, grad_input, sigma, monkeypatch):
+    """Force each CPU product path in turn (the cost model normally picks one) and check that
+    it ran: dL/dk follows the forward (events, else spectral)."""
+    monkeypatch.setitem(fast_delays._FORCE, "forward", forward)
+    monkeypatch.setitem(fast_delays._FORCE, "grad_input", grad_input)
+    monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", "c")
+    called = []
+    for name in ("_event_conv", "_taps_forward", "_fft_forward", "_taps_grad_input", "_fft_grad_input"):
+        real = getattr(fast_delays, name)
+        monkeypatch.setattr(fast_delays, name, lambda *a, _r=real, _n=name: called.append(_n) or _r(*a))
+    torch.manual_seed(7)
+    t, b, n_in, n_out, k = 33, 21, 6, 18, 25  # batch and channels off the 16-lane blocks
+    ref, fast = _pair(n_in, n_out, k, sigma)
+    x = _input(t, b, n_in, 0.2)
+    results = []
+    for layer in (ref, fast):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(1)))
+        results.append([y.detach(), xi.grad, layer.dcls.weight.grad, layer.dcls.P.grad])
+    fwd_name = {"events": "_event_conv", "taps": "_taps_forward", "fft": "_fft_forward"}[forward]
+    assert called == [fwd_name, f"_{grad_input}_grad_input"]
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
