@@ -95,6 +95,7 @@ def tap_window(pos: Tensor, sigma: float, kernel_size: int) -> tuple[Tensor, int
 
 _C_SOURCE = r"""
 #include <stdint.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -271,6 +272,51 @@ void delay_scatter(const float* x, const float* w, const int32_t* idx, float* y,
     }
 }
 
+/* The DCLS Gaussian kernel, one synapse (row r) at a time, with c = p + K/2, s = |sigma| + 0.27:
+   g[n] = exp(-0.5 ((n - c) / s)^2), Z = sum g + eps, gn = g / Z (kept), k = w g / Z. */
+void gauss_kernel(const float* w, const float* p, float* k, float* gn, int64_t S, int64_t K,
+                  float s, float eps) {
+    const float c0 = (float)(K / 2);
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < S; ++r) {
+        const float c = p[r] + c0;
+        float* g = gn + r * K;
+        float z = 0.0f;
+        for (int64_t n = 0; n < K; ++n) {
+            const float d = ((float)n - c) / s;
+            g[n] = expf(-0.5f * (d * d));
+            z += g[n];
+        }
+        z += eps;
+        for (int64_t n = 0; n < K; ++n) {
+            k[r * K + n] = w[r] * g[n] / z;
+            g[n] /= z;
+        }
+    }
+}
+
+/* From dL/dk: dL/dw = sum_n dk gn; dL/dp = (w / s^2) (sum_n dk gn (n - c) - A sum_m gn (m - c)),
+   A = sum_n dk gn (d gn[n] / dp = gn[n] ((n - c) - sum_m gn[m] (m - c)) / s^2, eps constant). */
+void gauss_kernel_grad(const float* w, const float* p, const float* gn, const float* dk,
+                       float* dw, float* dp, int64_t S, int64_t K, float s) {
+    const float c0 = (float)(K / 2), is2 = 1.0f / (s * s);
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < S; ++r) {
+        const float c = p[r] + c0;
+        const float* g = gn + r * K;
+        const float* d = dk + r * K;
+        float a = 0.0f, b = 0.0f, m = 0.0f;
+        for (int64_t n = 0; n < K; ++n) {
+            const float u = (float)n - c;
+            a += d[n] * g[n];
+            b += d[n] * g[n] * u;
+            m += g[n] * u;
+        }
+        if (dw) dw[r] = a;
+        if (dp) dp[r] = w[r] * is2 * (b - a * m);
+    }
+}
+
 /* The kernels' OpenMP runtime is the system's, not torch's: follow torch's thread count. */
 void set_threads(int n) {
     #ifdef _OPENMP
@@ -407,6 +453,9 @@ def _load_lib() -> ctypes.CDLL | None:
         lib.tap_conv.argtypes = [ptr] * 4 + [i64] * 6
         lib.delay_scatter.argtypes = [ptr] * 4 + [i64] * 6
         lib.set_threads.argtypes = [ctypes.c_int]
+        f32 = ctypes.c_float
+        lib.gauss_kernel.argtypes = [ptr] * 4 + [i64] * 2 + [f32] * 2
+        lib.gauss_kernel_grad.argtypes = [ptr] * 6 + [i64] * 2 + [f32]
         lib.row_count.argtypes = [ptr] + [i64] * 3 + [ptr]
         lib.row_fill.argtypes = [ptr] + [i64] * 3 + [ptr] * 3
         lib.chan_count.argtypes = [ptr] * 2 + [i64] * 4 + [ptr]
@@ -566,6 +615,34 @@ def _window_coef(kernel: Tensor, start: Tensor, j: int) -> Tensor:
     """The ``J`` taps of each synapse from the dense kernel: (out, in, J)."""
     idx = start.long().unsqueeze(-1) + torch.arange(j, device=kernel.device)
     return kernel.gather(-1, idx)
+
+
+class _GaussKernelCPU(torch.autograd.Function):
+    """:func:`gaussian_kernel` in one C pass each way (no autograd graph of elementwise ops)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, pos: Tensor, sigma: float, ksize: int) -> Tensor:  # noqa: ANN001
+        w, p = weight.detach().contiguous(), pos.detach().contiguous()
+        kernel = torch.empty(*w.shape, ksize, dtype=torch.float32)
+        gn = torch.empty_like(kernel)
+        s = abs(float(sigma)) + SIGMA_OFFSET
+        _lib().gauss_kernel(_p(w), _p(p), _p(kernel), _p(gn), w.numel(), ksize, s, NORM_EPS)
+        ctx.save_for_backward(w, p, gn)
+        ctx.s = s
+        return kernel
+
+    @staticmethod
+    def backward(ctx, grad_k: Tensor):  # noqa: ANN001, ANN205
+        w, p, gn = ctx.saved_tensors
+        need_w, need_p = ctx.needs_input_grad[:2]
+        grad_k = grad_k.contiguous()
+        dw = torch.empty_like(w) if need_w else None
+        dp = torch.empty_like(p) if need_p else None
+        _lib().gauss_kernel_grad(
+            _p(w), _p(p), _p(gn), _p(grad_k), dw.data_ptr() if need_w else None,
+            dp.data_ptr() if need_p else None, w.numel(), gn.shape[-1], ctx.s
+        )  # fmt: skip
+        return dw, dp, None, None
 
 
 def _taps_forward(x: Tensor, coef: Tensor, start: Tensor, ksize: int) -> Tensor:
@@ -882,9 +959,9 @@ def delay_conv(
     path = _path(x, impl)
     if path == "dense":
         return delay_conv_dense(x, weight, pos, sigma, kernel_size)
-    kernel = gaussian_kernel(weight, pos, sigma, kernel_size)
     if path == "gemm":
-        return _DelayConvGEMM.apply(x, kernel)
+        return _DelayConvGEMM.apply(x, gaussian_kernel(weight, pos, sigma, kernel_size))
+    kernel = _GaussKernelCPU.apply(weight, pos, sigma, kernel_size)
     start, j = tap_window(pos, sigma, kernel_size)
     return _DelayConvCPU.apply(x, kernel, start, j)
 

@@ -198,3 +198,21 @@ def test_every_cpu_path_equals_dcls(forward, grad_input, sigma, monkeypatch):
     assert called == [fwd_name, f"_{grad_input}_grad_input"]
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
+@pytest.mark.parametrize("sigma", [0.0, 0.23, 2.0, 12.0])
+def test_c_gaussian_kernel_and_its_gradients(sigma):
+    torch.manual_seed(8)
+    w = torch.randn(9, 13, dtype=torch.float64)
+    p = torch.empty(9, 13, dtype=torch.float64).uniform_(-12, 12)
+    dk = torch.randn(9, 13, 25, dtype=torch.float64)
+    wr, pr = w.clone().requires_grad_(), p.clone().requires_grad_()
+    want = fast_delays.gaussian_kernel(wr, pr, sigma, 25)  # autograd of the formula, float64
+    want.backward(dk)
+    wc, pc = w.float().requires_grad_(), p.float().requires_grad_()
+    got = fast_delays._GaussKernelCPU.apply(wc, pc, sigma, 25)
+    got.backward(dk.float())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(wc.grad.double(), wr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pc.grad.double(), pr.grad, rtol=1e-4, atol=1e-5 * pr.grad.abs().max().item())
