@@ -240,6 +240,45 @@ void event_grad(const int64_t* cptr, const int32_t* ev_b, const int32_t* ev_t, c
     }
 }
 
+/* Layouts of the tap kernel: pack src (Ts, B, I) into (NB, I, Tp, 16) at row offset lo (zero
+   rows and lanes elsewhere); unpack dst (NB, O, Td, 16) into (Td, B, O). One (nb, t) at a time:
+   16 rows of I floats against I lines of 16 lanes, both in L1. */
+void tap_pack(const float* src, float* dst, int64_t Ts, int64_t B, int64_t I, int64_t NB,
+              int64_t Tp, int64_t lo) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t nb = 0; nb < NB; ++nb) {
+        const int64_t nq = (B - nb * 16) < 16 ? (B - nb * 16) : 16;
+        for (int64_t t = 0; t < Tp; ++t) {
+            const int64_t ts = t - lo;
+            float* d = dst + (nb * I * Tp + t) * 16;
+            if (ts < 0 || ts >= Ts) {
+                for (int64_t i = 0; i < I; ++i) memset(d + i * Tp * 16, 0, 16 * sizeof(float));
+                continue;
+            }
+            const float* s = src + (ts * B + nb * 16) * I;
+            for (int64_t i = 0; i < I; ++i) {
+                float line[16];
+                for (int64_t q = 0; q < 16; ++q) line[q] = q < nq ? s[q * I + i] : 0.0f;
+                memcpy(d + i * Tp * 16, line, sizeof(line));
+            }
+        }
+    }
+}
+
+void tap_unpack(const float* dst, float* out, int64_t NB, int64_t O, int64_t Td, int64_t B) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t nb = 0; nb < NB; ++nb) {
+        const int64_t nq = (B - nb * 16) < 16 ? (B - nb * 16) : 16;
+        for (int64_t t = 0; t < Td; ++t) {
+            float* o_rows = out + (t * B + nb * 16) * O;
+            for (int64_t o = 0; o < O; ++o) {
+                const float* line = dst + ((nb * O + o) * Td + t) * 16;
+                for (int64_t q = 0; q < nq; ++q) o_rows[q * O + o] = line[q];
+            }
+        }
+    }
+}
+
 /* Integer delays (evaluation): y[t + d[i, o], b, o] += x[t, b, i] w[i, o] where t + d < Ty.
    x (T, B, I), y (Ty, B, O), w (I, O), idx[i, o] = d[i, o] * O + o with 0 <= d < K. Each
    thread takes whole samples and accumulates one sample in a private (T + K, O) buffer: the
@@ -451,6 +490,8 @@ def _load_lib() -> ctypes.CDLL | None:
         lib.event_conv.argtypes = [ptr] * 5 + [i64] * 6
         lib.event_grad.argtypes = [ptr] * 6 + [i64] * 6
         lib.tap_conv.argtypes = [ptr] * 4 + [i64] * 6
+        lib.tap_pack.argtypes = [ptr] * 2 + [i64] * 6
+        lib.tap_unpack.argtypes = [ptr] * 2 + [i64] * 4
         lib.delay_scatter.argtypes = [ptr] * 4 + [i64] * 6
         lib.set_threads.argtypes = [ctypes.c_int]
         f32 = ctypes.c_float
@@ -585,18 +626,26 @@ def _event_grad(ev: _ChanEvents, grad_y: Tensor, n_out: int, ksize: int) -> Tens
     return gk[:, kp - ksize :, :n_out].permute(2, 0, 1)
 
 
-def _tap_conv(src: Tensor, coef: Tensor, start: Tensor, t_dst: int) -> Tensor:
-    """``dst[t,b,o] = sum_ij coef[o,i,j] src[t+start[o,i]+j, b, i]``, src (Ts, B, I) padded."""
+def _tap_conv(src: Tensor, coef: Tensor, start: Tensor, t_dst: int, lo: int = 0, t_log: int = 0) -> Tensor:
+    """``dst[t,b,o] = sum_ij coef[o,i,j] xp[t+start[o,i]+j, b, i]`` (t_dst, B, out).
+
+    ``xp`` is ``src`` (Ts, B, I) after ``lo`` zero rows, zero-padded to ``t_log`` rows (at least
+    every row read); the packing into the kernel's layout does the padding.
+    """
     t_src, batch, n_in = src.shape
     n_out, _, j = coef.shape
     nb = -(-batch // BW)
-    # (NB, I, Ts + TT, BW): batch in vector-wide chunks, TT spare rows for the last tile
-    src = F.pad(src, (0, 0, 0, nb * BW - batch, 0, TT))
-    src = src.reshape(t_src + TT, nb, BW, n_in).permute(1, 3, 0, 2).contiguous()
+    t_pack = max(t_log, lo + t_src) + TT  # TT spare rows for the last tile
+    src = src.contiguous()
+    packed = torch.empty(nb, n_in, t_pack, BW, dtype=torch.float32)  # batch in vector-wide chunks
+    lib = _lib()
+    lib.tap_pack(_p(src), _p(packed), t_src, batch, n_in, nb, t_pack, lo)
     dst = torch.empty(nb, n_out, t_dst, BW, dtype=torch.float32)
     coef, start = coef.contiguous(), start.contiguous()
-    _lib().tap_conv(_p(src), _p(coef), _p(start), _p(dst), nb, n_in, t_src + TT, n_out, t_dst, j)
-    return dst.permute(2, 0, 3, 1).reshape(t_dst, nb * BW, n_out)[:, :batch]
+    lib.tap_conv(_p(packed), _p(coef), _p(start), _p(dst), nb, n_in, t_pack, n_out, t_dst, j)
+    out = torch.empty(t_dst, batch, n_out, dtype=torch.float32)
+    lib.tap_unpack(_p(dst), _p(out), nb, n_out, t_dst, batch)
+    return out
 
 
 def _delay_scatter(x: Tensor, weight: Tensor, delays: Tensor, t_out: int, ksize: int) -> Tensor:
@@ -646,18 +695,17 @@ class _GaussKernelCPU(torch.autograd.Function):
 
 
 def _taps_forward(x: Tensor, coef: Tensor, start: Tensor, ksize: int) -> Tensor:
-    """Forward on the tap path: (T, B, in) -> (T_out, B, out)."""
-    return _tap_conv(pad_time(x, ksize), coef, start, x.shape[0] + (ksize - 1) // 2)
+    """Forward on the tap path: (T, B, in) -> (T_out, B, out), x padded as :func:`pad_time`."""
+    t_out = x.shape[0] + (ksize - 1) // 2
+    return _tap_conv(x, coef, start, t_out, lo=ksize - 1, t_log=t_out + ksize - 1)
 
 
 def _taps_grad_input(grad_y: Tensor, coef: Tensor, start: Tensor, ksize: int, t_len: int) -> Tensor:
     """dL/dx (T, B, in): ``sum_oj coef[o,i,j] g[t + K-1-start-j]``, the taps reversed."""
     j = coef.shape[-1]
-    right = t_len + ksize - 1 - grad_y.shape[0]
-    src = F.pad(grad_y, (0, 0, 0, 0, 0, right))  # (T+K-1, B, out)
     coef_t = coef.flip(-1).transpose(0, 1)
     start_t = (ksize - j - start).transpose(0, 1)
-    return _tap_conv(src, coef_t, start_t, t_len)
+    return _tap_conv(grad_y, coef_t, start_t, t_len, t_log=t_len + ksize - 1)  # g zero-padded
 
 
 # --------------------------------------------------------------------------------------
