@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=None, help="default: the published batch")
     parser.add_argument("--time-steps", type=int, default=100)
     parser.add_argument("--steps", type=int, default=None, help="calls per timing (CPU 1, GPU 20)")
-    parser.add_argument("--repeats", type=int, default=None, help="timings, best kept (CPU 1, GPU 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="timings, best kept")
     parser.add_argument("--networks", default="shd")
     parser.add_argument("--sigma", default="0.23,K//2", help="comma list; K//2 = the initial sigma")
     parser.add_argument("--density", type=float, default=0.05, help="input spike density")
@@ -131,7 +131,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     malloc_kept = keep_freed_memory()  # as the trainer does on CPU; the same for both backends
     gpu = args.device.startswith("cuda")
     args.steps = args.steps or (20 if gpu else 1)
-    args.repeats = args.repeats or (3 if gpu else 1)
     results = []
     for net in args.networks.split(","):
         n_in, *_, k, _, _, batch = NETWORKS[net]

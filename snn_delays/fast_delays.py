@@ -545,7 +545,7 @@ def _p(t: Tensor) -> int:
     return t.data_ptr()
 
 
-EVENT_BLOCK = 4  # samples per dL/dk event block: their dL/dy rows stay in L2
+EVENT_BLOCK_BYTES = 2 << 20  # dL/dk: dL/dy rows per block of samples (gk is re-read per block)
 TT, BW = 8, 16  # tap_conv tile: time steps x batch lanes
 
 
@@ -582,19 +582,24 @@ class _RowEvents:
 
 
 class _ChanEvents:
-    """The same events by (block of samples, channel); (b, t) ascending in a group."""
+    """The same events by (block of samples, channel); (b, t) ascending in a group.
 
-    def __init__(self, rows: _RowEvents) -> None:
+    A block holds as many samples as fit ``EVENT_BLOCK_BYTES`` of dL/dy rows (``row_bytes``
+    per sample), at least one.
+    """
+
+    def __init__(self, rows: _RowEvents, row_bytes: int) -> None:
         t_len, batch, n_in = self.shape = rows.shape
-        self.n_blk = -(-batch // EVENT_BLOCK)
+        block = max(1, EVENT_BLOCK_BYTES // max(1, row_bytes))
+        self.n_blk = -(-batch // block)
         counts = torch.zeros(self.n_blk * n_in, dtype=torch.int64)
-        _LIB.chan_count(_p(rows.ptr), _p(rows.i), t_len, batch, n_in, EVENT_BLOCK, _p(counts))
+        _LIB.chan_count(_p(rows.ptr), _p(rows.i), t_len, batch, n_in, block, _p(counts))
         self.ptr = F.pad(counts.cumsum(0), (1, 0)).contiguous()
         self.b = torch.empty(rows.nnz, dtype=torch.int32)
         self.t = torch.empty(rows.nnz, dtype=torch.int32)
         self.v = torch.empty(rows.nnz, dtype=torch.float32)
         pos = self.ptr[:-1].clone()
-        args = (t_len, batch, n_in, EVENT_BLOCK, _p(pos), _p(self.b), _p(self.t), _p(self.v))
+        args = (t_len, batch, n_in, block, _p(pos), _p(self.b), _p(self.t), _p(self.v))
         _LIB.chan_fill(_p(rows.ptr), _p(rows.i), _p(rows.v), *args)
 
 
@@ -776,10 +781,15 @@ def _cost_fft(t_len: int, ksize: int) -> float:
 _FORCE: dict[str, str] = {}  # tests: {"forward": events|taps|fft, "grad_input": taps|fft}
 
 
-def _forward_path(density: float, t_len: int, ksize: int, j: int) -> str:
+def _forward_path(density: float, t_len: int, ksize: int, j: int, n_out: int) -> str:
+    """The forward's path, counting the dL/dk it implies (events, else spectral). The event
+    dL/dk re-reads its (in, K, out) accumulator once per block of samples: it costs about the
+    event forward at 256 outputs and 1.5 times it at 512 (measured)."""
     t_out = t_len + (ksize - 1) // 2
-    costs = {"events": _cost_events(density, t_len, ksize), "taps": _cost_taps(t_out, j)}
-    costs["fft"] = _cost_fft(t_len, ksize)
+    spectral = _cost_fft(t_len, ksize)
+    events = _cost_events(density, t_len, ksize) * (1.5 + n_out / 512)
+    costs = {"events": events, "taps": _cost_taps(t_out, j) + spectral}
+    costs["fft"] = 2 * spectral
     return _FORCE.get("forward") or min(costs, key=costs.get)
 
 
@@ -799,7 +809,7 @@ class _DelayConvCPU(torch.autograd.Function):
         t_out = t_len + (ksize - 1) // 2
         kernel_d = kernel.detach()
         rows = _RowEvents(x)
-        path = _forward_path(rows.density, t_len, ksize, j)
+        path = _forward_path(rows.density, t_len, ksize, j, n_out)
         rows = rows.fill() if path == "events" else None
         if path == "events":
             y = _event_conv(rows, kernel_d, t_out)
@@ -826,7 +836,8 @@ class _DelayConvCPU(torch.autograd.Function):
                 grad_x = _fft_grad_input(grad_y, kernel, t_len).contiguous()
         if ctx.needs_input_grad[1]:
             if ctx.rows is not None:
-                grad_k = _event_grad(_ChanEvents(ctx.rows), grad_y, n_out, ksize)
+                row_bytes = (t_len + _tap_chunks(ksize)[1] - 1) * -(-n_out // 16) * 64
+                grad_k = _event_grad(_ChanEvents(ctx.rows, row_bytes), grad_y, n_out, ksize)
             else:
                 grad_k = _fft_grad_kernel(x, grad_y, ksize)
         ctx.rows = None

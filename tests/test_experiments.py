@@ -189,3 +189,24 @@ def test_config_group_option_composes_and_instantiates(group, option, tmp_path):
     if cfg.model.neuron == "plif":
         taus = [m for m in model.modules() if type(m).__name__ == "ParametricLIFNode"]
         assert taus and all(m.w.grad is not None for m in taus), "plif learns its time constant"
+
+
+def test_bench_compares_both_backends_on_the_same_inputs(tmp_path):
+    """The README's benchmark command, shrunk: one row per backend, ratios against dcls, JSON."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "bench", Path(__file__).parent.parent / "experiments/bench.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    rows = bench.main(
+        ["--batch", "3", "--time-steps", "8", "--sigma", "0.23", "--repeats", "1", "--json", str(out)]
+    )
+    assert [r["backend"] for r in rows] == ["dcls", "fast"]
+    assert rows[0]["train_speedup"] == 1.0 and rows[1]["train_s"] > 0 and rows[1]["eval_s"] > 0
+    saved = json.loads(out.read_text())
+    assert saved["results"][1]["eval_speedup"] == rows[1]["eval_speedup"]
+    assert saved["meta"]["threads"] >= 1
