@@ -6,7 +6,7 @@ before and ``(K-1)//2`` after, every path computes
 
     y[t, b, o] = sum_i sum_n k[o, i, n] xp[t + n, b, i]
 
-and differs only in which terms it visits:
+and differs only in which terms it visits and in what order it sums them:
 
 - **Events** (CPU, sparse input: spikes): each nonzero ``x[t, b, i]`` adds ``x * k[:, i, n]``
   to the ``K`` rows ``y[t + K-1-n, b, :]``; ``dL/dk`` is the same loop reading ``dL/dy``.
@@ -14,18 +14,25 @@ and differs only in which terms it visits:
 - **Taps** (CPU, ``dL/dx`` and dense inputs): only the ``J`` taps of each synapse whose
   Gaussian weight is above ``TAP_TOL`` relative to its peak are visited. The dropped taps
   carry less than ``TAP_TOL`` each (float32 rounding is ``6e-8``): see :func:`n_taps`.
-  Evaluation is the case ``J = 1`` (one integer delay per synapse).
+- **Spectral** (CPU, wide Gaussians and dense inputs): one complex product per frequency of
+  an ``rfft`` over time; every tap is used.
+- **Scatter** (CPU evaluation, sparse input): integer delays, one add per input spike and
+  output channel.
+- **GEMM** (CUDA): the kernel unfolded over its taps, one matrix product per pass.
 - **Dense** (fallback, any device): the DCLS kernel and one ``conv1d``, as the reference.
 
-The CPU kernels are a few lines of C compiled once with the system C compiler and loaded with
-``ctypes``; without a compiler every call takes the dense path. The kernel ``k`` is always
-built with torch ops (:func:`gaussian_kernel`), so ``dL/dw`` and ``dL/dp`` come from autograd
-given ``dL/dk``.
+On the CPU a cost model (:func:`_forward_path`) picks the cheapest path per layer and call.
+The CPU kernels are C compiled once with the system C compiler and loaded with ``ctypes``,
+the Gaussian kernel and its weight and position gradients included (:class:`_GaussKernelCPU`);
+without a compiler every call takes the dense path, whose kernel is built with torch ops
+(:func:`gaussian_kernel`, autograd for ``dL/dw`` and ``dL/dp``). The tests hold every path to
+the ``dcls`` reference.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -356,6 +363,80 @@ void gauss_kernel_grad(const float* w, const float* p, const float* gn, const fl
     }
 }
 
+/* Real DFTs as direct sums, 16 columns m per vector (the columns of a time-major tensor are
+   contiguous: b and channel). Forward: out[f, m] (complex, re/im interleaved) =
+   sum_{n < L} x[n sn + m sm] basis[n, f] (basis (L, F, 2)); the L x 16 block of x is copied to
+   L1 first. Inverse: out[t, m] = sum_f basis[t, f, 0] re S[f, m] + basis[t, f, 1] im S[f, m]
+   (basis (T, F, 2) carries the 1/N and the Hermitian weights). */
+void dft_cols(const float* x, int64_t sn, int64_t sm, const float* basis, float* out, int64_t M,
+              int64_t L, int64_t F) {
+    #pragma omp parallel
+    {
+        float* h = (float*)malloc(L * 16 * sizeof(float));
+        #pragma omp for schedule(static)
+        for (int64_t m0 = 0; m0 < M; m0 += 16) {
+            const int64_t nm = (M - m0) < 16 ? (M - m0) : 16;
+            for (int64_t n = 0; n < L; ++n)
+                for (int64_t q = 0; q < 16; ++q) h[n * 16 + q] = q < nm ? x[n * sn + (m0 + q) * sm] : 0.0f;
+            for (int64_t f0 = 0; f0 < F; f0 += 4) {  /* 4 frequencies: 8 independent sums */
+                const int64_t nf = (F - f0) < 4 ? (F - f0) : 4;
+                v16 re[4], im[4];
+                for (int u = 0; u < 4; ++u) { re[u] = (v16){0}; im[u] = (v16){0}; }
+                for (int64_t n = 0; n < L; ++n) {
+                    const v16 hn = ld16(h + n * 16);
+                    const float* b = basis + (n * F + f0) * 2;
+                    for (int u = 0; u < 4; ++u) {
+                        if (u < nf) { re[u] += b[2 * u] * hn; im[u] += b[2 * u + 1] * hn; }
+                    }
+                }
+                for (int64_t u = 0; u < nf; ++u) {
+                    float* o = out + ((f0 + u) * M + m0) * 2;
+                    for (int64_t q = 0; q < nm; ++q) { o[2 * q] = re[u][q]; o[2 * q + 1] = im[u][q]; }
+                }
+            }
+        }
+        free(h);
+    }
+}
+
+void idft_cols(const float* S, const float* basis, float* out, int64_t M, int64_t F, int64_t T) {
+    #pragma omp parallel
+    {
+        float* sr = (float*)malloc(F * 32 * sizeof(float));  /* per f: 16 re then 16 im */
+        #pragma omp for schedule(static)
+        for (int64_t m0 = 0; m0 < M; m0 += 16) {
+            const int64_t nm = (M - m0) < 16 ? (M - m0) : 16;
+            for (int64_t f = 0; f < F; ++f)
+                for (int64_t q = 0; q < 16; ++q) {
+                    sr[f * 32 + q] = q < nm ? S[(f * M + m0 + q) * 2] : 0.0f;
+                    sr[f * 32 + 16 + q] = q < nm ? S[(f * M + m0 + q) * 2 + 1] : 0.0f;
+                }
+            for (int64_t t0 = 0; t0 < T; t0 += 4) {  /* 4 output rows: 8 independent sums */
+                const int64_t nt = (T - t0) < 4 ? (T - t0) : 4;
+                v16 ar[4], ai[4];
+                for (int u = 0; u < 4; ++u) { ar[u] = (v16){0}; ai[u] = (v16){0}; }
+                for (int64_t f = 0; f < F; ++f) {
+                    const v16 re = ld16(sr + f * 32), im = ld16(sr + f * 32 + 16);
+                    for (int u = 0; u < 4; ++u) {
+                        if (u < nt) {
+                            const float* b = basis + ((t0 + u) * F + f) * 2;
+                            ar[u] += b[0] * re;
+                            ai[u] += b[1] * im;
+                        }
+                    }
+                }
+                for (int64_t u = 0; u < nt; ++u) {
+                    const v16 acc = ar[u] + ai[u];
+                    float* o = out + (t0 + u) * M + m0;
+                    if (nm == 16) st16(o, acc);
+                    else for (int64_t q = 0; q < nm; ++q) o[q] = acc[q];
+                }
+            }
+        }
+        free(sr);
+    }
+}
+
 /* The kernels' OpenMP runtime is the system's, not torch's: follow torch's thread count. */
 void set_threads(int n) {
     #ifdef _OPENMP
@@ -490,6 +571,8 @@ def _load_lib() -> ctypes.CDLL | None:
         lib.event_conv.argtypes = [ptr] * 5 + [i64] * 6
         lib.event_grad.argtypes = [ptr] * 6 + [i64] * 6
         lib.tap_conv.argtypes = [ptr] * 4 + [i64] * 6
+        lib.dft_cols.argtypes = [ptr] + [i64] * 2 + [ptr] * 2 + [i64] * 3
+        lib.idft_cols.argtypes = [ptr] * 3 + [i64] * 3
         lib.tap_pack.argtypes = [ptr] * 2 + [i64] * 6
         lib.tap_unpack.argtypes = [ptr] * 2 + [i64] * 4
         lib.delay_scatter.argtypes = [ptr] * 4 + [i64] * 6
@@ -738,63 +821,134 @@ def _fft_len(t_len: int, ksize: int) -> int:
         n += 1
 
 
+@functools.lru_cache(maxsize=32)
+def _dft_basis(n: int, length: int, flip: bool = False) -> Tensor:
+    """(L, F, 2): ``exp(-2 pi i f m / n)`` (re, im) at row r, m = r (``flip``: m = L-1-r)."""
+    f = torch.arange(n // 2 + 1, dtype=torch.float64)
+    m = torch.arange(length, dtype=torch.float64)
+    angle = 2 * math.pi * torch.outer(m.flip(0) if flip else m, f) / n
+    return torch.stack([torch.cos(angle), -torch.sin(angle)], -1).float().contiguous()
+
+
+@functools.lru_cache(maxsize=32)
+def _idft_basis(n: int, rows: int) -> Tensor:
+    """(T, F, 2): the weights of ``irfft`` (1/n, twice for the frequencies with a mirror)."""
+    f = torch.arange(n // 2 + 1, dtype=torch.float64)
+    weight = torch.full_like(f, 2.0 / n)
+    weight[0] = 1.0 / n
+    if n % 2 == 0:
+        weight[-1] = 1.0 / n
+    angle = 2 * math.pi * torch.outer(torch.arange(rows, dtype=torch.float64), f) / n
+    return torch.stack([weight * torch.cos(angle), -weight * torch.sin(angle)], -1).float().contiguous()
+
+
+def _rdft(x: Tensor, n: int, flip: bool = False) -> Tensor:
+    """``torch.fft.rfft(x, n, dim=0)`` (``flip``: of ``x.flip(0)``), as direct sums in C.
+
+    For the few hundred points here a direct sum runs at the FMA rate and beats the strided
+    transforms of pocketfft several times over."""
+    if not _use_c(x):
+        return torch.fft.rfft(x.flip(0) if flip else x, n=n, dim=0)
+    length, rest = x.shape[0], x.shape[1:]
+    x = x.contiguous()
+    basis = _dft_basis(n, length, flip)
+    out = torch.empty(basis.shape[1], *rest, 2, dtype=torch.float32)
+    cols = x[0].numel()
+    _lib().dft_cols(_p(x), cols, 1, _p(basis), _p(out), cols, length, basis.shape[1])
+    return torch.view_as_complex(out)
+
+
+def _irdft(spec: Tensor, n: int, rows: int) -> Tensor:
+    """``torch.fft.irfft(spec, n, dim=0)[:rows]``, as direct sums in C."""
+    if spec.device.type != "cpu" or spec.dtype != torch.complex64 or _load_lib() is None:
+        return torch.fft.irfft(spec, n=n, dim=0)[:rows]
+    rest = spec.shape[1:]
+    s = torch.view_as_real(spec.contiguous())
+    basis = _idft_basis(n, rows)
+    out = torch.empty(rows, *rest, dtype=torch.float32)
+    _lib().idft_cols(_p(s), _p(basis), _p(out), out[0].numel(), spec.shape[0], rows)
+    return out
+
+
 def _kernel_spectrum(kernel: Tensor, n: int) -> Tensor:
-    """H (F, O, I): the rfft over taps of h[m] = k[K-1-m], zero-padded to n."""
-    return torch.fft.rfft(kernel.permute(2, 0, 1).flip(0), n=n, dim=0)
+    """H (F, O, I): the DFT over n points of h[m] = k[K-1-m] (zero beyond K)."""
+    return _rdft(kernel.permute(2, 0, 1), n, flip=True)
 
 
 def _fft_forward(x: Tensor, kernel: Tensor, t_out: int) -> Tensor:
     n = _fft_len(x.shape[0], kernel.shape[2])
-    spec = torch.matmul(torch.fft.rfft(x, n=n, dim=0), _kernel_spectrum(kernel, n).transpose(1, 2))
-    return torch.fft.irfft(spec, n=n, dim=0)[:t_out]
+    spec = torch.matmul(_rdft(x, n), _kernel_spectrum(kernel, n).transpose(1, 2))
+    return _irdft(spec, n, t_out)
 
 
 def _fft_grad_input(grad_y: Tensor, kernel: Tensor, t_len: int) -> Tensor:
     n = _fft_len(t_len, kernel.shape[2])
-    spec = torch.matmul(torch.fft.rfft(grad_y, n=n, dim=0), _kernel_spectrum(kernel, n).conj())
-    return torch.fft.irfft(spec, n=n, dim=0)[:t_len]
+    spec = torch.matmul(_rdft(grad_y, n), _kernel_spectrum(kernel, n).conj())
+    return _irdft(spec, n, t_len)
 
 
 def _fft_grad_kernel(x: Tensor, grad_y: Tensor, ksize: int) -> Tensor:
     n = _fft_len(x.shape[0], ksize)
-    spec_g = torch.fft.rfft(grad_y, n=n, dim=0).transpose(1, 2)  # (F, O, B)
-    spec = torch.matmul(spec_g, torch.fft.rfft(x, n=n, dim=0).conj())  # (F, O, I)
-    gh = torch.fft.irfft(spec, n=n, dim=0)[:ksize]  # dL/dh (K, O, I)
+    spec = torch.matmul(_rdft(grad_y, n).transpose(1, 2), _rdft(x, n).conj())  # (F, O, I)
+    gh = _irdft(spec, n, ksize)  # dL/dh (K, O, I)
     return gh.flip(0).permute(1, 2, 0)
 
 
-# Relative costs per (B x I x O) of each CPU path, from kernel timings on a 2-core AMD EPYC
-# (AVX-512): events ~20 GFMA/s, taps ~50 GFMA/s, spectral ~3.2x its complex products at
-# ~40 GFMA/s. They only choose a path; every path computes the same function.
-def _cost_events(density: float, t_len: int, ksize: int) -> float:
-    return density * t_len * ksize / 20.0
+# Estimated times (ns) of each CPU path for one layer, from kernel timings on a 2-core AMD EPYC
+# (AVX-512, multiply-adds per ns): events 20 (plus ~0.05 ns per output row and 16-lane block),
+# taps 50, direct DFTs 32 forward / 38 inverse, complex products 44 (x4 real). They only pick a
+# path; every path computes the same function. Within a few tens of percent of the measured
+# times for the SHD and SSC layers (see experiments/FAST_DELAYS.md).
+class _Shape:
+    def __init__(self, t_len: int, batch: int, n_in: int, n_out: int, ksize: int) -> None:
+        self.t, self.b, self.i, self.o, self.k = t_len, batch, n_in, n_out, ksize
+        self.t_out = t_len + (ksize - 1) // 2
+        self.f = _fft_len(t_len, ksize) // 2 + 1
 
+    def events(self, density: float) -> float:
+        """Forward and dL/dk (dL/dk re-reads its accumulator per block: dearer beyond 384 out)."""
+        fwd = (
+            density * self.t * self.b * self.i * self.k * self.o / 20
+            + self.b * self.t * -(-self.o // 16) * 0.05
+        )
+        return fwd * (1 + max(1.0, self.o / 384))
 
-def _cost_taps(t_rows: int, j: int) -> float:
-    return t_rows * j / 50.0
+    def taps(self, rows: int, j: int) -> float:
+        return rows * self.b * self.i * self.o * j / 50
 
+    def spectral(self, len_in: int, cols_in: int, len_out: int, cols_out: int, kernel: bool) -> float:
+        f = self.f
+        dft = 2 * f * len_in * cols_in / 32 + 2 * f * len_out * cols_out / 38
+        spectrum = 2 * f * self.k * self.o * self.i / 32 if kernel else 0.0
+        return dft + spectrum + 4 * f * self.b * self.i * self.o / 44
 
-def _cost_fft(t_len: int, ksize: int) -> float:
-    return (_fft_len(t_len, ksize) // 2 + 1) * 4 * 3.2 / 40.0
+    def spectral_forward(self) -> float:
+        return self.spectral(self.t, self.b * self.i, self.t_out, self.b * self.o, True)
+
+    def spectral_grad_input(self) -> float:
+        return self.spectral(self.t_out, self.b * self.o, self.t, self.b * self.i, True)
+
+    def spectral_grad_kernel(self) -> float:
+        cols_in = self.b * (self.i + self.o)  # both x and dL/dy are transformed
+        return self.spectral(self.t, cols_in, self.k, self.i * self.o, False)
 
 
 _FORCE: dict[str, str] = {}  # tests: {"forward": events|taps|fft, "grad_input": taps|fft}
 
 
-def _forward_path(density: float, t_len: int, ksize: int, j: int, n_out: int) -> str:
-    """The forward's path, counting the dL/dk it implies (events, else spectral). The event
-    dL/dk re-reads its (in, K, out) accumulator once per block of samples: it costs about the
-    event forward at 256 outputs and 1.5 times it at 512 (measured)."""
-    t_out = t_len + (ksize - 1) // 2
-    spectral = _cost_fft(t_len, ksize)
-    events = _cost_events(density, t_len, ksize) * (1.5 + n_out / 512)
-    costs = {"events": events, "taps": _cost_taps(t_out, j) + spectral}
-    costs["fft"] = 2 * spectral
+def _forward_path(shape: _Shape, density: float, j: int) -> str:
+    """The forward's path, counting the dL/dk it implies (events, else spectral)."""
+    grad_k = shape.spectral_grad_kernel()
+    costs = {
+        "events": shape.events(density),
+        "taps": shape.taps(shape.t_out, j) + grad_k,
+        "fft": shape.spectral_forward() + grad_k,
+    }
     return _FORCE.get("forward") or min(costs, key=costs.get)
 
 
-def _grad_input_path(t_len: int, ksize: int, j: int) -> str:
-    default = "taps" if _cost_taps(t_len, j) <= _cost_fft(t_len, ksize) else "fft"
+def _grad_input_path(shape: _Shape, j: int) -> str:
+    default = "taps" if shape.taps(shape.t, j) <= shape.spectral_grad_input() else "fft"
     return _FORCE.get("grad_input") or default
 
 
@@ -809,7 +963,8 @@ class _DelayConvCPU(torch.autograd.Function):
         t_out = t_len + (ksize - 1) // 2
         kernel_d = kernel.detach()
         rows = _RowEvents(x)
-        path = _forward_path(rows.density, t_len, ksize, j, n_out)
+        ctx.shape = _Shape(t_len, x.shape[1], x.shape[2], n_out, ksize)
+        path = _forward_path(ctx.shape, rows.density, j)
         rows = rows.fill() if path == "events" else None
         if path == "events":
             y = _event_conv(rows, kernel_d, t_out)
@@ -829,7 +984,7 @@ class _DelayConvCPU(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         grad_x = grad_k = None
         if ctx.needs_input_grad[0]:
-            if _grad_input_path(t_len, ksize, ctx.j) == "taps":
+            if _grad_input_path(ctx.shape, ctx.j) == "taps":
                 coef = _window_coef(kernel, ctx.start, ctx.j)
                 grad_x = _taps_grad_input(grad_y, coef, ctx.start, ksize, t_len).contiguous()
             else:
