@@ -216,3 +216,18 @@ def test_c_gaussian_kernel_and_its_gradients(sigma):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(wc.grad.double(), wr.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(pc.grad.double(), pr.grad, rtol=1e-4, atol=1e-5 * pr.grad.abs().max().item())
+
+
+@pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
+@pytest.mark.parametrize("length,n", [(13, 27), (25, 50), (40, 64), (6, 11)])  # odd and even n
+def test_direct_dfts_equal_torch_fft(length, n):
+    torch.manual_seed(9)
+    x = torch.randn(length, 3, 7)  # 21 columns: one full 16-lane block and a partial one
+    spec = torch.fft.rfft(x, n=n, dim=0)
+    scale = spec.abs().max().item()
+    torch.testing.assert_close(fast_delays._rdft(x, n), spec, rtol=0, atol=2e-6 * scale)
+    flipped = torch.fft.rfft(x.flip(0), n=n, dim=0)
+    torch.testing.assert_close(fast_delays._rdft(x, n, flip=True), flipped, rtol=0, atol=2e-6 * scale)
+    for rows in (length, 4):
+        want = torch.fft.irfft(spec, n=n, dim=0)[:rows]
+        torch.testing.assert_close(fast_delays._irdft(spec, n, rows), want, rtol=0, atol=1e-6 * scale)
