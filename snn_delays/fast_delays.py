@@ -875,22 +875,48 @@ def _kernel_spectrum(kernel: Tensor, n: int) -> Tensor:
     return _rdft(kernel.permute(2, 0, 1), n, flip=True)
 
 
-def _fft_forward(x: Tensor, kernel: Tensor, t_out: int) -> Tensor:
-    n = _fft_len(x.shape[0], kernel.shape[2])
-    spec = torch.matmul(_rdft(x, n), _kernel_spectrum(kernel, n).transpose(1, 2))
-    return _irdft(spec, n, t_out)
+class _Spectra:
+    """The spectra of one layer's x, kernel and dL/dy over n points, each computed once and
+    shared by the products that need it (forward, dL/dx, dL/dk)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.x: Tensor | None = None
+        self.h: Tensor | None = None
+        self.g: Tensor | None = None
+
+    def of_x(self, x: Tensor) -> Tensor:
+        if self.x is None:
+            self.x = _rdft(x, self.n)
+        return self.x
+
+    def of_h(self, kernel: Tensor) -> Tensor:
+        if self.h is None:
+            self.h = _kernel_spectrum(kernel, self.n)
+        return self.h
+
+    def of_g(self, grad_y: Tensor) -> Tensor:
+        if self.g is None:
+            self.g = _rdft(grad_y, self.n)
+        return self.g
 
 
-def _fft_grad_input(grad_y: Tensor, kernel: Tensor, t_len: int) -> Tensor:
-    n = _fft_len(t_len, kernel.shape[2])
-    spec = torch.matmul(_rdft(grad_y, n), _kernel_spectrum(kernel, n).conj())
-    return _irdft(spec, n, t_len)
+def _fft_forward(x: Tensor, kernel: Tensor, t_out: int, spectra: _Spectra | None = None) -> Tensor:
+    spectra = spectra or _Spectra(_fft_len(x.shape[0], kernel.shape[2]))
+    spec = torch.matmul(spectra.of_x(x), spectra.of_h(kernel).transpose(1, 2))
+    return _irdft(spec, spectra.n, t_out)
 
 
-def _fft_grad_kernel(x: Tensor, grad_y: Tensor, ksize: int) -> Tensor:
-    n = _fft_len(x.shape[0], ksize)
-    spec = torch.matmul(_rdft(grad_y, n).transpose(1, 2), _rdft(x, n).conj())  # (F, O, I)
-    gh = _irdft(spec, n, ksize)  # dL/dh (K, O, I)
+def _fft_grad_input(grad_y: Tensor, kernel: Tensor, t_len: int, spectra: _Spectra | None = None) -> Tensor:
+    spectra = spectra or _Spectra(_fft_len(t_len, kernel.shape[2]))
+    spec = torch.matmul(spectra.of_g(grad_y), spectra.of_h(kernel).conj())
+    return _irdft(spec, spectra.n, t_len)
+
+
+def _fft_grad_kernel(x: Tensor, grad_y: Tensor, ksize: int, spectra: _Spectra | None = None) -> Tensor:
+    spectra = spectra or _Spectra(_fft_len(x.shape[0], ksize))
+    spec = torch.matmul(spectra.of_g(grad_y).transpose(1, 2), spectra.of_x(x).conj())  # (F, O, I)
+    gh = _irdft(spec, spectra.n, ksize)  # dL/dh (K, O, I)
     return gh.flip(0).permute(1, 2, 0)
 
 
@@ -965,13 +991,16 @@ class _DelayConvCPU(torch.autograd.Function):
         rows = _RowEvents(x)
         ctx.shape = _Shape(t_len, x.shape[1], x.shape[2], n_out, ksize)
         path = _forward_path(ctx.shape, rows.density, j)
+        ctx.spectra = _Spectra(_fft_len(t_len, ksize))
         rows = rows.fill() if path == "events" else None
         if path == "events":
             y = _event_conv(rows, kernel_d, t_out)
         elif path == "taps":
             y = _taps_forward(x, _window_coef(kernel_d, start, j), start, ksize)
         else:
-            y = _fft_forward(x, kernel_d, t_out)
+            y = _fft_forward(x, kernel_d, t_out, ctx.spectra)
+        if not any(ctx.needs_input_grad[:2]):
+            ctx.spectra = None  # nothing to share with a backward
         ctx.rows, ctx.start, ctx.j = rows, start, j
         ctx.save_for_backward(x, kernel_d)
         return y.contiguous()
@@ -988,14 +1017,14 @@ class _DelayConvCPU(torch.autograd.Function):
                 coef = _window_coef(kernel, ctx.start, ctx.j)
                 grad_x = _taps_grad_input(grad_y, coef, ctx.start, ksize, t_len).contiguous()
             else:
-                grad_x = _fft_grad_input(grad_y, kernel, t_len).contiguous()
+                grad_x = _fft_grad_input(grad_y, kernel, t_len, ctx.spectra).contiguous()
         if ctx.needs_input_grad[1]:
             if ctx.rows is not None:
                 row_bytes = (t_len + _tap_chunks(ksize)[1] - 1) * -(-n_out // 16) * 64
                 grad_k = _event_grad(_ChanEvents(ctx.rows, row_bytes), grad_y, n_out, ksize)
             else:
-                grad_k = _fft_grad_kernel(x, grad_y, ksize)
-        ctx.rows = None
+                grad_k = _fft_grad_kernel(x, grad_y, ksize, ctx.spectra)
+        ctx.rows = ctx.spectra = None
         return grad_x, grad_k, None, None
 
 
