@@ -12,10 +12,12 @@ python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())
 # 1. forward and gradients equal on CUDA, several sigmas: float32 (TF32 off, strict), then the
 #    default TF32 of both backends (cuDNN conv vs GEMM), reported.
 timeout 120 python3 - <<'PY' 2>&1 | tee "$OUT/equivalence_cuda.txt"
+import os
 import torch
 from snn_delays.delays import DelayLayer
 worst = {}
-for tf32 in (False, True):
+for impl, tf32 in (("gemm", False), ("gemm", True), ("fft", False), ("fft", True)):
+    os.environ["SNN_DELAYS_CONV_IMPL"] = impl
     torch.backends.cudnn.allow_tf32 = tf32
     torch.manual_seed(0)
     for (t, b, i, o, k) in [(50, 16, 140, 256, 25), (40, 8, 512, 35, 31), (13, 3, 5, 7, 5)]:
@@ -35,7 +37,7 @@ for tf32 in (False, True):
             with torch.no_grad():
                 errs.append(float((ref(x) - fast(x)).abs().max() / ref(x).abs().max()))
             worst[tf32] = max(worst.get(tf32, 0.0), *errs)
-            print(f"tf32={tf32} T={t} B={b} in={i} out={o} K={k} sigma={sigma}: rel err y,dx,dw,dp,eval = "
+            print(f"impl={impl} tf32={tf32} T={t} B={b} in={i} out={o} K={k} sigma={sigma}: rel err y,dx,dw,dp,eval = "
                   + ", ".join(f"{e:.1e}" for e in errs))
 torch.backends.cudnn.allow_tf32 = True
 print("WORST fp32", worst[False], "OK" if worst[False] < 1e-4 else "FAIL")

@@ -3,10 +3,12 @@
     python experiments/gpu_profile.py [--network shd|ssc] [--batch 256] [--steps 100] [--profile]
 
 Times (CUDA events, median of repeats) the training step (forward + backward + one Adam step)
-and the evaluation step of: the fast backend (GEMM path on CUDA), the fast backend forced onto
-conv1d (``SNN_DELAYS_CONV_IMPL=dense``, the previous CUDA path), the dcls reference (cuDNN on),
-the dcls reference with cuDNN off (as the published code ran), the network without delays;
-peak memory of each; with ``--profile`` the profiler's top CUDA kernels of one fast step.
+and the evaluation step of: the fast backend (GEMM path on CUDA), the dcls reference (cuDNN
+on), the fast backend on the spectral path (``SNN_DELAYS_CONV_IMPL=fft``: cuFFT and complex
+products), the fast backend forced onto conv1d (``SNN_DELAYS_CONV_IMPL=dense``, the previous
+CUDA path), the dcls reference with cuDNN off (as the published code ran), the network without
+delays; peak memory of each; with ``--profile`` the profiler's top CUDA kernels of one fast
+step.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def main() -> None:
     variants = [
         ("fast (GEMM)", "fast", "learned", True, "auto"),
         ("dcls", "dcls", "learned", True, "auto"),
+        ("fast, spectral (cuFFT)", "fast", "learned", True, "fft"),
         ("fast, conv1d path (previous)", "fast", "learned", True, "dense"),
         ("dcls, cuDNN off (published)", "dcls", "learned", False, "auto"),
         ("no delays", "fast", "none", True, "auto"),

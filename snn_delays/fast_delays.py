@@ -1028,6 +1028,34 @@ class _DelayConvCPU(torch.autograd.Function):
         return grad_x, grad_k, None, None
 
 
+class _DelayConvFFT(torch.autograd.Function):
+    """The spectral path for all three products, on any device (``impl="fft"``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel: Tensor) -> Tensor:  # noqa: ANN001
+        ksize = kernel.shape[2]
+        ctx.spectra = _Spectra(_fft_len(x.shape[0], ksize))
+        ctx.save_for_backward(x, kernel)
+        with _tf32(x.device):
+            y = _fft_forward(x, kernel.detach(), x.shape[0] + (ksize - 1) // 2, ctx.spectra)
+        if not any(ctx.needs_input_grad):
+            ctx.spectra = None
+        return y.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):  # noqa: ANN001, ANN205
+        x, kernel = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        grad_x = grad_k = None
+        with _tf32(x.device):
+            if ctx.needs_input_grad[0]:
+                grad_x = _fft_grad_input(grad_y, kernel, x.shape[0], ctx.spectra).contiguous()
+            if ctx.needs_input_grad[1]:
+                grad_k = _fft_grad_kernel(x, grad_y, kernel.shape[2], ctx.spectra)
+        ctx.spectra = None
+        return grad_x, grad_k
+
+
 # --------------------------------------------------------------------------------------
 # GEMM path (CUDA): the delay conv as one matrix product over time-shifted copies
 # --------------------------------------------------------------------------------------
@@ -1170,15 +1198,18 @@ def _use_c(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and _load_lib() is not None
 
 
+IMPLS = ("auto", "c", "gemm", "fft", "dense")
+
+
 def _path(x: Tensor, impl: str | None) -> str:
-    """``c`` (CPU kernels), ``gemm`` (CUDA default) or ``dense`` (conv1d, any device)."""
+    """``c`` (CPU kernels), ``gemm`` (CUDA default), ``fft`` or ``dense`` (any device)."""
     impl = impl or os.environ.get("SNN_DELAYS_CONV_IMPL") or "auto"
     if impl == "auto":
         if _use_c(x):
             return "c"
         return "gemm" if x.device.type == "cuda" else "dense"
-    if impl not in ("c", "gemm", "dense"):
-        raise ValueError(f"delay conv impl must be auto, c, gemm or dense, got {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"delay conv impl (SNN_DELAYS_CONV_IMPL) must be one of {IMPLS}, got {impl!r}")
     if impl == "c" and not _use_c(x):
         raise RuntimeError("the C kernels need a CPU float32 input and a C compiler")
     return impl
@@ -1197,13 +1228,16 @@ def delay_conv(
     """Training path: ``y`` (T + (K-1)//2, B, out) from the DCLS Gaussian kernel.
 
     ``impl`` (default: ``$SNN_DELAYS_CONV_IMPL``, else ``auto``) forces a path: ``c``, ``gemm``
-    (the CUDA default; runs on any device) or ``dense``.
+    (the CUDA default; runs on any device), ``fft`` (spectral for all three products, any
+    device: cuFFT on CUDA) or ``dense``.
     """
     path = _path(x, impl)
     if path == "dense":
         return delay_conv_dense(x, weight, pos, sigma, kernel_size)
     if path == "gemm":
         return _DelayConvGEMM.apply(x, gaussian_kernel(weight, pos, sigma, kernel_size))
+    if path == "fft":
+        return _DelayConvFFT.apply(x, gaussian_kernel(weight, pos, sigma, kernel_size))
     kernel = _GaussKernelCPU.apply(weight, pos, sigma, kernel_size)
     start, j = tap_window(pos, sigma, kernel_size)
     return _DelayConvCPU.apply(x, kernel, start, j)
@@ -1215,6 +1249,8 @@ def integer_delay_conv(
     """Evaluation path: ``y[t,b,o] = sum_i weight[o,i] x[t - delays[o,i], b, i]``."""
     taps = (kernel_size - 1 - delays).to(torch.int32)  # tap index of each synapse
     path = _path(x, impl)
+    if path == "fft":  # one tap per synapse: nothing for a spectrum to save
+        path = "c" if _use_c(x) else "gemm"
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if path == "c" and not grad:
         w = weight.detach().float()

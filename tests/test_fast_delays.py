@@ -32,13 +32,16 @@ def _input(t: int, b: int, n_in: int, density: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("sigma", [0.23, 1.0, "K//2"])
-@pytest.mark.parametrize("impl", ["c", "no-compiler", "gemm"])
+@pytest.mark.parametrize("impl", ["c", "no-compiler", "gemm", "fft", "fft-no-compiler"])
 def test_training_path_equals_dcls(case, sigma, impl, monkeypatch):
+    """``fft-no-compiler`` is the spectral path on torch.fft: what runs on CUDA."""
     t, b, n_in, n_out, k, density = case
     sigma = k // 2 if sigma == "K//2" else sigma
-    if impl == "no-compiler":
+    if impl.endswith("no-compiler"):
         monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)
-    monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", "auto" if impl == "no-compiler" else impl)
+    monkeypatch.setenv(
+        "SNN_DELAYS_CONV_IMPL", {"no-compiler": "auto", "fft-no-compiler": "fft"}.get(impl, impl)
+    )
     torch.manual_seed(0)
     ref, fast = _pair(n_in, n_out, k, sigma)
     x = _input(t, b, n_in, density)
@@ -57,7 +60,7 @@ def test_training_path_equals_dcls(case, sigma, impl, monkeypatch):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("impl", ["c", "gemm"])
+@pytest.mark.parametrize("impl", ["c", "gemm", "fft"])
 def test_integer_path_equals_dcls_eval(case, impl, monkeypatch):
     t, b, n_in, n_out, k, density = case
     monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", impl)
