@@ -12,6 +12,7 @@ auto`` gives it the fused CPU LIF too), the ``fast`` backend the default neurons
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -48,10 +49,34 @@ def _time(fn, device: torch.device, steps: int, repeats: int) -> float:  # noqa:
     return best
 
 
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # glibc: hand the free heap back first (keep_freed_memory holds on to it) ...
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:  # ... then reset the resident high-water mark (VmHWM) to what is live now (Linux)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_mib(device: torch.device) -> float | None:
+    """CUDA: peak allocated since the reset. CPU: the process's resident high-water mark since
+    the reset (Linux; elsewhere since the start, so later rows include earlier ones)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water RSS
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench_one(net: str, backend: str, sigma: float, args: argparse.Namespace, x: torch.Tensor) -> dict:
@@ -90,8 +115,7 @@ def bench_one(net: str, backend: str, sigma: float, args: argparse.Namespace, x:
         with torch.no_grad():
             model(x)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    _reset_peak(device)
     train = _time(train_step, device, args.steps, args.repeats)
     peak = _peak_mib(device)
     evaluation = _time(eval_step, device, args.steps, args.repeats)
