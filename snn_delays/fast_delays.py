@@ -548,7 +548,9 @@ def compile_c(name: str, source: str, flags: tuple[str, ...] = ()) -> ctypes.CDL
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             cc = os.environ.get("CC", "cc")
             base = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
-            subprocess.run([cc, *base, *flags, str(src), "-o", str(tmp)], check=True, capture_output=True)
+            subprocess.run(
+                [cc, *base, *flags, str(src), "-o", str(tmp), "-lm"], check=True, capture_output=True
+            )
             os.replace(tmp, path)
             src.unlink(missing_ok=True)
         return ctypes.CDLL(str(path))
