@@ -702,14 +702,15 @@ def _event_conv(ev: _RowEvents, kernel: Tensor, t_out: int) -> Tensor:
     return y[:, :t_out, :n_out].transpose(0, 1)
 
 
-def _event_grad(ev: _ChanEvents, grad_y: Tensor, n_out: int, ksize: int) -> Tensor:
-    """dL/dk (out, in, K) from events and dL/dy (T_out, B, out)."""
-    t_len, batch, n_in = ev.shape
+def _event_grad(rows: _RowEvents, grad_y: Tensor, n_out: int, ksize: int) -> Tensor:
+    """dL/dk (out, in, K) from the forward's events and dL/dy (T_out, B, out)."""
+    t_len, batch, n_in = rows.shape
     t_out = grad_y.shape[0]
     c, kp = _tap_chunks(ksize)
     nob = -(-n_out // 16)
     g = grad_y.new_zeros(batch, t_len + kp - 1, nob * 16)
     g[:, :t_out, :n_out] = grad_y.transpose(0, 1)
+    ev = _ChanEvents(rows, row_bytes=g[0].numel() * g.element_size())
     gk = torch.zeros(n_in, kp, nob * 16, dtype=torch.float32)
     args = (ev.n_blk, t_len, n_in, nob, kp, c)
     _lib().event_grad(_p(ev.ptr), _p(ev.b), _p(ev.t), _p(ev.v), _p(g), _p(gk), *args)
@@ -852,11 +853,12 @@ def _rdft(x: Tensor, n: int, flip: bool = False) -> Tensor:
     if not _use_c(x):
         return torch.fft.rfft(x.flip(0) if flip else x, n=n, dim=0)
     length, rest = x.shape[0], x.shape[1:]
-    x = x.contiguous()
+    cols = x[0].numel()
+    series = x.reshape(length, cols)  # a view where the strides allow (the permuted kernel)
     basis = _dft_basis(n, length, flip)
     out = torch.empty(basis.shape[1], *rest, 2, dtype=torch.float32)
-    cols = x[0].numel()
-    _lib().dft_cols(_p(x), cols, 1, _p(basis), _p(out), cols, length, basis.shape[1])
+    step_t, step_col = series.stride()
+    _lib().dft_cols(_p(series), step_t, step_col, _p(basis), _p(out), cols, length, basis.shape[1])
     return torch.view_as_complex(out)
 
 
@@ -1022,8 +1024,7 @@ class _DelayConvCPU(torch.autograd.Function):
                 grad_x = _fft_grad_input(grad_y, kernel, t_len, ctx.spectra).contiguous()
         if ctx.needs_input_grad[1]:
             if ctx.rows is not None:
-                row_bytes = (t_len + _tap_chunks(ksize)[1] - 1) * -(-n_out // 16) * 64
-                grad_k = _event_grad(_ChanEvents(ctx.rows, row_bytes), grad_y, n_out, ksize)
+                grad_k = _event_grad(ctx.rows, grad_y, n_out, ksize)
             else:
                 grad_k = _fft_grad_kernel(x, grad_y, ksize, ctx.spectra)
         ctx.rows = ctx.spectra = None

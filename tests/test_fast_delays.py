@@ -231,6 +231,9 @@ def test_direct_dfts_equal_torch_fft(length, n):
     torch.testing.assert_close(fast_delays._rdft(x, n), spec, rtol=0, atol=2e-6 * scale)
     flipped = torch.fft.rfft(x.flip(0), n=n, dim=0)
     torch.testing.assert_close(fast_delays._rdft(x, n, flip=True), flipped, rtol=0, atol=2e-6 * scale)
+    strided = torch.randn(3, 7, length).permute(2, 0, 1)  # time is the last axis in memory (the kernel)
+    want_strided = torch.fft.rfft(strided, n=n, dim=0)
+    torch.testing.assert_close(fast_delays._rdft(strided, n), want_strided, rtol=0, atol=2e-6 * scale)
     for rows in (length, 4):
         want = torch.fft.irfft(spec, n=n, dim=0)[:rows]
         torch.testing.assert_close(fast_delays._irdft(spec, n, rows), want, rtol=0, atol=1e-6 * scale)
