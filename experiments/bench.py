@@ -79,13 +79,11 @@ def _peak_mib(device: torch.device) -> float | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_one(net: str, backend: str, sigma: float, args: argparse.Namespace, x: torch.Tensor) -> dict:
+def build_network(net: str, backend: str, delays: str = "learned") -> DelaySNN:
+    """The published ``net`` network, seeded: the same weights for every backend."""
     n_in, n_cls, hidden, layers, k, tau, drop, _ = NETWORKS[net]
     torch.manual_seed(0)
-    impl = args.ref_neurons if backend == "dcls" else "auto"
-    old_impl = os.environ.get("SNN_DELAYS_NEURON_IMPL")
-    os.environ["SNN_DELAYS_NEURON_IMPL"] = impl  # read when the neurons are built
-    model = DelaySNN(
+    return DelaySNN(
         n_in,
         n_cls,
         n_hidden=hidden,
@@ -93,9 +91,16 @@ def bench_one(net: str, backend: str, sigma: float, args: argparse.Namespace, x:
         kernel_size=k,
         tau=tau,
         dropout=drop,
-        delays="learned",
+        delays=delays,
         delay_backend=backend,
     )
+
+
+def bench_one(net: str, backend: str, sigma: float, args: argparse.Namespace, x: torch.Tensor) -> dict:
+    impl = args.ref_neurons if backend == "dcls" else "auto"
+    old_impl = os.environ.get("SNN_DELAYS_NEURON_IMPL")
+    os.environ["SNN_DELAYS_NEURON_IMPL"] = impl  # read when the neurons are built
+    model = build_network(net, backend)
     if old_impl is None:
         os.environ.pop("SNN_DELAYS_NEURON_IMPL")
     else:

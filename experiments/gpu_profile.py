@@ -19,26 +19,14 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-from bench import NETWORKS  # the published networks, one table for both scripts (run from experiments/)
+from bench import NETWORKS, build_network  # one table of the published networks (run from experiments/)
 
 from snn_delays.model import DelaySNN
 from snn_delays.training import class_scores
 
 
 def make(net: str, backend: str, delays: str = "learned") -> DelaySNN:
-    n_in, n_cls, hidden, layers, k, tau, drop, _ = NETWORKS[net]
-    torch.manual_seed(0)
-    model = DelaySNN(
-        n_in,
-        n_cls,
-        n_hidden=hidden,
-        n_layers=layers,
-        kernel_size=k,
-        tau=tau,
-        dropout=drop,
-        delays=delays,
-        delay_backend=backend,
-    ).cuda()
+    model = build_network(net, backend, delays).cuda()
     model.set_sigma(0.23)
     return model
 
