@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import torch
 from conftest import read_metrics, run_cli
@@ -56,21 +57,17 @@ def test_synthetic_run_writes_every_output_and_eval_reproduces_it(tmp_path):
     assert abs(result["test"]["acc"] - metrics["test_acc"]) < 1e-9
 
 
+def _train_synthetic(out: Path, *overrides: str) -> dict:
+    """``snn-delays-train experiment=synthetic`` without a logger into ``out``: its metrics."""
+    run_cli("train", "experiment=synthetic", "logger=none", *overrides, f"hydra.run.dir={out}", *QUIET)
+    return read_metrics(out)
+
+
 def test_delays_beat_no_delays_on_synthetic(tmp_path):
     """The synthetic classes differ only in spike timing: delays are needed to solve them."""
-    acc = {}
-    for model in ("delays", "no_delays"):
-        out = tmp_path / model
-        run_cli(
-            "train",
-            "experiment=synthetic",
-            f"model={model}",
-            "logger=none",
-            "seed=0",
-            f"hydra.run.dir={out}",
-            *QUIET,
-        )
-        acc[model] = read_metrics(out)["test_acc"]
+    acc = {
+        m: _train_synthetic(tmp_path / m, f"model={m}", "seed=0")["test_acc"] for m in ("delays", "no_delays")
+    }
     assert acc["delays"] >= acc["no_delays"] + 0.30, acc
 
 
@@ -132,18 +129,8 @@ def test_missing_dataset_offline_names_file_url_and_folder(tmp_path):
 
 def test_fast_and_dcls_backends_train_to_the_same_accuracy(tmp_path):
     """Same data, same seed: the fast path computes the reference's function, so training agrees."""
-    metrics = {}
-    for backend in ("fast", "dcls"):
-        out = tmp_path / backend
-        run_cli(
-            "train",
-            "experiment=synthetic",
-            f"model.delay_backend={backend}",
-            "logger=none",
-            "seed=1",
-            f"hydra.run.dir={out}",
-            *QUIET,
-        )
-        metrics[backend] = read_metrics(out)
+    metrics = {
+        b: _train_synthetic(tmp_path / b, f"model.delay_backend={b}", "seed=1") for b in ("fast", "dcls")
+    }
     assert metrics["fast"]["test_acc"] >= 0.9 and metrics["dcls"]["test_acc"] >= 0.9, metrics
     assert abs(metrics["fast"]["test_acc"] - metrics["dcls"]["test_acc"]) <= 0.05, metrics
