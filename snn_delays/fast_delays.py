@@ -19,6 +19,8 @@ and differs only in which terms it visits and in what order it sums them:
 - **Scatter** (CPU evaluation, sparse input): integer delays, one add per input spike and
   output channel.
 - **GEMM** (CUDA): the kernel unfolded over its taps, one matrix product per pass.
+- **Triton** (CUDA, opt-in ``impl="triton"``): the same products as implicit GEMMs that read
+  the shifted rows in place, without the unfold copy (:mod:`snn_delays.triton_delays`).
 - **Dense** (fallback, any device): the DCLS kernel and one ``conv1d``, as the reference.
 
 On the CPU a cost model (:func:`_forward_path`) picks the cheapest path per layer and call.
@@ -34,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib
 import math
 import os
 import platform
@@ -1201,11 +1204,20 @@ def _use_c(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and _load_lib() is not None
 
 
-IMPLS = ("auto", "c", "gemm", "fft", "dense")
+IMPLS = ("auto", "c", "gemm", "triton", "fft", "dense")
+
+
+def _triton():  # noqa: ANN202 - the module, imported on first use (triton is optional)
+    try:
+        return importlib.import_module("snn_delays.triton_delays")
+    except ImportError as err:
+        raise RuntimeError(
+            "SNN_DELAYS_CONV_IMPL=triton needs the triton package: pip install 'snn-delays[triton]'"
+        ) from err
 
 
 def _path(x: Tensor, impl: str | None) -> str:
-    """``c`` (CPU kernels), ``gemm`` (CUDA default), ``fft`` or ``dense`` (any device)."""
+    """``c`` (CPU kernels), ``gemm`` (CUDA default), ``triton`` (CUDA), ``fft`` or ``dense``."""
     impl = impl or os.environ.get("SNN_DELAYS_CONV_IMPL") or "auto"
     if impl == "auto":
         if _use_c(x):
@@ -1231,14 +1243,17 @@ def delay_conv(
     """Training path: ``y`` (T + (K-1)//2, B, out) from the DCLS Gaussian kernel.
 
     ``impl`` (default: ``$SNN_DELAYS_CONV_IMPL``, else ``auto``) forces a path: ``c``, ``gemm``
-    (the CUDA default; runs on any device), ``fft`` (spectral for all three products, any
-    device: cuFFT on CUDA) or ``dense``.
+    (the CUDA default; runs on any device), ``triton`` (implicit GEMMs without the unfold copy:
+    CUDA, or the Triton interpreter), ``fft`` (spectral for all three products, any device:
+    cuFFT on CUDA) or ``dense``.
     """
     path = _path(x, impl)
     if path == "dense":
         return delay_conv_dense(x, weight, pos, sigma, kernel_size)
     if path == "gemm":
         return _DelayConvGEMM.apply(x, gaussian_kernel(weight, pos, sigma, kernel_size))
+    if path == "triton":
+        return _triton().DelayConv.apply(x, gaussian_kernel(weight, pos, sigma, kernel_size))
     if path == "fft":
         return _DelayConvFFT.apply(x, gaussian_kernel(weight, pos, sigma, kernel_size))
     kernel = _GaussKernelCPU.apply(weight, pos, sigma, kernel_size)
@@ -1264,5 +1279,7 @@ def integer_delay_conv(
     kernel = kernel.scatter(-1, taps.long().unsqueeze(-1), weight.unsqueeze(-1))
     if path == "gemm":
         return _DelayConvGEMM.apply(x, kernel)
+    if path == "triton":
+        return _triton().DelayConv.apply(x, kernel)
     y = F.conv1d(pad_time(x, kernel_size).permute(1, 2, 0), kernel)
     return y.permute(2, 0, 1).contiguous()

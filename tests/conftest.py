@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Triton kernels run in its interpreter on CPU tensors in the tests. Triton decorates its own
+# library functions when first imported (spikingjelly imports it), so this must come first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -46,3 +49,14 @@ def read_metrics(run_dir: Path) -> dict:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def triton_interpreted():  # noqa: ANN201
+    """:mod:`snn_delays.triton_delays` in Triton's interpreter (CPU tensors); skip without triton."""
+    pytest.importorskip("triton")
+    import snn_delays.triton_delays as mod
+
+    if not mod.INTERPRET:
+        pytest.skip("TRITON_INTERPRET=0 in the environment: the Triton kernels cannot run on the CPU")
+    return mod

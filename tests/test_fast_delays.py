@@ -32,11 +32,13 @@ def _input(t: int, b: int, n_in: int, density: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("sigma", [0.23, 1.0, "K//2"])
-@pytest.mark.parametrize("impl", ["c", "no-compiler", "gemm", "fft", "fft-no-compiler"])
-def test_training_path_equals_dcls(case, sigma, impl, monkeypatch):
+@pytest.mark.parametrize("impl", ["c", "no-compiler", "gemm", "triton", "fft", "fft-no-compiler"])
+def test_training_path_equals_dcls(case, sigma, impl, monkeypatch, request):
     """``fft-no-compiler`` is the spectral path on torch.fft: what runs on CUDA."""
     t, b, n_in, n_out, k, density = case
     sigma = k // 2 if sigma == "K//2" else sigma
+    if impl == "triton":
+        request.getfixturevalue("triton_interpreted")
     if impl.endswith("no-compiler"):
         monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)
     monkeypatch.setenv(
@@ -60,9 +62,11 @@ def test_training_path_equals_dcls(case, sigma, impl, monkeypatch):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("impl", ["c", "gemm", "fft"])
-def test_integer_path_equals_dcls_eval(case, impl, monkeypatch):
+@pytest.mark.parametrize("impl", ["c", "gemm", "triton", "fft"])
+def test_integer_path_equals_dcls_eval(case, impl, monkeypatch, request):
     t, b, n_in, n_out, k, density = case
+    if impl == "triton":
+        request.getfixturevalue("triton_interpreted")
     monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", impl)
     torch.manual_seed(2)
     ref, fast = _pair(n_in, n_out, k, 0.23)
@@ -77,8 +81,10 @@ def test_integer_path_equals_dcls_eval(case, impl, monkeypatch):
     assert torch.equal((got >= thr)[~close], (want >= thr)[~close])
 
 
-@pytest.mark.parametrize("impl", ["auto", "gemm", "dense"])
-def test_integer_path_is_one_tap_per_synapse(impl):
+@pytest.mark.parametrize("impl", ["auto", "gemm", "triton", "dense"])
+def test_integer_path_is_one_tap_per_synapse(impl, request):
+    if impl == "triton":
+        request.getfixturevalue("triton_interpreted")
     torch.manual_seed(3)
     x = torch.randn(10, 2, 3)
     w = torch.randn(4, 3)
