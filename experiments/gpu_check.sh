@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine (torch + triton present; spikingjelly, dcls, ... as wheels in .whl/):
-# equivalence of the fast (GEMM) and dcls backends on CUDA, then the benchmarks. Results in $OUT.
-# Total well under 5 minutes on an H100/H200.
+# equivalence of the fast (GEMM, Triton, cuFFT) and dcls backends on CUDA, then the benchmarks.
+# Results in $OUT. Total about 5 minutes on an H100/H200 (Triton compiles and autotunes once).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 set -u
 OUT=${OUT:-/tmp/out}
@@ -11,12 +11,13 @@ python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())
 
 # 1. forward and gradients equal on CUDA, several sigmas: float32 (TF32 off, strict), then the
 #    default TF32 of both backends (cuDNN conv vs GEMM), reported.
-timeout 120 python3 - <<'PY' 2>&1 | tee "$OUT/equivalence_cuda.txt"
+timeout 180 python3 - <<'PY' 2>&1 | tee "$OUT/equivalence_cuda.txt"
 import os
 import torch
 from snn_delays.delays import DelayLayer
 worst = {}
-for impl, tf32 in (("gemm", False), ("gemm", True), ("fft", False), ("fft", True)):
+os.environ["TRITON_INTERPRET"] = "0"  # compiled Triton kernels on CUDA tensors
+for impl, tf32 in [(i, t) for i in ("gemm", "triton", "fft") for t in (False, True)]:
     os.environ["SNN_DELAYS_CONV_IMPL"] = impl
     torch.backends.cudnn.allow_tf32 = tf32
     torch.manual_seed(0)
@@ -45,8 +46,8 @@ print("WORST tf32 (both backends TF32, reported)", worst[True])
 PY
 
 # 2. the CPU test-suite (C kernels) on this machine's CPUs
-timeout 60 python3 -m pytest -q tests/test_fast_delays.py tests/test_fast_neurons.py 2>&1 | tail -3 | tee "$OUT/pytest_cpu.txt"
+timeout 90 python3 -m pytest -q tests/test_fast_delays.py tests/test_fast_neurons.py tests/test_triton_delays.py 2>&1 | tail -3 | tee "$OUT/pytest_cpu.txt"
 
 # 3. step times: train (fwd+bwd+Adam) and eval, fast vs dcls vs published, SHD then SSC
-timeout 90 python3 experiments/gpu_profile.py --network shd --profile 2>&1 | tee "$OUT/profile_shd.txt"
-timeout 90 python3 experiments/gpu_profile.py --network ssc 2>&1 | tee "$OUT/profile_ssc.txt"
+timeout 150 python3 experiments/gpu_profile.py --network shd --profile 2>&1 | tee "$OUT/profile_shd.txt"
+timeout 120 python3 experiments/gpu_profile.py --network ssc 2>&1 | tee "$OUT/profile_ssc.txt"

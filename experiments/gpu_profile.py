@@ -4,7 +4,10 @@
 
 Times (CUDA events, median of repeats) the training step (forward + backward + one Adam step)
 and the evaluation step of: the fast backend (GEMM path on CUDA), the dcls reference (cuDNN
-on), the fast backend on the spectral path (``SNN_DELAYS_CONV_IMPL=fft``: cuFFT and complex
+on), the fast backend on the Triton implicit GEMMs (``SNN_DELAYS_CONV_IMPL=triton``: no unfold
+copy), the GEMM and Triton paths with each step captured once as a CUDA graph and replayed
+(the step is host-bound: this is what removes the launch overhead), the fast backend on the
+spectral path (``SNN_DELAYS_CONV_IMPL=fft``: cuFFT and complex
 products), the fast backend forced onto conv1d (``SNN_DELAYS_CONV_IMPL=dense``, the previous
 CUDA path), the dcls reference with cuDNN off (as the published code ran), the network without
 delays; peak memory of each; with ``--profile`` the profiler's top CUDA kernels of one fast
@@ -64,6 +67,38 @@ def steps(model: DelaySNN, x: torch.Tensor, y: torch.Tensor):  # noqa: ANN201
     return train, evaluate
 
 
+def graphed_steps(model: DelaySNN, x: torch.Tensor, y: torch.Tensor):  # noqa: ANN201
+    """The same two steps, each captured once as a CUDA graph (static x, y, sigma) and replayed."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+
+    def train_body() -> None:
+        model.train()
+        F.cross_entropy(class_scores(model(x)), y).backward()
+        opt.step()
+        model.clamp_positions()
+
+    def eval_body() -> None:
+        model.eval()
+        with torch.no_grad():
+            class_scores(model(x)).argmax(-1)
+
+    graphs = []
+    for body in (train_body, eval_body):
+        side = torch.cuda.Stream()  # warm-up (and Triton autotuning) off the capturing stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                opt.zero_grad(set_to_none=True)
+                body()
+        torch.cuda.current_stream().wait_stream(side)
+        opt.zero_grad(set_to_none=True)  # backward in the capture allocates .grad from its pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            body()
+        graphs.append(graph)
+    return graphs[0].replay, graphs[1].replay
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--network", default="shd", choices=sorted(NETWORKS))
@@ -79,6 +114,9 @@ def main() -> None:
     variants = [
         ("fast (GEMM)", "fast", "learned", True, "auto"),
         ("dcls", "dcls", "learned", True, "auto"),
+        ("fast, triton", "fast", "learned", True, "triton"),
+        ("fast (GEMM), CUDA graph", "fast", "learned", True, "auto+graph"),
+        ("fast, triton, CUDA graph", "fast", "learned", True, "triton+graph"),
         ("fast, spectral (cuFFT)", "fast", "learned", True, "fft"),
         ("fast, conv1d path (previous)", "fast", "learned", True, "dense"),
         ("dcls, cuDNN off (published)", "dcls", "learned", False, "auto"),
@@ -86,27 +124,38 @@ def main() -> None:
     ]
     for name, backend, delays, cudnn, conv in variants:
         torch.backends.cudnn.enabled = cudnn
+        conv, graph = conv.split("+")[0], conv.endswith("+graph")
         os.environ["SNN_DELAYS_CONV_IMPL"] = conv
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        train, evaluate = steps(make(args.network, backend, delays), x, y)
-        rows.append((name, time_ms(train), time_ms(evaluate), torch.cuda.max_memory_allocated() / 2**20))
+        try:
+            model = make(args.network, backend, delays)
+            train, evaluate = (graphed_steps if graph else steps)(model, x, y)
+            rows.append((name, time_ms(train), time_ms(evaluate), torch.cuda.max_memory_allocated() / 2**20))
+        except Exception as err:  # noqa: BLE001 - report the variant that failed, time the rest
+            print(f"{name}: FAILED {type(err).__name__}: {err}", flush=True)
+            torch.cuda.synchronize()
+            continue
         print(name, rows[-1][1:], flush=True)
     torch.backends.cudnn.enabled = True
     os.environ["SNN_DELAYS_CONV_IMPL"] = "auto"
-    ref = rows[1]
+    ref = next(row for row in rows if row[0] == "dcls")
     print(f"{args.network} batch {batch} on {torch.cuda.get_device_name()}, ratios vs dcls (cuDNN on)")
     print(f"{'variant':32s} {'train ms':>9s} {'eval ms':>8s} {'peak MiB':>9s} {'train x':>8s} {'eval x':>7s}")
     for name, tr, ev, mem in rows:
         print(f"{name:32s} {tr:9.2f} {ev:8.2f} {mem:9.0f} {ref[1] / tr:8.2f} {ref[2] / ev:7.2f}")
     if not args.profile:
         return
-    train, _ = steps(make(args.network, "fast"), x, y)
-    train()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    for conv in ("auto", "triton"):
+        os.environ["SNN_DELAYS_CONV_IMPL"] = conv
+        train, _ = steps(make(args.network, "fast"), x, y)
         train()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            train()
+            torch.cuda.synchronize()
+        print(f"one fast training step, SNN_DELAYS_CONV_IMPL={conv}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+    os.environ["SNN_DELAYS_CONV_IMPL"] = "auto"
 
 
 if __name__ == "__main__":
