@@ -8,7 +8,8 @@ seconds) holding a timing task: each class is a fixed pattern of one spike per c
 at class-specific times, shifted and jittered per sample, plus background spikes. Unless
 ``--root`` already holds SHD files (then they are used as they are: point it at real data).
 Then runs ``snn-delays-train dataset=shd`` once per backend with the same seed and prints test
-accuracy and training time side by side.
+accuracy and training time side by side. A backend named ``fast+graphs`` is the fast backend
+with ``trainer.cuda_graphs=true`` (on a GPU: ``--backends fast,fast+graphs,dcls``).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jitter-ms", type=float, default=2.0, help="timing jitter of each pattern spike")
     parser.add_argument("--noise", type=int, default=60, help="background spikes per sample")
-    parser.add_argument("--backends", default="fast,dcls")
+    parser.add_argument("--backends", default="fast,dcls", help="comma-separated: fast, dcls, fast+graphs")
     args = parser.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
     if not (args.root / "shd_train.h5").exists():
@@ -74,7 +75,10 @@ def main() -> None:
         write_shd_file(args.root / "shd_test.h5", args.n_train // 4, 10, rng, patterns, **hard)
     results = {}
     for backend in args.backends.split(","):
-        out = args.root / f"run_{backend}"
+        name, _, extra = backend.partition("+")
+        if name not in ("fast", "dcls") or extra not in ("", "graphs"):
+            parser.error(f"--backends: unknown entry {backend!r} (fast, dcls, each optionally +graphs)")
+        out = args.root / f"run_{backend.replace('+', '_')}"
         cmd = [
             sys.executable,
             "-m",
@@ -84,7 +88,8 @@ def main() -> None:
             "dataset.n_classes=10",
             f"trainer.epochs={args.epochs}",
             f"trainer.batch_size={args.batch}",
-            f"model.delay_backend={backend}",
+            f"model.delay_backend={name}",
+            f"trainer.cuda_graphs={str(extra == 'graphs').lower()}",
             "logger=none",
             f"seed={args.seed}",
             "trainer.progress=false",
@@ -92,9 +97,9 @@ def main() -> None:
         ]
         subprocess.run(cmd, check=True)
         results[backend] = json.loads((out / "metrics.json").read_text())
-    print(f"{'backend':8s} {'test_acc':>9s} {'best_test':>9s} {'train s':>8s}")
+    print(f"{'backend':12s} {'test_acc':>9s} {'best_test':>9s} {'train s':>8s}")
     for backend, m in results.items():
-        print(f"{backend:8s} {m['test_acc']:9.4f} {m['best_test_acc']:9.4f} {m['train_seconds']:8.1f}")
+        print(f"{backend:12s} {m['test_acc']:9.4f} {m['best_test_acc']:9.4f} {m['train_seconds']:8.1f}")
     if {"dcls", "fast"} <= results.keys():
         ratio = results["dcls"]["train_seconds"] / results["fast"]["train_seconds"]
         print(f"training time ratio dcls/fast: {ratio:.2f}")

@@ -2,16 +2,22 @@
 
     python experiments/gpu_profile.py [--network shd|ssc] [--batch 256] [--steps 100] [--profile]
 
-Times (CUDA events, median of repeats) the training step (forward + backward + one Adam step)
-and the evaluation step of: the fast backend (GEMM path on CUDA), the dcls reference (cuDNN
-on), the fast backend on the Triton implicit GEMMs (``SNN_DELAYS_CONV_IMPL=triton``: no unfold
-copy), the GEMM and Triton paths with each step captured once as a CUDA graph and replayed
-(the step is host-bound: this is what removes the launch overhead), the fast backend on the
-spectral path (``SNN_DELAYS_CONV_IMPL=fft``: cuFFT and complex
-products), the fast backend forced onto conv1d (``SNN_DELAYS_CONV_IMPL=dense``, the previous
-CUDA path), the dcls reference with cuDNN off (as the published code ran), the network without
-delays; peak memory of each; with ``--profile`` the profiler's top CUDA kernels of one fast
-step.
+Times (CUDA events, median of repeats) the trainer's training step
+(``snn_delays.training.train_step``: forward, backward, one Adam step, clamping) and its
+evaluation step of these variants:
+
+- the fast backend (GEMM path on CUDA) and the dcls reference (cuDNN on);
+- the fast backend on the Triton implicit GEMMs (``SNN_DELAYS_CONV_IMPL=triton``: no unfold
+  copy);
+- the GEMM and Triton paths with each step replayed from a CUDA graph, as
+  ``trainer.cuda_graphs=true`` runs them (the step is host-bound: graphs remove the launches);
+  a variant whose capture failed is marked, its time is then the eager one;
+- the spectral path (``SNN_DELAYS_CONV_IMPL=fft``: cuFFT and complex products), the conv1d
+  path (``SNN_DELAYS_CONV_IMPL=dense``, the first CUDA path), the dcls reference with cuDNN
+  off (as the published code ran), and the network without delays.
+
+It prints the peak memory of each and, with ``--profile``, the profiler's top CUDA kernels of
+one fast step.
 """
 
 from __future__ import annotations
@@ -21,11 +27,11 @@ import os
 import statistics
 
 import torch
-import torch.nn.functional as F
 from bench import NETWORKS, build_network  # one table of the published networks (run from experiments/)
 
+from snn_delays.cuda_graphs import GraphedSteps, make_capturable
 from snn_delays.model import DelaySNN
-from snn_delays.training import class_scores
+from snn_delays.training import Optimization, eval_step, train_step
 
 
 def make(net: str, backend: str, delays: str = "learned") -> DelaySNN:
@@ -48,55 +54,26 @@ def time_ms(fn, repeats: int = 20) -> float:  # noqa: ANN001
     return statistics.median(times)
 
 
-def steps(model: DelaySNN, x: torch.Tensor, y: torch.Tensor):  # noqa: ANN201
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+def steps(model: DelaySNN, x: torch.Tensor, y: torch.Tensor, graphs: bool = False):  # noqa: ANN201
+    """The trainer's training and evaluation steps; ``graphs``: replayed from CUDA graphs as
+    ``trainer.cuda_graphs=true`` runs them (the first call eager, the second captures)."""
+    opt = Optimization(torch.optim.Adam(model.parameters(), lr=1e-3), None)
+    run_train = lambda a, b: train_step(model, opt, a, b)  # noqa: E731
+    run_eval = lambda a, b: eval_step(model, a, b)  # noqa: E731
+    if graphs:
+        make_capturable(opt.weights)
+        run_train, run_eval = GraphedSteps(run_train), GraphedSteps(run_eval)
 
     def train() -> None:
         model.train()
-        loss = F.cross_entropy(class_scores(model(x)), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        model.clamp_positions()
+        run_train(x, y)
 
-    @torch.no_grad()
     def evaluate() -> None:
         model.eval()
-        class_scores(model(x)).argmax(-1)
+        run_eval(x, y)
 
+    train.graphs = (run_train, run_eval) if graphs else ()  # for the failed-capture check
     return train, evaluate
-
-
-def graphed_steps(model: DelaySNN, x: torch.Tensor, y: torch.Tensor):  # noqa: ANN201
-    """The same two steps, each captured once as a CUDA graph (static x, y, sigma) and replayed."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
-
-    def train_body() -> None:
-        model.train()
-        F.cross_entropy(class_scores(model(x)), y).backward()
-        opt.step()
-        model.clamp_positions()
-
-    def eval_body() -> None:
-        model.eval()
-        with torch.no_grad():
-            class_scores(model(x)).argmax(-1)
-
-    graphs = []
-    for body in (train_body, eval_body):
-        side = torch.cuda.Stream()  # warm-up (and Triton autotuning) off the capturing stream
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                opt.zero_grad(set_to_none=True)
-                body()
-        torch.cuda.current_stream().wait_stream(side)
-        opt.zero_grad(set_to_none=True)  # backward in the capture allocates .grad from its pool
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            body()
-        graphs.append(graph)
-    return graphs[0].replay, graphs[1].replay
 
 
 def main() -> None:
@@ -130,8 +107,11 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         try:
             model = make(args.network, backend, delays)
-            train, evaluate = (graphed_steps if graph else steps)(model, x, y)
-            rows.append((name, time_ms(train), time_ms(evaluate), torch.cuda.max_memory_allocated() / 2**20))
+            train, evaluate = steps(model, x, y, graphs=graph)
+            times = time_ms(train), time_ms(evaluate)
+            if any(runner.failed or not runner.captures for runner in train.graphs):
+                name += " (capture FAILED: eager)"
+            rows.append((name, *times, torch.cuda.max_memory_allocated() / 2**20))
         except Exception as err:  # noqa: BLE001 - report the variant that failed, time the rest
             print(f"{name}: FAILED {type(err).__name__}: {err}", flush=True)
             torch.cuda.synchronize()

@@ -187,6 +187,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         cfg.trainer.progress,
         cfg.trainer.save_checkpoints,
         cfg.seed,
+        cfg.trainer.cuda_graphs,
     )
     # Watch for SIGTERM/SIGUSR1 until the outputs are written: a late signal must not cut them.
     with StopFlag() as stop:

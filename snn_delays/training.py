@@ -15,6 +15,7 @@ random states.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import signal
@@ -30,8 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from snn_delays.cuda_graphs import GraphedSteps, make_capturable
 from snn_delays.data.base import DataBundle, Split, batches
 
+log = logging.getLogger(__name__)
 Augmenter = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x, y) -> (x, target)
 
 
@@ -140,6 +143,7 @@ class FitConfig:
     progress: bool = True
     save_checkpoints: bool = True
     seed: int = 0
+    cuda_graphs: bool = False  # replay each training step from a CUDA graph (snn_delays.cuda_graphs)
 
 
 @dataclass
@@ -165,8 +169,19 @@ def _accumulate(sums: Tensor, loss_sum: Tensor, scores: Tensor, y: Tensor) -> No
 
 # --- evaluation -------------------------------------------------------------------------
 @torch.no_grad()
+def eval_step(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed loss and class scores of the evaluated network on one batch."""
+    scores = class_scores(model(x))
+    return F.cross_entropy(scores, y, reduction="sum"), scores
+
+
+@torch.no_grad()
 def evaluate(
-    model: nn.Module, split: Split, batch_size: int, dist: Distributed | None = None
+    model: nn.Module,
+    split: Split,
+    batch_size: int,
+    dist: Distributed | None = None,
+    graphs: GraphedSteps | None = None,
 ) -> dict[str, float]:
     """Loss and accuracy of the evaluated (integer-delay) network on one split."""
     dist = dist or Distributed()
@@ -175,13 +190,47 @@ def evaluate(
     model.eval()
     sums = torch.zeros(3, device=split.x.device, dtype=torch.float64)  # loss*n, correct, n
     for x, y, _ in batches(split, batch_size, indices=dist.shard(torch.arange(len(split)))):
-        scores = class_scores(model(x))
-        _accumulate(sums, F.cross_entropy(scores, y, reduction="sum"), scores, y)
+        loss_sum, scores = graphs(x, y) if graphs is not None else eval_step(model, x, y)
+        _accumulate(sums, loss_sum, scores, y)
     loss, correct, n = dist.all_sum(sums).tolist()
     return {"loss": loss / n, "acc": correct / n}
 
 
 # --- training ------------------------------------------------------------------------------
+def train_step(model: nn.Module, opt: Optimization, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """One step: forward, backward, both optimizers, position clamping; (loss, scores) detached.
+
+    Free of host synchronisation, so a CUDA graph can record it (:mod:`snn_delays.cuda_graphs`).
+    """
+    opt.zero_grad()
+    scores = class_scores(model(x))
+    loss = F.cross_entropy(scores, target)  # integer labels, or CutMix label mixtures
+    loss.backward()
+    opt.step()
+    getattr(model, "module", model).clamp_positions()  # the bare model under DDP
+    return loss.detach(), scores.detach()
+
+
+def graphed_steps(
+    model: nn.Module, opt: Optimization, dist: Distributed
+) -> tuple[GraphedSteps, GraphedSteps] | None:
+    """Graph runners (train, evaluation) of ``trainer.cuda_graphs=true``; None where they cannot run."""
+    device = next(model.parameters()).device
+    if device.type != "cuda" or dist.world_size > 1:
+        log.warning(
+            "trainer.cuda_graphs=true needs one process on a CUDA device (got %s, %d processes): "
+            "training without graphs",
+            device,
+            dist.world_size,
+        )
+        return None
+    make_capturable(opt.weights, opt.positions)
+    return (
+        GraphedSteps(lambda x, target: train_step(model, opt, x, target)),
+        GraphedSteps(lambda x, y: eval_step(model, x, y)),
+    )
+
+
 def train_epoch(
     model: nn.Module,
     split: Split,
@@ -192,9 +241,9 @@ def train_epoch(
     stop: Callable[[], bool],
     desc: str,
     augment: Augmenter | None = None,
+    graphs: GraphedSteps | None = None,
 ) -> dict[str, float]:
     model.train()
-    core = getattr(model, "module", model)  # the bare model under DistributedDataParallel
     order = torch.randperm(len(split), generator=gen)
     per_rank = max(cfg.batch_size // dist.world_size, 1)
     sums = torch.zeros(3, device=split.x.device, dtype=torch.float64)
@@ -209,13 +258,8 @@ def train_epoch(
     )
     for x, y, _ in bar:
         x, target = augment(x, y) if augment is not None else (x, y)
-        scores = class_scores(model(x))
-        loss = F.cross_entropy(scores, target)  # integer labels, or CutMix label mixtures
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        core.clamp_positions()
-        _accumulate(sums, loss.detach() * len(y), scores.detach(), y)
+        loss, scores = graphs(x, target) if graphs is not None else train_step(model, opt, x, target)
+        _accumulate(sums, loss * len(y), scores, y)
         if stop() and dist.world_size == 1:  # ranks stop together, at the epoch's end
             break
     loss, correct, n = dist.all_sum(sums).tolist()
@@ -306,6 +350,7 @@ def fit(
     gen = torch.Generator()
     gen.set_state(state.shuffle_rng)
     ckpt_dir = run_dir / "checkpoints"
+    graphs, eval_graphs = (graphed_steps(model, opt, dist) if cfg.cuda_graphs else None) or (None, None)
     with contextlib.ExitStack() as stack:
         if stop is None:
             stop = stack.enter_context(StopFlag())
@@ -320,14 +365,18 @@ def fit(
             if opt.sigma_init is not None:
                 core.set_sigma(sigma_at(epoch, opt.sigma_init, opt.sigma_final, opt.sigma_decay_epochs))
             lrs = opt.lrs()
+            if graphs is not None:
+                graphs.new_epoch()  # sigma, learning rates and betas changed: capture anew
             t0 = time.perf_counter()
-            train = train_epoch(model, data.train, opt, cfg, gen, dist, stop, f"epoch {epoch + 1}", augment)
+            train = train_epoch(
+                model, data.train, opt, cfg, gen, dist, stop, f"epoch {epoch + 1}", augment, graphs
+            )
             if dist.any(stop()):
                 break
             opt.end_epoch()
             state.train_seconds += time.perf_counter() - t0
-            valid = evaluate(model, data.valid, cfg.eval_batch_size, dist)
-            test = evaluate(model, data.test, cfg.eval_batch_size, dist)
+            valid = evaluate(model, data.valid, cfg.eval_batch_size, dist, eval_graphs)
+            test = evaluate(model, data.test, cfg.eval_batch_size, dist, eval_graphs)
             row = {
                 "epoch": epoch + 1,
                 "train/loss": train["loss"],

@@ -1,0 +1,124 @@
+"""CUDA graphs for the training and evaluation steps: captured once, replayed for every batch.
+
+On a GPU the SNN's training step is bound by the host, not the GPU: a few hundred small
+kernels (LIF, BatchNorm, dropout, the delay products and the Gaussian kernel of every layer,
+two Adam optimizers) are each launched from Python. A CUDA graph records the step's kernels
+once and replays them with a single launch; the batch is copied into the graph's input
+buffers first. ``trainer.cuda_graphs=true`` turns this on (CUDA, one process).
+
+What a graph bakes in: sigma (the Gaussian kernel's width and the taps each path visits), the
+learning rates and Adam betas of the epoch (the schedulers step once per epoch), and the
+batch's shape. So :class:`GraphedSteps` captures anew at the start of every epoch (the first
+batch of an epoch runs eagerly, on a side stream, which also warms up lazily initialised
+state, then the second batch is captured and run), and a batch of another shape (the last,
+smaller batch) runs eagerly. The optimizers run with ``capturable=True`` (their step counts
+live on the GPU). The evaluation step bakes in nothing that changes (parameters and BatchNorm
+statistics are read from their memory at each replay; the integer delays are computed from
+the positions inside the graph), so its graph is captured once for the run. Should a capture
+fail (a kernel that synchronises with the host, say), training goes on without graphs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+Body = Callable[[Tensor, Tensor], tuple[Tensor, ...]]
+Capture = Callable[[Callable[[], tuple[Tensor, ...]]], tuple[Callable[[], None], tuple[Tensor, ...]]]
+
+
+def cuda_capture(body: Callable[[], tuple[Tensor, ...]]) -> tuple[Callable[[], None], tuple[Tensor, ...]]:
+    """Record ``body`` as a CUDA graph and run it once; returns ``(replay, outputs)``.
+
+    ``outputs`` are the graph's own tensors: every replay overwrites them.
+    """
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = body()
+    graph.replay()
+    return graph.replay, outputs
+
+
+def make_capturable(*optimizers: torch.optim.Optimizer | None) -> None:
+    """``capturable=True`` for every param group, step counts moved next to their parameters."""
+    for opt in optimizers:
+        if opt is None:
+            continue
+        if not all("capturable" in group for group in opt.param_groups):
+            raise ValueError(f"trainer.cuda_graphs: {type(opt).__name__} cannot step inside a CUDA graph")
+        for group in opt.param_groups:
+            group["capturable"] = True
+            for p in group["params"]:
+                state = opt.state.get(p, {})
+                if "step" in state:
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=p.device)
+
+
+class GraphedSteps:
+    """``steps(x, target)`` runs ``body(x, target)``, from a graph where the shape allows.
+
+    ``body`` is one whole training step (forward, backward, optimizer, clamping) returning
+    tensors; :meth:`new_epoch` drops the graph. The returned tensors are the graph's outputs,
+    overwritten by the next replay: read or accumulate them before the next call.
+    ``capture`` and ``side_stream`` exist for tests, which replay the body eagerly on the CPU.
+    """
+
+    def __init__(self, body: Body, capture: Capture = cuda_capture, side_stream: bool = True) -> None:
+        self.body, self.capture, self.side_stream = body, capture, side_stream
+        self.captures = 0  # graphs recorded so far
+        self.replays = 0
+        self.failed = False  # a capture failed: every later step runs eagerly
+        self.new_epoch()
+
+    def new_epoch(self) -> None:
+        self._replay: Callable[[], None] | None = None
+        self._inputs: tuple[Tensor, Tensor] | None = None
+        self._outputs: tuple[Tensor, ...] = ()
+        self._warm = False
+
+    def __call__(self, x: Tensor, target: Tensor) -> tuple[Tensor, ...]:
+        if self.failed:
+            return self.body(x, target)
+        if self._replay is not None:
+            static_x, static_t = self._inputs
+            if _same_layout(x, static_x) and _same_layout(target, static_t):
+                static_x.copy_(x)
+                static_t.copy_(target)
+                self._replay()
+                self.replays += 1
+                return self._outputs
+            return self.body(x, target)  # another shape: the epoch's last, smaller batch
+        if not self._warm:  # the first batch of the epoch: eager, off the capturing stream
+            self._warm = True
+            with self._side():
+                return self.body(x, target)
+        self._inputs = (x.clone(), target.clone())
+        try:
+            self._replay, self._outputs = self.capture(lambda: self.body(*self._inputs))
+        except RuntimeError as err:  # e.g. a host synchronisation inside the step
+            # Nothing ran on the GPU during the failed capture: this batch runs again, eagerly.
+            log.warning("CUDA graph capture failed, training without graphs from here: %s", err)
+            self.failed, self._inputs = True, None
+            return self.body(x, target)
+        self.captures += 1
+        return self._outputs
+
+    @contextlib.contextmanager
+    def _side(self):  # noqa: ANN202
+        if not (self.side_stream and torch.cuda.is_available()):
+            yield
+            return
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            yield
+        torch.cuda.current_stream().wait_stream(stream)
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device

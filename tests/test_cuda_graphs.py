@@ -1,0 +1,133 @@
+"""Training steps replayed from CUDA graphs (``trainer.cuda_graphs=true``) train as the eager loop.
+
+On the CPU the graph is stood in for by a capture that replays the step eagerly from the same
+static input buffers: this holds the bookkeeping (batches copied in, one capture per epoch,
+other shapes eager, outputs read before the next replay) to the eager loop, bit for bit. On a
+GPU the real capture is compared with the eager loop (``experiments/gpu_check.sh`` runs it).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from snn_delays import training
+from snn_delays.cuda_graphs import GraphedSteps, make_capturable
+from snn_delays.data.synthetic import make_synthetic
+from snn_delays.loggers import NullLogger
+from snn_delays.model import DelaySNN
+from snn_delays.training import FitConfig, Optimization, eval_step, fit, train_step
+
+
+def eager_capture(body):  # noqa: ANN001, ANN201
+    """A CPU stand-in for a graph: run once now, and on each replay refill the same outputs."""
+    outputs = body()
+
+    def replay() -> None:
+        for out, new in zip(outputs, body(), strict=True):
+            out.copy_(new)
+
+    return replay, outputs
+
+
+def _train(tmp_path, device: str, cuda_graphs: bool, epochs: int = 3, dropout: float = 0.1):  # noqa: ANN001, ANN202
+    torch.manual_seed(0)
+    data = make_synthetic(n_train=300, n_valid=96, n_test=128, seed=1).to(device)
+    model = DelaySNN(8, 4, n_hidden=16, n_layers=1, kernel_size=15, dropout=dropout).to(device)
+    weights = torch.optim.Adam(model.weight_parameters(), lr=1e-3)
+    positions = torch.optim.Adam(model.delay_parameters(), lr=0.1)
+    opt = Optimization(
+        weights,
+        torch.optim.lr_scheduler.OneCycleLR(weights, max_lr=5e-3, total_steps=epochs),
+        positions,
+        torch.optim.lr_scheduler.CosineAnnealingLR(positions, T_max=epochs),
+        sigma_init=7.0,
+        sigma_decay_epochs=2,
+    )
+    cfg = FitConfig(epochs, 64, 40, progress=False, save_checkpoints=False, cuda_graphs=cuda_graphs)
+    state = fit(model, data, opt, NullLogger(), cfg, tmp_path)
+    return model, state
+
+
+def test_graphed_epochs_train_exactly_as_the_eager_loop(tmp_path, monkeypatch):
+    runners = []
+
+    def cpu_graphs(model, opt, dist):  # noqa: ANN001, ANN202
+        runners.append(
+            GraphedSteps(lambda x, t: train_step(model, opt, x, t), eager_capture, side_stream=False)
+        )
+        runners.append(GraphedSteps(lambda x, y: eval_step(model, x, y), eager_capture, side_stream=False))
+        return tuple(runners)
+
+    eager_model, eager_state = _train(tmp_path / "eager", "cpu", cuda_graphs=False)
+    monkeypatch.setattr(training, "graphed_steps", cpu_graphs)
+    graph_model, graph_state = _train(tmp_path / "graphs", "cpu", cuda_graphs=True)
+
+    runner, eval_runner = runners
+    # 300 samples in batches of 64: per epoch one eager warm-up, one capture, two replays and
+    # the last batch of 44 eagerly
+    assert (runner.captures, runner.replays) == (3, 6)
+    # 96 validation and 128 test samples in batches of 40, one graph for the whole run: per
+    # epoch 2 + 3 full batches (less the first warm-up and the capture), the last ones eagerly
+    assert (eval_runner.captures, eval_runner.replays) == (1, 3 * 5 - 2)
+    for (name, got), want in zip(
+        graph_model.state_dict().items(), eager_model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(got, want), name
+    assert graph_state.history == eager_state.history  # losses and accuracies, every split
+
+
+def test_a_replay_reads_the_new_batch():
+    seen = []
+    steps = GraphedSteps(lambda x, t: (x.sum() + t.sum(),), eager_capture, side_stream=False)
+    for value in range(5):
+        seen.append(float(steps(torch.full((2, 3), float(value)), torch.zeros(2))[0]))
+    assert seen == [0.0, 6.0, 12.0, 18.0, 24.0]
+    assert float(steps(torch.ones(1, 3), torch.zeros(1))[0]) == 3.0  # another shape: eager
+
+
+def test_cpu_training_falls_back_with_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="snn_delays.training"):
+        model, state = _train(tmp_path, "cpu", cuda_graphs=True, epochs=1)
+    assert "needs one process on a CUDA device" in caplog.text
+    assert state.epoch == 1
+
+
+def test_optimizers_become_capturable():
+    p = torch.nn.Parameter(torch.zeros(3))
+    adam = torch.optim.Adam([p])
+    p.grad = torch.ones(3)
+    adam.step()
+    make_capturable(adam, None)
+    assert adam.param_groups[0]["capturable"] and torch.is_tensor(adam.state[p]["step"])
+    with pytest.raises(ValueError, match="cannot step inside a CUDA graph"):
+        make_capturable(torch.optim.SGD([p], lr=0.1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_train_as_the_eager_loop_on_the_gpu(tmp_path):
+    eager_model, eager_state = _train(tmp_path / "eager", "cuda", cuda_graphs=False, dropout=0.0)
+    graph_model, graph_state = _train(tmp_path / "graphs", "cuda", cuda_graphs=True, dropout=0.0)
+    for (name, got), want in zip(
+        graph_model.state_dict().items(), eager_model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+    for got, want in zip(graph_state.history, eager_state.history, strict=True):
+        assert got["test/acc"] == pytest.approx(want["test/acc"], abs=0.02)
+
+
+def test_a_failed_capture_trains_on_without_graphs(caplog):
+    def failing_capture(body):  # noqa: ANN001, ANN202
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    calls = []
+    steps = GraphedSteps(
+        lambda x, t: calls.append(float(x.sum())) or (x.sum(),), failing_capture, side_stream=False
+    )
+    with caplog.at_level(logging.WARNING, logger="snn_delays.cuda_graphs"):
+        outs = [float(steps(torch.full((2,), float(v)), torch.zeros(2))[0]) for v in range(4)]
+    assert outs == [0.0, 2.0, 4.0, 6.0] and calls == outs  # every batch ran once, eagerly
+    assert steps.failed and steps.captures == 0
+    assert "capture failed" in caplog.text
