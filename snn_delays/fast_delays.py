@@ -1253,7 +1253,8 @@ def delay_conv(
     if path == "gemm":
         return _DelayConvGEMM.apply(x, gaussian_kernel(weight, pos, sigma, kernel_size))
     if path == "triton":
-        return _triton().DelayConv.apply(x, gaussian_kernel(weight, pos, sigma, kernel_size))
+        td = _triton()
+        return td.DelayConv.apply(x, td.gaussian_kernel(weight, pos, sigma, kernel_size))
     if path == "fft":
         return _DelayConvFFT.apply(x, gaussian_kernel(weight, pos, sigma, kernel_size))
     kernel = _GaussKernelCPU.apply(weight, pos, sigma, kernel_size)

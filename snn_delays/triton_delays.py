@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from snn_delays.fast_delays import NORM_EPS, SIGMA_OFFSET
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SPLIT_ROWS = 4096  # rows (t, b) per partial sum of dL/dk
 SPLIT_FLOATS = 1 << 24  # at most this many floats of partial sums (64 MiB)
@@ -156,6 +158,47 @@ def _shift_grad_w_kernel(
     tl.store(out, acc, mask=ci_ok[:, None] & co_ok[None, :])
 
 
+@triton.jit
+def _gauss_fwd_kernel(w, p, k, S, K, c0, s, eps, R: tl.constexpr, KP: tl.constexpr):
+    """``k[r, n] = w[r] g[n] / (sum g + eps)``, ``g[n] = exp(-((n - p[r] - K//2) / s)^2 / 2)``."""
+    r = tl.program_id(0) * R + tl.arange(0, R)
+    n = tl.arange(0, KP)
+    r_ok = r < S
+    n_ok = n < K
+    c = tl.load(p + r, mask=r_ok, other=0.0) + c0
+    d = (n[None, :].to(tl.float32) - c[:, None]) / s
+    g = tl.where(n_ok[None, :], tl.exp(-0.5 * (d * d)), 0.0)
+    gn = g / (tl.sum(g, axis=1) + eps)[:, None]
+    wv = tl.load(w + r, mask=r_ok, other=0.0)
+    tl.store(
+        k + r[:, None].to(tl.int64) * K + n[None, :], wv[:, None] * gn, mask=r_ok[:, None] & n_ok[None, :]
+    )
+
+
+@triton.jit
+def _gauss_bwd_kernel(w, p, dk, dw, dp, S, K, c0, s, eps, R: tl.constexpr, KP: tl.constexpr):
+    """``dL/dw = sum_n dk gn``; ``dL/dp = w (sum_n dk gn u - (sum_n dk gn) sum_m gn u) / s^2``,
+    ``u = n - c``: the Gaussian recomputed, nothing of size (S, K) kept from the forward."""
+    r = tl.program_id(0) * R + tl.arange(0, R)
+    n = tl.arange(0, KP)
+    r_ok = r < S
+    n_ok = n < K
+    c = tl.load(p + r, mask=r_ok, other=0.0) + c0
+    u = n[None, :].to(tl.float32) - c[:, None]
+    d = u / s
+    g = tl.where(n_ok[None, :], tl.exp(-0.5 * (d * d)), 0.0)
+    gn = g / (tl.sum(g, axis=1) + eps)[:, None]
+    g_k = tl.load(
+        dk + r[:, None].to(tl.int64) * K + n[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0
+    )
+    a = tl.sum(g_k * gn, axis=1)
+    b = tl.sum(g_k * gn * u, axis=1)
+    m = tl.sum(gn * u, axis=1)
+    wv = tl.load(w + r, mask=r_ok, other=0.0)
+    tl.store(dw + r, a, mask=r_ok)
+    tl.store(dp + r, wv * (b - a * m) / (s * s), mask=r_ok)
+
+
 def _precision(device: torch.device) -> str:
     return "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "ieee"
 
@@ -231,6 +274,49 @@ def shift_grad_w(src: Tensor, g: Tensor, ksize: int, shift: int) -> Tensor:
     return dw[0] if split == 1 else dw.sum(0)
 
 
+GAUSS_ROWS = 32  # synapses per program of the Gaussian kernel
+
+
+class GaussKernel(torch.autograd.Function):
+    """The DCLS Gaussian kernel ``(out, in, K)`` from ``weight``, ``pos`` (out, in): one kernel
+    launch each way, instead of a dozen elementwise ops and their saved intermediates."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, pos: Tensor, sigma: float, ksize: int) -> Tensor:  # noqa: ANN001
+        w, p = weight.detach().contiguous(), pos.detach().contiguous()
+        _check(w, p)
+        kernel = torch.empty(*w.shape, ksize, device=w.device, dtype=torch.float32)
+        ctx.args = (ksize, float(ksize // 2), abs(float(sigma)) + SIGMA_OFFSET, NORM_EPS)
+        _gauss_fwd_kernel[(triton.cdiv(w.numel(), GAUSS_ROWS),)](
+            w, p, kernel, w.numel(), *ctx.args, R=GAUSS_ROWS, KP=triton.next_power_of_2(ksize)
+        )
+        ctx.save_for_backward(w, p)
+        return kernel
+
+    @staticmethod
+    def backward(ctx, grad_k: Tensor):  # noqa: ANN001, ANN205
+        w, p = ctx.saved_tensors
+        dw, dp = torch.empty_like(w), torch.empty_like(p)
+        ksize = ctx.args[0]
+        _gauss_bwd_kernel[(triton.cdiv(w.numel(), GAUSS_ROWS),)](
+            w,
+            p,
+            grad_k.contiguous(),
+            dw,
+            dp,
+            w.numel(),
+            *ctx.args,
+            R=GAUSS_ROWS,
+            KP=triton.next_power_of_2(ksize),
+        )
+        return dw, dp, None, None
+
+
+def gaussian_kernel(weight: Tensor, pos: Tensor, sigma: float, ksize: int) -> Tensor:
+    """:func:`snn_delays.fast_delays.gaussian_kernel` on the Triton kernels."""
+    return GaussKernel.apply(weight, pos, sigma, ksize)
+
+
 def conv(x: Tensor, kernel: Tensor) -> Tensor:
     """``y`` (T + (K-1)//2, B, O): the delay conv of ``x`` (T, B, I) with ``kernel`` (O, I, K)."""
     ksize = kernel.shape[2]
@@ -281,17 +367,26 @@ def compile_for(capability: int = 90, ksize: int = 25) -> list[dict]:
 
     if INTERPRET:
         raise RuntimeError("compile_for needs the compiled kernels: import without TRITON_INTERPRET=1")
+    pointers = ("src", "w", "dst", "g", "dw", "p", "k", "dk", "dp")
+    ints = ("T_src", "T_dst", "T_g", "B", "C_in", "C_out", "shift", "split_rows", "S", "K")
+    floats = ("c0", "s", "eps")
+    gauss = [triton.Config({"R": GAUSS_ROWS, "KP": triton.next_power_of_2(ksize)})]
+    kernels = [
+        (_shift_mm_kernel.fn, _MM_CONFIGS, {"K": ksize, "PREC": "tf32"}),  # .fn: under the autotuner
+        (_shift_grad_w_kernel.fn, _GW_CONFIGS, {"K": ksize, "PREC": "tf32"}),
+        (_gauss_fwd_kernel, gauss, {}),
+        (_gauss_bwd_kernel, gauss, {}),
+    ]
     rows = []
-    for kernel, configs in ((_shift_mm_kernel, _MM_CONFIGS), (_shift_grad_w_kernel, _GW_CONFIGS)):
-        fn = kernel.fn  # the autotuner's JITFunction
-        names = list(inspect.signature(fn.fn).parameters)
-        ints = ("T_src", "T_dst", "T_g", "B", "C_in", "C_out", "shift", "split_rows")
-        sig = {
-            n: "i32" if n in ints else "constexpr" if n.isupper() or n.startswith("B") else "*fp32"
-            for n in names
-        }
+    for fn, configs, fixed in kernels:
+        sig = {}
+        for name in inspect.signature(fn.fn).parameters:
+            if name in fixed or name not in pointers + ints + floats:
+                sig[name] = "constexpr"
+            else:
+                sig[name] = "*fp32" if name in pointers else "i32" if name in ints else "fp32"
         for cfg in configs:
-            src = ASTSource(fn=fn, signature=sig, constexprs={"K": ksize, "PREC": "tf32", **cfg.kwargs})
+            src = ASTSource(fn=fn, signature=sig, constexprs={**fixed, **cfg.kwargs})
             opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
             compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=opts)
             mma = sorted(set(re.findall(r"\b(wgmma\.mma_async|mma\.sync)", compiled.asm["ptx"])))

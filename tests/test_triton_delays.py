@@ -86,8 +86,33 @@ def test_kernels_compile_for_hopper_with_tensor_cores():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {r["kernel"] for r in rows} == {"_shift_mm_kernel", "_shift_grad_w_kernel"}
+    kernels = {"_shift_mm_kernel", "_shift_grad_w_kernel", "_gauss_fwd_kernel", "_gauss_bwd_kernel"}
+    assert {r["kernel"] for r in rows} == kernels
     assert all(r["shared"] <= 227 * 1024 for r in rows)  # an H100/H200 SM's shared memory
     # tiles of at least 64 x 64 outputs: (BM, BN) of the products, (BI, BO) of dL/dk
-    big = [r for r in rows if min(r.get("BI", r["BM"]), r.get("BN", r.get("BO", 0))) >= 64]
+    gemms = [r for r in rows if "BM" in r]
+    big = [r for r in gemms if min(r.get("BI", r["BM"]), r.get("BN", r.get("BO", 0))) >= 64]
     assert big and all(r["mma"] == ["wgmma.mma_async"] for r in big)
+
+
+@pytest.mark.parametrize("ksize", [1, 5, 25, 31])
+@pytest.mark.parametrize("sigma", [0.23, 2.0, "K//2"])
+def test_gaussian_kernel_and_its_gradients(ksize, sigma, triton_interpreted):
+    """One Triton launch each way against float64 autograd of the formula (fast_delays)."""
+    td = triton_interpreted
+    sigma = ksize // 2 if sigma == "K//2" else sigma
+    torch.manual_seed(6)
+    n_out, n_in, lim = 7, 9, ksize // 2
+    w = torch.randn(n_out, n_in, dtype=torch.float64, requires_grad=True)
+    p = ((torch.rand(n_out, n_in, dtype=torch.float64) * 2 - 1) * lim).requires_grad_()
+    p.data[0, :2] = torch.tensor([-lim, lim], dtype=torch.float64)  # both ends of the range
+    want = fast_delays.gaussian_kernel(w, p, sigma, ksize)
+    g = torch.randn_like(want)
+    want_dw, want_dp = torch.autograd.grad(want, (w, p), g)
+
+    w32, p32 = w.detach().float().requires_grad_(), p.detach().float().requires_grad_()
+    got = td.gaussian_kernel(w32, p32, sigma, ksize)
+    dw, dp = torch.autograd.grad(got, (w32, p32), g.float())
+    torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dw.double(), want_dw, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dp.double(), want_dp, rtol=1e-4, atol=1e-5 * want_dp.abs().max().item())
