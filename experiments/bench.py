@@ -2,8 +2,11 @@
 
     python experiments/bench.py                          # CPU, SHD, sigma 0.23 and K//2
     python experiments/bench.py --device cuda --json out.json --networks shd,ssc
+    python experiments/bench.py --device cuda --backends dcls,fast,fast:triton,fast:triton+graphs
 
-A training step is forward + backward of the whole network (no optimizer); an evaluation step
+A backend is ``dcls`` or ``fast``, the latter optionally with a delay path (``fast:IMPL``, as
+``SNN_DELAYS_CONV_IMPL``: gemm, triton, fft, dense, c) and ``+graphs`` (CUDA: both steps
+replayed from CUDA graphs, as ``trainer.cuda_graphs=true`` runs them). A training step is forward + backward of the whole network (no optimizer); an evaluation step
 is ``model.eval()`` under ``no_grad`` (integer delays). Inputs are seeded random spike counts.
 The ``dcls`` reference runs spikingjelly's neurons (the published code path; ``--ref-neurons
 auto`` gives it the fused CPU LIF too), the ``fast`` backend the default neurons.
@@ -12,6 +15,7 @@ auto`` gives it the fused CPU LIF too), the ``fast`` backend the default neurons
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -21,7 +25,8 @@ import time
 
 import torch
 
-from snn_delays.fast_delays import keep_freed_memory
+from snn_delays.cuda_graphs import GraphedSteps
+from snn_delays.fast_delays import IMPLS, keep_freed_memory
 from snn_delays.model import DelaySNN
 
 NETWORKS = {  # n_inputs, n_classes, n_hidden, n_layers, K, tau, dropout, batch
@@ -96,41 +101,80 @@ def build_network(net: str, backend: str, delays: str = "learned") -> DelaySNN:
     )
 
 
-def bench_one(net: str, backend: str, sigma: float, args: argparse.Namespace, x: torch.Tensor) -> dict:
+def parse_backend(spec: str, device: str) -> tuple[str, str | None, bool]:
+    """``dcls`` | ``fast[:IMPL][+graphs]`` -> (backend, conv impl or None, graphs)."""
+    name, graphs = (spec[: -len("+graphs")], True) if spec.endswith("+graphs") else (spec, False)
+    backend, _, impl = name.partition(":")
+    if backend not in ("dcls", "fast") or (impl and (backend == "dcls" or impl not in IMPLS)):
+        raise SystemExit(
+            f"--backends: unknown entry {spec!r} (dcls, or fast[:IMPL][+graphs], IMPL in {IMPLS})"
+        )
+    if graphs and not device.startswith("cuda"):
+        raise SystemExit(f"--backends {spec}: CUDA graphs need --device cuda")
+    return backend, impl or None, graphs
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None):  # noqa: ANN202
+    """``os.environ[name] = value`` inside the block (``None``: left as it is)."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def bench_one(net: str, spec: str, sigma: float, args: argparse.Namespace, x: torch.Tensor) -> dict:
+    backend, conv_impl, graphs = parse_backend(spec, args.device)
     impl = args.ref_neurons if backend == "dcls" else "auto"
-    old_impl = os.environ.get("SNN_DELAYS_NEURON_IMPL")
-    os.environ["SNN_DELAYS_NEURON_IMPL"] = impl  # read when the neurons are built
-    model = build_network(net, backend)
-    if old_impl is None:
-        os.environ.pop("SNN_DELAYS_NEURON_IMPL")
-    else:
-        os.environ["SNN_DELAYS_NEURON_IMPL"] = old_impl
+    with _env("SNN_DELAYS_NEURON_IMPL", impl):  # read when the neurons are built
+        model = build_network(net, backend)
     model.set_sigma(sigma)
     model.to(args.device)
     device = torch.device(args.device)
 
+    def train_body(inputs: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss = model(inputs).float().square().mean()
+        loss.backward()
+        return (loss.detach(),)
+
+    @torch.no_grad()
+    def eval_body(inputs: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor]:
+        return (model(inputs),)
+
+    run_train, run_eval = (
+        (GraphedSteps(train_body), GraphedSteps(eval_body)) if graphs else (train_body, eval_body)
+    )
+    no_target = torch.zeros(1, device=device)
+
     def train_step() -> None:
         model.train()
-        model.zero_grad(set_to_none=True)
-        u = model(x)
-        u.float().square().mean().backward()
+        run_train(x, no_target)
 
     def eval_step() -> None:
         model.eval()
-        with torch.no_grad():
-            model(x)
+        run_eval(x, no_target)
 
-    _reset_peak(device)
-    train = _time(train_step, device, args.steps, args.repeats)
-    peak = _peak_mib(device)
-    evaluation = _time(eval_step, device, args.steps, args.repeats)
+    with _env("SNN_DELAYS_CONV_IMPL", conv_impl):
+        _reset_peak(device)
+        train = _time(train_step, device, args.steps, args.repeats)
+        peak = _peak_mib(device)
+        evaluation = _time(eval_step, device, args.steps, args.repeats)
+    if graphs and any(r.failed or not r.captures for r in (run_train, run_eval)):
+        spec += " (capture FAILED: eager)"
     with torch.no_grad():
         model.eval()
         _, spikes = model(x, return_spikes=True)
     rates = [round(float((s > 0).float().mean()), 4) for s in spikes]
     return dict(
         network=net,
-        backend=backend,
+        backend=spec,
         neurons=impl,
         sigma=sigma,
         train_s=train,
@@ -150,7 +194,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--networks", default="shd")
     parser.add_argument("--sigma", default="0.23,K//2", help="comma list; K//2 = the initial sigma")
     parser.add_argument("--density", type=float, default=0.05, help="input spike density")
-    parser.add_argument("--backends", default="dcls,fast")
+    parser.add_argument(
+        "--backends", default="dcls,fast", help="dcls, fast[:IMPL][+graphs]; the first is the reference"
+    )
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--ref-neurons", default="spikingjelly", help="neuron impl of the dcls rows")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

@@ -202,11 +202,15 @@ def test_bench_compares_both_backends_on_the_same_inputs(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    rows = bench.main(
-        ["--batch", "3", "--time-steps", "8", "--sigma", "0.23", "--repeats", "1", "--json", str(out)]
-    )
-    assert [r["backend"] for r in rows] == ["dcls", "fast"]
+    small = ["--batch", "3", "--time-steps", "8", "--sigma", "0.23", "--repeats", "1"]
+    rows = bench.main([*small, "--json", str(out), "--backends", "dcls,fast,fast:dense"])
+    assert [r["backend"] for r in rows] == ["dcls", "fast", "fast:dense"]
+    assert rows[2]["train_s"] > 0 and rows[2]["eval_s"] > 0
     assert rows[0]["train_speedup"] == 1.0 and rows[1]["train_s"] > 0 and rows[1]["eval_s"] > 0
     saved = json.loads(out.read_text())
     assert saved["results"][1]["eval_speedup"] == rows[1]["eval_speedup"]
     assert saved["meta"]["threads"] >= 1
+    with pytest.raises(SystemExit, match="CUDA graphs need --device cuda"):
+        bench.main([*small, "--backends", "dcls,fast+graphs"])
+    with pytest.raises(SystemExit, match="unknown entry 'fast:nope'"):
+        bench.main([*small, "--backends", "dcls,fast:nope"])
