@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # On a GPU machine (torch + triton present; spikingjelly, dcls, ... as wheels in .whl/):
 # equivalence of the fast (GEMM, Triton, cuFFT) and dcls backends on CUDA, then the benchmarks.
-# Results in $OUT. About 6-8 minutes on an H100/H200 (Triton compiles and autotunes once); the
-# steps are ordered by what matters most, should the lease run out.
+# Results in $OUT. About 8-10 minutes on an H100/H200 (Triton compiles and autotunes once); the
+# steps are ordered by what matters most, should the lease run out. `bash experiments/gpu_check.sh 12`
+# runs parts 1 and 2 only (a device call is limited to 10 minutes: split the parts over two calls).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 set -u
+PARTS=${1:-123456}
+part() { [[ $PARTS == *$1* ]]; }
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv >"$OUT/gpu.txt" 2>&1
@@ -12,7 +15,7 @@ python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())
 
 # 1. forward and gradients equal on CUDA, several sigmas: float32 (TF32 off, strict), then the
 #    default TF32 of both backends (cuDNN conv vs GEMM), reported.
-timeout 180 python3 - <<'PY' 2>&1 | tee "$OUT/equivalence_cuda.txt"
+part 1 && timeout 180 python3 - <<'PY' 2>&1 | tee "$OUT/equivalence_cuda.txt"
 import os
 import torch
 from snn_delays.delays import DelayLayer
@@ -46,17 +49,23 @@ print("WORST fp32", worst[False], "OK" if worst[False] < 1e-4 else "FAIL")
 print("WORST tf32 (both backends TF32, reported)", worst[True])
 PY
 
-# 2. step times: train (fwd+bwd+Adam) and eval; fast (GEMM, Triton, CUDA graphs) vs dcls vs published
-timeout 150 python3 experiments/gpu_profile.py --network shd --profile 2>&1 | tee "$OUT/profile_shd.txt"
+# 2. the issue's benchmark: dcls vs each fast variant on the same inputs, SHD and SSC, both sigmas
+part 2 && timeout 240 python3 experiments/bench.py --device cuda --networks shd,ssc \
+    --backends dcls,fast,fast:triton,fast+graphs,fast:triton+graphs --json "$OUT/bench_gpu.json" 2>&1 \
+    | grep -v Warning | tee "$OUT/bench_gpu.txt"
 
-# 3. training replayed from CUDA graphs equals the eager loop (real capture); the Triton kernels
+# 3. where the step goes: the trainer's steps (with Adam) of every variant, published setting,
+#    no-delays network; the profiler's top kernels
+part 3 && timeout 150 python3 experiments/gpu_profile.py --network shd --profile 2>&1 | tee "$OUT/profile_shd.txt"
+
+# 4. training replayed from CUDA graphs equals the eager loop (real capture); the Triton kernels
 #    in the interpreter and compiled for sm_90, the CPU kernels on this machine's CPUs
-timeout 120 python3 -m pytest -q tests/test_cuda_graphs.py tests/test_triton_delays.py tests/test_fast_delays.py \
+part 4 && timeout 120 python3 -m pytest -q tests/test_cuda_graphs.py tests/test_triton_delays.py tests/test_fast_delays.py \
     2>&1 | tail -5 | tee "$OUT/pytest.txt"
 
-# 4. SSC step times
-timeout 120 python3 experiments/gpu_profile.py --network ssc 2>&1 | tee "$OUT/profile_ssc.txt"
+# 5. SSC step times
+part 5 && timeout 120 python3 experiments/gpu_profile.py --network ssc 2>&1 | tee "$OUT/profile_ssc.txt"
 
-# 5. whole epochs through the trainer on SHD-sized, SHD-layout files: eager, graphs, reference
-timeout 150 python3 experiments/backend_parity.py --root /tmp/parity_gpu --n-train 8156 --batch 256 --epochs 3 \
+# 6. whole epochs through the trainer on SHD-sized, SHD-layout files: eager, graphs, reference
+part 6 && timeout 150 python3 experiments/backend_parity.py --root /tmp/parity_gpu --n-train 8156 --batch 256 --epochs 3 \
     --backends fast,fast+graphs,dcls 2>&1 | tail -6 | tee "$OUT/epochs.txt"

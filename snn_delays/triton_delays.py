@@ -70,7 +70,7 @@ def _tuned(configs: list, key: list[str]):  # noqa: ANN202
     return triton.autotune(configs=configs, key=key)
 
 
-@_tuned(_MM_CONFIGS, key=["C_in", "C_out", "B", "K"])
+@_tuned(_MM_CONFIGS, key=["C_in", "C_out", "B", "K", "PREC"])
 @triton.jit
 def _shift_mm_kernel(
     src,
@@ -82,7 +82,7 @@ def _shift_mm_kernel(
     C_in,
     C_out,
     shift,
-    K: tl.constexpr,
+    K,
     PREC: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
@@ -114,7 +114,7 @@ def _shift_mm_kernel(
     tl.store(dst + rows[:, None] * C_out + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
-@_tuned(_GW_CONFIGS, key=["C_in", "C_out", "B", "K"])
+@_tuned(_GW_CONFIGS, key=["C_in", "C_out", "B", "K", "PREC"])
 @triton.jit
 def _shift_grad_w_kernel(
     src,
@@ -127,7 +127,7 @@ def _shift_grad_w_kernel(
     C_out,
     shift,
     split_rows,
-    K: tl.constexpr,
+    K,
     PREC: tl.constexpr,
     BI: tl.constexpr,
     BO: tl.constexpr,
@@ -372,8 +372,8 @@ def compile_for(capability: int = 90, ksize: int = 25) -> list[dict]:
     floats = ("c0", "s", "eps")
     gauss = [triton.Config({"R": GAUSS_ROWS, "KP": triton.next_power_of_2(ksize)})]
     kernels = [
-        (_shift_mm_kernel.fn, _MM_CONFIGS, {"K": ksize, "PREC": "tf32"}),  # .fn: under the autotuner
-        (_shift_grad_w_kernel.fn, _GW_CONFIGS, {"K": ksize, "PREC": "tf32"}),
+        (_shift_mm_kernel.fn, _MM_CONFIGS, {"PREC": "tf32"}),  # .fn: under the autotuner
+        (_shift_grad_w_kernel.fn, _GW_CONFIGS, {"PREC": "tf32"}),
         (_gauss_fwd_kernel, gauss, {}),
         (_gauss_bwd_kernel, gauss, {}),
     ]
