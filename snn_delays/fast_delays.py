@@ -1177,22 +1177,29 @@ def _gemm_grad_input(grad_y: Tensor, kernel: Tensor, t_len: int) -> Tensor:
         return _unfold_mm(gp, w, t_len, ksize)
 
 
-class _DelayConvGEMM(torch.autograd.Function):
-    @staticmethod
+def products_function(name: str, conv, grad_input, grad_kernel) -> type[torch.autograd.Function]:  # noqa: ANN001
+    """An autograd Function of the delay conv from its three products.
+
+    ``conv(x, kernel)`` -> y, ``grad_input(dL/dy, kernel, T)`` -> dL/dx and
+    ``grad_kernel(x, dL/dy, K)`` -> dL/dk, each computed only when asked for.
+    """
+
     def forward(ctx, x: Tensor, kernel: Tensor) -> Tensor:  # noqa: ANN001
         ctx.save_for_backward(x, kernel)
-        return gemm_conv(x, kernel.detach())
+        return conv(x, kernel.detach())
 
-    @staticmethod
-    def backward(ctx, grad_y: Tensor):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_y: Tensor):  # noqa: ANN001, ANN202
         x, kernel = ctx.saved_tensors
         grad_y = grad_y.contiguous()
-        grad_x = grad_k = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _gemm_grad_input(grad_y, kernel, x.shape[0])
-        if ctx.needs_input_grad[1]:
-            grad_k = _gemm_grad_kernel(x, grad_y, kernel.shape[2])
+        grad_x = grad_input(grad_y, kernel, x.shape[0]) if ctx.needs_input_grad[0] else None
+        grad_k = grad_kernel(x, grad_y, kernel.shape[2]) if ctx.needs_input_grad[1] else None
         return grad_x, grad_k
+
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    return type(name, (torch.autograd.Function,), methods)
+
+
+_DelayConvGEMM = products_function("_DelayConvGEMM", gemm_conv, _gemm_grad_input, _gemm_grad_kernel)
 
 
 # --------------------------------------------------------------------------------------

@@ -32,33 +32,37 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from snn_delays.fast_delays import NORM_EPS, SIGMA_OFFSET
+from snn_delays.fast_delays import NORM_EPS, SIGMA_OFFSET, products_function
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SPLIT_ROWS = 4096  # rows (t, b) per partial sum of dL/dk
 SPLIT_FLOATS = 1 << 24  # at most this many floats of partial sums (64 MiB)
 
-_MM_CONFIGS = [
-    triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in [
+
+def _configs(names: str, rows: list[tuple[int, ...]]) -> list[triton.Config]:
+    """Autotune configs from rows of (block sizes named by ``names``..., warps, stages)."""
+    return [
+        triton.Config(dict(zip(names.split(), r[:-2], strict=True)), num_warps=r[-2], num_stages=r[-1])
+        for r in rows
+    ]
+
+
+# (BM, BN, BK, warps, stages) of the products; (BI, BO, BM, warps, stages) of dL/dk
+_MM_CONFIGS = _configs(
+    "BM BN BK",
+    [
         (64, 64, 32, 4, 3),
         (128, 64, 32, 4, 3),
         (64, 128, 32, 4, 3),
         (128, 128, 32, 8, 3),
         (128, 64, 16, 4, 4),
         (64, 32, 32, 2, 4),
-    ]
-]
-_GW_CONFIGS = [
-    triton.Config({"BI": bi, "BO": bo, "BM": bm}, num_warps=w, num_stages=s)
-    for bi, bo, bm, w, s in [
-        (64, 64, 64, 4, 3),
-        (32, 64, 64, 4, 3),
-        (64, 128, 32, 8, 3),
-        (128, 64, 32, 8, 3),
-        (32, 32, 128, 4, 3),
-    ]
-]
+    ],
+)
+_GW_CONFIGS = _configs(
+    "BI BO BM",
+    [(64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (32, 32, 128, 4, 3)],
+)
 _MM_INTERPRET = {"BM": 16, "BN": 16, "BK": 16}
 _GW_INTERPRET = {"BI": 16, "BO": 16, "BM": 16}
 
@@ -333,23 +337,7 @@ def grad_kernel(x: Tensor, grad_y: Tensor, ksize: int) -> Tensor:
     return shift_grad_w(x, grad_y, ksize, -(ksize - 1)).permute(2, 1, 0)
 
 
-class DelayConv(torch.autograd.Function):
-    """The delay conv on the Triton kernels: forward, dL/dx and dL/dk."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, kernel: Tensor) -> Tensor:  # noqa: ANN001
-        ctx.save_for_backward(x, kernel)
-        return conv(x, kernel.detach())
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor):  # noqa: ANN001, ANN205
-        x, kernel = ctx.saved_tensors
-        grad_x = grad_k = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_input(grad_y, kernel, x.shape[0])
-        if ctx.needs_input_grad[1]:
-            grad_k = grad_kernel(x, grad_y, kernel.shape[2])
-        return grad_x, grad_k
+DelayConv = products_function("DelayConv", conv, grad_input, grad_kernel)  # the delay conv on these kernels
 
 
 def compile_for(capability: int = 90, ksize: int = 25) -> list[dict]:
