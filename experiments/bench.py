@@ -2,11 +2,12 @@
 
     python experiments/bench.py                          # CPU, SHD, sigma 0.23 and K//2
     python experiments/bench.py --device cuda --json out.json --networks shd,ssc
-    python experiments/bench.py --device cuda --backends dcls,fast,fast:triton,fast:triton+graphs
+    python experiments/bench.py --device cuda --backends dcls,fast,fast:triton,fast:triton+graphs+triton-lif
 
 A backend is ``dcls`` or ``fast``, the latter optionally with a delay path (``fast:IMPL``, as
-``SNN_DELAYS_CONV_IMPL``: gemm, triton, fft, dense, c) and ``+graphs`` (CUDA: both steps
-replayed from CUDA graphs, as ``trainer.cuda_graphs=true`` runs them). A training step is forward + backward of the whole network (no optimizer); an evaluation step
+``SNN_DELAYS_CONV_IMPL``: gemm, triton, fft, dense, c), ``+graphs`` (CUDA: both steps
+replayed from CUDA graphs, as ``trainer.cuda_graphs=true`` runs them) and ``+triton-lif``
+(CUDA: the LIF of ``SNN_DELAYS_NEURON_IMPL=triton``). A training step is forward + backward of the whole network (no optimizer); an evaluation step
 is ``model.eval()`` under ``no_grad`` (integer delays). Inputs are seeded random spike counts.
 The ``dcls`` reference runs spikingjelly's neurons (the published code path; ``--ref-neurons
 auto`` gives it the fused CPU LIF too), the ``fast`` backend the default neurons.
@@ -101,17 +102,27 @@ def build_network(net: str, backend: str, delays: str = "learned") -> DelaySNN:
     )
 
 
-def parse_backend(spec: str, device: str) -> tuple[str, str | None, bool]:
-    """``dcls`` | ``fast[:IMPL][+graphs]`` -> (backend, conv impl or None, graphs)."""
-    name, graphs = (spec[: -len("+graphs")], True) if spec.endswith("+graphs") else (spec, False)
+MODIFIERS = ("graphs", "triton-lif")
+
+
+def parse_backend(spec: str, device: str) -> tuple[str, str | None, set[str]]:
+    """``dcls`` | ``fast[:IMPL][+graphs][+triton-lif]`` -> (backend, conv impl or None, modifiers)."""
+    name, *mods = spec.split("+")
     backend, _, impl = name.partition(":")
-    if backend not in ("dcls", "fast") or (impl and (backend == "dcls" or impl not in IMPLS)):
+    bad_impl = impl and (backend == "dcls" or impl not in IMPLS)
+    if (
+        backend not in ("dcls", "fast")
+        or bad_impl
+        or not set(mods) <= set(MODIFIERS)
+        or (mods and backend != "fast")
+    ):
         raise SystemExit(
-            f"--backends: unknown entry {spec!r} (dcls, or fast[:IMPL][+graphs], IMPL in {IMPLS})"
+            f"--backends: unknown entry {spec!r} (dcls, or fast[:IMPL] with any of +{', +'.join(MODIFIERS)}; "
+            f"IMPL in {IMPLS})"
         )
-    if graphs and not device.startswith("cuda"):
-        raise SystemExit(f"--backends {spec}: CUDA graphs need --device cuda")
-    return backend, impl or None, graphs
+    if mods and not device.startswith("cuda"):
+        raise SystemExit(f"--backends {spec}: CUDA graphs and the Triton LIF need --device cuda")
+    return backend, impl or None, set(mods)
 
 
 @contextlib.contextmanager
@@ -130,8 +141,9 @@ def _env(name: str, value: str | None):  # noqa: ANN202
 
 
 def bench_one(net: str, spec: str, sigma: float, args: argparse.Namespace, x: torch.Tensor) -> dict:
-    backend, conv_impl, graphs = parse_backend(spec, args.device)
-    impl = args.ref_neurons if backend == "dcls" else "auto"
+    backend, conv_impl, mods = parse_backend(spec, args.device)
+    graphs = "graphs" in mods
+    impl = args.ref_neurons if backend == "dcls" else "triton" if "triton-lif" in mods else "auto"
     with _env("SNN_DELAYS_NEURON_IMPL", impl):  # read when the neurons are built
         model = build_network(net, backend)
     model.set_sigma(sigma)
@@ -195,7 +207,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--sigma", default="0.23,K//2", help="comma list; K//2 = the initial sigma")
     parser.add_argument("--density", type=float, default=0.05, help="input spike density")
     parser.add_argument(
-        "--backends", default="dcls,fast", help="dcls, fast[:IMPL][+graphs]; the first is the reference"
+        "--backends",
+        default="dcls,fast",
+        help="dcls, fast[:IMPL][+graphs][+triton-lif]; the first is the reference",
     )
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--ref-neurons", default="spikingjelly", help="neuron impl of the dcls rows")

@@ -47,11 +47,22 @@ for impl, tf32 in [(i, t) for i in ("gemm", "triton", "fft") for t in (False, Tr
 torch.backends.cudnn.allow_tf32 = True
 print("WORST fp32", worst[False], "OK" if worst[False] < 1e-4 else "FAIL")
 print("WORST tf32 (both backends TF32, reported)", worst[True])
+# the Triton LIF against spikingjelly's CUDA LIF: the same spikes / membrane, gradients
+from snn_delays.neurons import SpikingNeurons
+for tau in (1.005, 1.5):
+    for readout in (False, True):
+        x = (torch.randn(100, 256, 256, device="cuda") * 0.8 + 0.3).requires_grad_()
+        got = SpikingNeurons(tau, readout=readout, impl="triton")(x)
+        want = SpikingNeurons(tau, readout=readout, impl="spikingjelly").cuda()(x)
+        g = torch.randn_like(got)
+        dg, dw = (torch.autograd.grad(o, x, g)[0] for o in (got, want))
+        print(f"triton LIF tau={tau} readout={readout}: mismatching outputs {int((got != want).sum())} "
+              f"of {got.numel()}, grad rel err {float((dg - dw).abs().max() / dw.abs().max()):.1e}")
 PY
 
 # 2. the benchmark: dcls vs each fast variant on the same inputs, SHD and SSC, both sigmas
 part 2 && timeout 240 python3 experiments/bench.py --device cuda --networks shd,ssc \
-    --backends dcls,fast,fast:triton,fast+graphs,fast:triton+graphs --json "$OUT/bench_gpu.json" 2>&1 \
+    --backends dcls,fast,fast:triton,fast+graphs,fast:triton+graphs,fast:triton+graphs+triton-lif --json "$OUT/bench_gpu.json" 2>&1 \
     | grep -v Warning | tee "$OUT/bench_gpu.txt"
 
 # 3. where the step goes: the trainer's steps (with Adam) of every variant, published setting,

@@ -9,6 +9,8 @@ evaluation step of these variants:
 - the fast backend (GEMM path on CUDA) and the dcls reference (cuDNN on);
 - the fast backend on the Triton implicit GEMMs (``SNN_DELAYS_CONV_IMPL=triton``: no unfold
   copy);
+- the Triton path with the LIF of ``SNN_DELAYS_NEURON_IMPL=triton`` (one fused kernel each
+  way instead of spikingjelly's);
 - the GEMM and Triton paths with each step replayed from a CUDA graph, as
   ``trainer.cuda_graphs=true`` runs them (the step is host-bound: graphs remove the launches);
   a variant whose capture failed is marked, its time is then the eager one;
@@ -94,6 +96,8 @@ def main() -> None:
         ("fast, triton", "fast", "learned", True, "triton"),
         ("fast (GEMM), CUDA graph", "fast", "learned", True, "auto+graph"),
         ("fast, triton, CUDA graph", "fast", "learned", True, "triton+graph"),
+        ("fast, triton + Triton LIF", "fast", "learned", True, "triton+tlif"),
+        ("fast, triton + Triton LIF, CUDA graph", "fast", "learned", True, "triton+tlif+graph"),
         ("fast, spectral (cuFFT)", "fast", "learned", True, "fft"),
         ("fast, conv1d path (previous)", "fast", "learned", True, "dense"),
         ("dcls, cuDNN off (published)", "dcls", "learned", False, "auto"),
@@ -101,8 +105,10 @@ def main() -> None:
     ]
     for name, backend, delays, cudnn, conv in variants:
         torch.backends.cudnn.enabled = cudnn
-        conv, graph = conv.split("+")[0], conv.endswith("+graph")
+        conv, *flags = conv.split("+")
+        graph = "graph" in flags
         os.environ["SNN_DELAYS_CONV_IMPL"] = conv
+        os.environ["SNN_DELAYS_NEURON_IMPL"] = "triton" if "tlif" in flags else "auto"  # read at build
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
@@ -118,12 +124,12 @@ def main() -> None:
             continue
         print(name, rows[-1][1:], flush=True)
     torch.backends.cudnn.enabled = True
-    os.environ["SNN_DELAYS_CONV_IMPL"] = "auto"
+    os.environ["SNN_DELAYS_CONV_IMPL"] = os.environ["SNN_DELAYS_NEURON_IMPL"] = "auto"
     ref = next(row for row in rows if row[0] == "dcls")
     print(f"{args.network} batch {batch} on {torch.cuda.get_device_name()}, ratios vs dcls (cuDNN on)")
-    print(f"{'variant':32s} {'train ms':>9s} {'eval ms':>8s} {'peak MiB':>9s} {'train x':>8s} {'eval x':>7s}")
+    print(f"{'variant':40s} {'train ms':>9s} {'eval ms':>8s} {'peak MiB':>9s} {'train x':>8s} {'eval x':>7s}")
     for name, tr, ev, mem in rows:
-        print(f"{name:32s} {tr:9.2f} {ev:8.2f} {mem:9.0f} {ref[1] / tr:8.2f} {ref[2] / ev:7.2f}")
+        print(f"{name:40s} {tr:9.2f} {ev:8.2f} {mem:9.0f} {ref[1] / tr:8.2f} {ref[2] / ev:7.2f}")
     if not args.profile:
         return
     for conv in ("auto", "triton"):

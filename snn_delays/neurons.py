@@ -14,7 +14,8 @@ else ``auto``): ``auto`` runs ``lif`` on CPU float32 tensors through the fused C
 :mod:`snn_delays.fast_neurons` (same spikes as spikingjelly, gradients equal to float32
 rounding; its torch loop without a compiler) and everything else (GPU, PLIF) through
 spikingjelly, which picks its implementation from the tensor's device (a custom op on the CPU,
-Triton/CUDA on GPU); ``spikingjelly`` forces spikingjelly everywhere. State is reset at the
+Triton/CUDA on GPU); ``spikingjelly`` forces spikingjelly everywhere; ``triton`` runs ``lif``
+on the fused kernels of :mod:`snn_delays.triton_neurons` (CUDA; opt-in until timed there). State is reset at the
 start of every call, so nothing leaks between batches.
 """
 
@@ -35,7 +36,7 @@ from torch import Tensor, nn  # noqa: E402
 from snn_delays import fast_neurons  # noqa: E402
 
 NEURONS = ("lif", "plif")
-NEURON_IMPLS = ("auto", "spikingjelly")
+NEURON_IMPLS = ("auto", "spikingjelly", "triton")
 READOUT_THRESHOLD = 1e9
 
 
@@ -56,6 +57,8 @@ class SpikingNeurons(nn.Module):
             raise ValueError(f"neuron implementation must be one of {NEURON_IMPLS}, got {impl!r}")
         if kind not in NEURONS:
             raise ValueError(f"model.neuron must be one of {NEURONS}, got {kind!r}")
+        if impl == "triton" and kind != "lif":
+            raise ValueError(f"SNN_DELAYS_NEURON_IMPL=triton runs the lif neuron only, got {kind!r}")
         if tau <= 1.0 and kind == "plif":
             raise ValueError(f"plif needs tau > 1 (its decay is sigmoid(w) = 1/tau), got {tau}")
         # spikingjelly's GPU kernels refuse an infinite threshold; as in the published code, a
@@ -77,6 +80,12 @@ class SpikingNeurons(nn.Module):
         self.readout, self.impl, self.alpha, self.threshold = readout, impl, alpha, threshold
 
     def forward(self, current: Tensor) -> Tensor:
+        if self.impl == "triton":
+            from snn_delays import triton_neurons  # triton is optional: imported on first use
+
+            return triton_neurons.lif_multi_step(
+                current, self.node.tau, self.threshold, self.alpha, return_v=self.readout
+            )
         if self.impl == "auto" and isinstance(self.node, neuron.LIFNode) and fast_neurons.usable(current):
             return fast_neurons.lif_multi_step(
                 current, self.node.tau, self.threshold, self.alpha, return_v=self.readout

@@ -341,7 +341,8 @@ DelayConv = products_function("DelayConv", conv, grad_input, grad_kernel)  # the
 
 
 def compile_for(capability: int = 90, ksize: int = 25) -> list[dict]:
-    """Compile every kernel and autotune config for a CUDA ``capability`` without a GPU.
+    """Compile every Triton kernel (delays, Gaussian, LIF) and autotune config for a CUDA
+    ``capability``, without a GPU.
 
     Ahead-of-time, through Triton's own ``ptxas``: catches what the interpreter does not
     (types, layouts, shared memory). Needs ``TRITON_INTERPRET`` unset when this module is
@@ -355,15 +356,21 @@ def compile_for(capability: int = 90, ksize: int = 25) -> list[dict]:
 
     if INTERPRET:
         raise RuntimeError("compile_for needs the compiled kernels: import without TRITON_INTERPRET=1")
-    pointers = ("src", "w", "dst", "g", "dw", "p", "k", "dk", "dp")
-    ints = ("T_src", "T_dst", "T_g", "B", "C_in", "C_out", "shift", "split_rows", "S", "K")
-    floats = ("c0", "s", "eps")
+    from snn_delays import triton_neurons as tn
+
+    pointers = ("src", "w", "dst", "g", "dw", "p", "k", "dk", "dp", "x", "spk", "h", "v", "gs", "gv", "gx")
+    ints = ("T_src", "T_dst", "T_g", "B", "C_in", "C_out", "shift", "split_rows", "S", "K", "T", "M")
+    floats = ("c0", "s", "eps", "tau", "thr", "half_alpha", "slope")
     gauss = [triton.Config({"R": GAUSS_ROWS, "KP": triton.next_power_of_2(ksize)})]
+    lif_fwd = [triton.Config({"WANT_H": True, "WANT_V": True, "BLOCK": tn.BLOCK})]
+    lif_bwd = [triton.Config({"HAS_GS": True, "HAS_GV": True, "BLOCK": tn.BLOCK})]
     kernels = [
         (_shift_mm_kernel.fn, _MM_CONFIGS, {"PREC": "tf32"}),  # .fn: under the autotuner
         (_shift_grad_w_kernel.fn, _GW_CONFIGS, {"PREC": "tf32"}),
         (_gauss_fwd_kernel, gauss, {}),
         (_gauss_bwd_kernel, gauss, {}),
+        (tn._lif_fwd_kernel, lif_fwd, {}),
+        (tn._lif_bwd_kernel, lif_bwd, {}),
     ]
     rows = []
     for fn, configs, fixed in kernels:

@@ -9,7 +9,16 @@ from spikingjelly.activation_based import neuron, surrogate
 from snn_delays import fast_neurons
 from snn_delays.neurons import READOUT_THRESHOLD, SpikingNeurons, lif_reference
 
-IMPLS = [True, False]  # the C kernel, the torch loop
+IMPLS = ["c", "torch", "triton"]  # the C kernel, the torch loop, Triton (interpreted here)
+
+
+def _lif(x, tau, threshold, alpha, impl, request, return_v=False):  # noqa: ANN001, ANN202
+    if impl == "triton":
+        request.getfixturevalue("triton_interpreted")
+        from snn_delays import triton_neurons
+
+        return triton_neurons.lif_multi_step(x, tau, threshold, alpha, return_v=return_v)
+    return fast_neurons.lif_multi_step(x, tau, threshold, alpha, return_v=return_v, use_c=impl == "c")
 
 
 def _sj(tau: float, threshold: float, alpha: float, readout: bool) -> neuron.LIFNode:
@@ -31,9 +40,9 @@ def _current(t: int, b: int, n: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("tau", [1.005, 1.5, 2.0, 10.0])
-@pytest.mark.parametrize("use_c", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("alpha", [5.0, 2.0])
-def test_spiking_equals_spikingjelly(tau, use_c, alpha):
+def test_spiking_equals_spikingjelly(tau, impl, alpha, request):
     x = _current(37, 5, 300, seed=int(tau * 10))  # 1500 neurons: several C chunks, a partial one
     node = _sj(tau, 1.0, alpha, readout=False)
     xs = x.clone().requires_grad_()
@@ -41,7 +50,7 @@ def test_spiking_equals_spikingjelly(tau, use_c, alpha):
     gout = torch.randn_like(want, generator=torch.Generator().manual_seed(1))
     want.backward(gout)
     xf = x.clone().requires_grad_()
-    got = fast_neurons.lif_multi_step(xf, tau, 1.0, alpha, use_c=use_c)
+    got = _lif(xf, tau, 1.0, alpha, impl, request)
     got.backward(gout)
     assert 0.05 < float(want.detach().mean()) < 0.6  # spikes and silences both present
     assert torch.equal(got, want)
@@ -50,8 +59,8 @@ def test_spiking_equals_spikingjelly(tau, use_c, alpha):
 
 
 @pytest.mark.parametrize("tau", [1.005, 1.5])
-@pytest.mark.parametrize("use_c", IMPLS)
-def test_readout_membrane_equals_spikingjelly(tau, use_c):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_readout_membrane_equals_spikingjelly(tau, impl, request):
     x = _current(29, 3, 70, seed=3)
     node = _sj(tau, READOUT_THRESHOLD, 5.0, readout=True)
     xs = x.clone().requires_grad_()
@@ -60,7 +69,7 @@ def test_readout_membrane_equals_spikingjelly(tau, use_c):
     gout = torch.randn_like(want, generator=torch.Generator().manual_seed(2))
     want.backward(gout)
     xf = x.clone().requires_grad_()
-    got = fast_neurons.lif_multi_step(xf, tau, READOUT_THRESHOLD, 5.0, return_v=True, use_c=use_c)
+    got = _lif(xf, tau, READOUT_THRESHOLD, 5.0, impl, request, return_v=True)
     got.backward(gout)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(xf.grad, xs.grad, rtol=1e-5, atol=1e-6)
@@ -78,6 +87,18 @@ def test_module_switch_and_eval():
     )
     with pytest.raises(ValueError):
         SpikingNeurons(1.5, impl="nope")
+    with pytest.raises(ValueError, match="lif"):
+        SpikingNeurons(1.5, kind="plif", impl="triton")
+
+
+def test_module_on_triton(triton_interpreted):
+    x = _current(20, 4, 33, seed=6).requires_grad_()
+    for readout in (False, True):
+        got = SpikingNeurons(1.5, readout=readout, impl="triton")(x)
+        want = SpikingNeurons(1.5, readout=readout, impl="spikingjelly")(x)
+        assert torch.equal(got, want)
+        g = torch.autograd.grad(got.sum(), x)[0]
+        torch.testing.assert_close(g, torch.autograd.grad(want.sum(), x)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_c_kernel_compiles():

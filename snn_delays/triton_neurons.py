@@ -1,0 +1,142 @@
+r"""Fused multi-step LIF on the GPU (Triton): one kernel each way, the state in registers.
+
+The neuron and its equations are those of :mod:`snn_delays.fast_neurons` (spikingjelly's
+``LIFNode(decay_input=False, v_reset=0, detach_reset=True)``, ATan surrogate); each program
+walks ``T`` for a block of neurons (columns of the time-major input), forward then backward.
+The division by ``tau`` is IEEE-rounded (``div_rn``), as on the CPU, so the spikes are those
+of spikingjelly's CPU op bit for bit. One launch per direction, no Python per call beyond
+it: on CUDA the step's host time and its capture in a CUDA graph do not depend on
+spikingjelly's kernels. Selected by ``SNN_DELAYS_NEURON_IMPL=triton`` (CUDA, ``lif``); with
+``TRITON_INTERPRET=1`` the kernels run on CPU tensors, which is how the tests check them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from snn_delays.triton_delays import INTERPRET
+
+BLOCK = 256  # neurons per program
+
+
+@triton.jit
+def _lif_fwd_kernel(
+    x, spk, h, v, T, M, tau, thr, WANT_H: tl.constexpr, WANT_V: tl.constexpr, BLOCK: tl.constexpr
+):
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < M
+    off = cols.to(tl.int64)  # of step t: t M + cols, advanced by M (no 32-bit product)
+    state = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(T):
+        hh = state - tl.math.div_rn(state, tau) + tl.load(x + off, mask=ok, other=0.0)
+        fire = hh >= thr
+        state = tl.where(fire, 0.0, hh)
+        tl.store(spk + off, tl.where(fire, 1.0, 0.0), mask=ok)
+        if WANT_H:
+            tl.store(h + off, hh, mask=ok)
+        if WANT_V:
+            tl.store(v + off, state, mask=ok)
+        off += M
+
+
+@triton.jit
+def _lif_bwd_kernel(
+    gs,
+    gv,
+    h,
+    gx,
+    T,
+    M,
+    tau,
+    thr,
+    half_alpha,
+    slope,
+    HAS_GS: tl.constexpr,
+    HAS_GV: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < M
+    carry = tl.zeros((BLOCK,), dtype=tl.float32)
+    off = tl.full((BLOCK,), T - 1, tl.int64) * M + cols  # the last step first
+    for _ in range(T):
+        hh = tl.load(h + off, mask=ok, other=0.0)
+        keep = tl.where(hh >= thr, 0.0, 1.0)
+        gh = carry
+        if HAS_GV:
+            gh = tl.load(gv + off, mask=ok, other=0.0) + carry
+        gh = gh * keep
+        if HAS_GS:
+            z = (hh - thr) * slope
+            gh = gh + tl.load(gs + off, mask=ok, other=0.0) * (half_alpha / (1.0 + z * z))
+        tl.store(gx + off, gh, mask=ok)
+        carry = gh - tl.math.div_rn(gh, tau)
+        off -= M
+
+
+def _check(x: Tensor) -> None:
+    if x.dtype != torch.float32:
+        raise TypeError(f"the Triton LIF takes float32 currents, got {x.dtype}")
+    if x.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(
+            "SNN_DELAYS_NEURON_IMPL=triton needs a CUDA device (or TRITON_INTERPRET=1 for testing)"
+        )
+
+
+class LIF(torch.autograd.Function):
+    """(spikes, post-reset membrane or an empty tensor) from the current ``x`` (T, ...)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, tau: float, thr: float, alpha: float, want_v: bool):  # noqa: ANN001, ANN205
+        _check(x)
+        x = x.contiguous()
+        t_len, m = x.shape[0], x[0].numel()
+        need_h = ctx.needs_input_grad[0]
+        s = torch.empty_like(x)
+        h = torch.empty_like(x) if need_h else s  # a placeholder the kernel does not write
+        v = torch.empty_like(x) if want_v else s
+        _lif_fwd_kernel[(triton.cdiv(m, BLOCK),)](
+            x, s, h, v, t_len, m, tau, thr, WANT_H=need_h, WANT_V=want_v, BLOCK=BLOCK
+        )
+        ctx.args = (tau, thr, alpha)
+        if need_h:
+            ctx.save_for_backward(h)
+        return s, v if want_v else x.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, gs: Tensor | None, gv: Tensor | None):  # noqa: ANN205
+        (h,) = ctx.saved_tensors
+        tau, thr, alpha = ctx.args
+        has_gs = gs is not None and gs.numel() > 0
+        has_gv = gv is not None and gv.numel() > 0
+        gx = torch.empty_like(h)
+        t_len, m = h.shape[0], h[0].numel()
+        _lif_bwd_kernel[(triton.cdiv(m, BLOCK),)](
+            gs.contiguous() if has_gs else h,
+            gv.contiguous() if has_gv else h,
+            h,
+            gx,
+            t_len,
+            m,
+            tau,
+            thr,
+            alpha / 2,
+            math.pi / 2 * alpha,
+            HAS_GS=has_gs,
+            HAS_GV=has_gv,
+            BLOCK=BLOCK,
+        )
+        return gx, None, None, None, None
+
+
+def lif_multi_step(
+    x: Tensor, tau: float, threshold: float = 1.0, alpha: float = 5.0, return_v: bool = False
+) -> Tensor:
+    """Spikes ``(T, ...)`` of a LIF population driven by ``x``; ``return_v``: the membrane instead."""
+    s, v = LIF.apply(x, float(tau), float(threshold), float(alpha), return_v)
+    return v if return_v else s
