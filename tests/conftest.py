@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-# Triton kernels run in its interpreter on CPU tensors in the tests. Triton decorates its own
-# library functions when first imported (spikingjelly imports it), so this must come first.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU, Triton kernels run in its interpreter on CPU tensors in the tests. Triton
+# decorates its own library functions when first imported (spikingjelly imports it), so this
+# must come first. With a GPU the kernels stay compiled (spikingjelly's CUDA LIF is Triton).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -58,5 +61,5 @@ def triton_interpreted():  # noqa: ANN201
     import snn_delays.triton_delays as mod
 
     if not mod.INTERPRET:
-        pytest.skip("TRITON_INTERPRET=0 in the environment: the Triton kernels cannot run on the CPU")
+        pytest.skip("Triton compiled, not interpreted (a GPU, or TRITON_INTERPRET=0): CPU tensors cannot run")
     return mod

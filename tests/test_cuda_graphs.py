@@ -107,9 +107,18 @@ def test_optimizers_become_capturable():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graphs_train_as_the_eager_loop_on_the_gpu(tmp_path):
+def test_cuda_graphs_train_as_the_eager_loop_on_the_gpu(tmp_path, monkeypatch):
+    runners = []
+
+    def recorded(*args):  # noqa: ANN002, ANN202
+        runners.extend(real(*args))
+        return tuple(runners)
+
+    real = training.graphed_steps
     eager_model, eager_state = _train(tmp_path / "eager", "cuda", cuda_graphs=False, dropout=0.0)
+    monkeypatch.setattr(training, "graphed_steps", recorded)
     graph_model, graph_state = _train(tmp_path / "graphs", "cuda", cuda_graphs=True, dropout=0.0)
+    assert [(r.failed, r.captures) for r in runners] == [(False, 3), (False, 1)]  # really captured
     for (name, got), want in zip(
         graph_model.state_dict().items(), eager_model.state_dict().values(), strict=True
     ):

@@ -72,7 +72,8 @@ def test_missing_triton_names_the_install(monkeypatch):
 
 
 def test_kernels_compile_for_hopper_with_tensor_cores():
-    """Every autotune config compiles for sm_90 (no GPU needed) and the large ones use wgmma.
+    """Every kernel (delays, Gaussian, LIF) and autotune config compiles for sm_90 (no GPU
+    needed), and the large GEMM tiles use wgmma.
 
     The interpreter runs the kernels' arithmetic, not the compiler: this catches what only the
     GPU build would (types, layouts, shared memory), here.
@@ -87,6 +88,7 @@ def test_kernels_compile_for_hopper_with_tensor_cores():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     kernels = {"_shift_mm_kernel", "_shift_grad_w_kernel", "_gauss_fwd_kernel", "_gauss_bwd_kernel"}
+    kernels |= {"_lif_fwd_kernel", "_lif_bwd_kernel"}
     assert {r["kernel"] for r in rows} == kernels
     assert all(r["shared"] <= 227 * 1024 for r in rows)  # an H100/H200 SM's shared memory
     # tiles of at least 64 x 64 outputs: (BM, BN) of the products, (BI, BO) of dL/dk
