@@ -31,7 +31,7 @@ import statistics
 import torch
 from bench import NETWORKS, build_network  # one table of the published networks (run from experiments/)
 
-from snn_delays.cuda_graphs import GraphedSteps, make_capturable
+from snn_delays.cuda_graphs import GraphedSteps, set_capturable
 from snn_delays.model import DelaySNN
 from snn_delays.training import Optimization, eval_step, train_step
 
@@ -63,7 +63,7 @@ def steps(model: DelaySNN, x: torch.Tensor, y: torch.Tensor, graphs: bool = Fals
     run_train = lambda a, b: train_step(model, opt, a, b)  # noqa: E731
     run_eval = lambda a, b: eval_step(model, a, b)  # noqa: E731
     if graphs:
-        make_capturable(opt.weights)
+        set_capturable(True, opt.weights)
         run_train, run_eval = GraphedSteps(run_train), GraphedSteps(run_eval)
 
     def train() -> None:

@@ -11,7 +11,7 @@ learning rates and Adam betas of the epoch (the schedulers step once per epoch),
 batch's shape. So :class:`GraphedSteps` captures anew at the start of every epoch (the first
 batch of an epoch runs eagerly, on a side stream, which also warms up lazily initialised
 state, then the second batch is captured and run), and a batch of another shape (the last,
-smaller batch) runs eagerly. The optimizers run with ``capturable=True`` (their step counts
+smaller batch) runs eagerly. The optimizers run with ``capturable=True`` (:func:`set_capturable`) (their step counts
 live on the GPU). The evaluation step bakes in nothing that changes (parameters and BatchNorm
 statistics are read from their memory at each replay; the integer delays are computed from
 the positions inside the graph), so its graph is captured once for the run. Should a capture
@@ -44,19 +44,27 @@ def cuda_capture(body: Callable[[], tuple[Tensor, ...]]) -> tuple[Callable[[], N
     return graph.replay, outputs
 
 
-def make_capturable(*optimizers: torch.optim.Optimizer | None) -> None:
-    """``capturable=True`` for every param group, step counts moved next to their parameters."""
+def set_capturable(flag: bool, *optimizers: torch.optim.Optimizer | None) -> None:
+    """``capturable=flag`` for every param group; step counts moved next to their parameters
+    (``True``: the graph steps them on the GPU) or to the CPU (``False``: eager updates).
+
+    A checkpoint of a graphed run holds ``capturable=True``: resuming it eagerly, or on the
+    CPU (where capturable optimizers refuse to step), needs it off again.
+    """
     for opt in optimizers:
         if opt is None:
             continue
         if not all("capturable" in group for group in opt.param_groups):
-            raise ValueError(f"trainer.cuda_graphs: {type(opt).__name__} cannot step inside a CUDA graph")
+            if flag:
+                raise ValueError(f"trainer.cuda_graphs: {type(opt).__name__} cannot step inside a CUDA graph")
+            continue
         for group in opt.param_groups:
-            group["capturable"] = True
+            group["capturable"] = flag
             for p in group["params"]:
                 state = opt.state.get(p, {})
                 if "step" in state:
-                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=p.device)
+                    device = p.device if flag else torch.device("cpu")
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(device)
 
 
 class GraphedSteps:

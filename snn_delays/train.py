@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from snn_delays import fast_delays
 from snn_delays.config import register_configs
+from snn_delays.cuda_graphs import set_capturable
 from snn_delays.model import DelaySNN
 from snn_delays.plots import PositionTrace, log_epoch_figures
 from snn_delays.training import (
@@ -254,6 +255,7 @@ def load_for_resume(
     check_compatible(ckpt.get("config", {}), OmegaConf.to_container(cfg, resolve=True), path)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optim"])
+    set_capturable(False, opt.weights, opt.positions)  # on again in fit() if graphs are on
     set_random_states(ckpt["rng"])
     state = TrainState(**ckpt["state"])
     state.stopped_by = None
@@ -275,6 +277,7 @@ RESUMABLE_KEYS = (
     "dataset.download",
     "dataset.cache",
     "trainer.eval_batch_size",
+    "trainer.cuda_graphs",
 )
 
 

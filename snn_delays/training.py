@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from snn_delays.cuda_graphs import GraphedSteps, make_capturable
+from snn_delays.cuda_graphs import GraphedSteps, set_capturable
 from snn_delays.data.base import DataBundle, Split, batches
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def graphed_steps(
             dist.world_size,
         )
         return None
-    make_capturable(opt.weights, opt.positions)
+    set_capturable(True, opt.weights, opt.positions)
     return (
         GraphedSteps(lambda x, target: train_step(model, opt, x, target)),
         GraphedSteps(lambda x, y: eval_step(model, x, y)),

@@ -9,12 +9,14 @@ GPU the real capture is compared with the eager loop (``experiments/gpu_check.sh
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from snn_delays import training
-from snn_delays.cuda_graphs import GraphedSteps, make_capturable
+from snn_delays.cuda_graphs import GraphedSteps, set_capturable
 from snn_delays.data.synthetic import make_synthetic
 from snn_delays.loggers import NullLogger
 from snn_delays.model import DelaySNN
@@ -95,15 +97,20 @@ def test_cpu_training_falls_back_with_a_warning(tmp_path, caplog):
     assert state.epoch == 1
 
 
-def test_optimizers_become_capturable():
+def test_optimizers_become_capturable_and_back():
     p = torch.nn.Parameter(torch.zeros(3))
     adam = torch.optim.Adam([p])
     p.grad = torch.ones(3)
     adam.step()
-    make_capturable(adam, None)
+    set_capturable(True, adam, None)
     assert adam.param_groups[0]["capturable"] and torch.is_tensor(adam.state[p]["step"])
     with pytest.raises(ValueError, match="cannot step inside a CUDA graph"):
-        make_capturable(torch.optim.SGD([p], lr=0.1))
+        set_capturable(True, torch.optim.SGD([p], lr=0.1))
+    with pytest.raises(AssertionError, match="capturable"):
+        adam.step()  # a capturable Adam refuses CPU parameters: a graphed run resumed on the CPU
+    set_capturable(False, adam, torch.optim.SGD([p], lr=0.1))
+    adam.step()
+    assert not adam.param_groups[0]["capturable"] and float(adam.state[p]["step"]) == 2.0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -140,3 +147,32 @@ def test_a_failed_capture_trains_on_without_graphs(caplog):
     assert outs == [0.0, 2.0, 4.0, 6.0] and calls == outs  # every batch ran once, eagerly
     assert steps.failed and steps.captures == 0
     assert "capture failed" in caplog.text
+
+
+def test_a_graphed_runs_checkpoint_resumes_eagerly_on_the_cpu(tmp_path):
+    """A GPU run with graphs saves capturable optimizers; resuming on the CPU turns that off."""
+    from hydra import compose, initialize_config_dir
+
+    from snn_delays.train import build_model, build_optimization, load_for_resume
+    from snn_delays.training import checkpoint_payload, random_states
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=synthetic", "logger=none"])
+    model = build_model(cfg.model, 8, 4, 10.0)
+    opt = build_optimization(cfg.optim, model, 2)
+    x, y = (torch.rand(24, 5, 8) < 0.3).float(), torch.randint(4, (5,))
+    train_step(model, opt, x, y)  # Adam state with step counts
+    for o in (opt.weights, opt.positions):  # as trainer.cuda_graphs=true on a GPU leaves them
+        for group in o.param_groups:
+            group["capturable"] = True
+    extra = {"config": OmegaConf.to_container(cfg, resolve=True)}
+    torch.save(
+        {**checkpoint_payload(model, opt, training.TrainState(epoch=1), extra), "rng": random_states()},
+        tmp_path / "last.pt",
+    )
+
+    model, opt = build_model(cfg.model, 8, 4, 10.0), build_optimization(cfg.optim, model, 2)
+    load_for_resume(tmp_path / "last.pt", cfg, model, opt)
+    assert not any(g["capturable"] for o in (opt.weights, opt.positions) for g in o.param_groups)
+    train_step(model, opt, x, y)  # a capturable Adam would refuse these CPU parameters
