@@ -207,15 +207,21 @@ def _precision(device: torch.device) -> str:
     return "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "ieee"
 
 
-def _check(*tensors: Tensor) -> None:
+def check_tensors(what: str, *tensors: Tensor) -> None:
+    """``what`` (the Triton kernels named for the error) runs on these: float32, on CUDA (or
+    Triton's interpreter)."""
     for t in tensors:
         if t.dtype != torch.float32:
-            raise TypeError(f"the Triton delay kernels take float32 tensors, got {t.dtype}")
+            raise TypeError(f"{what} take float32 tensors, got {t.dtype}")
         if t.device.type != "cuda" and not INTERPRET:
             raise RuntimeError(
-                "the Triton delay kernels need a CUDA device (or TRITON_INTERPRET=1, set before "
-                "snn_delays.triton_delays is imported, to run them on the CPU for testing)"
+                f"{what} need a CUDA device (or TRITON_INTERPRET=1, set before triton is first "
+                "imported, to run them on the CPU for testing)"
             )
+
+
+def _check(*tensors: Tensor) -> None:
+    check_tensors("the Triton delay kernels", *tensors)
 
 
 def shift_mm(src: Tensor, w: Tensor, t_dst: int, shift: int) -> Tensor:
@@ -238,10 +244,8 @@ def shift_mm(src: Tensor, w: Tensor, t_dst: int, shift: int) -> Tensor:
     return dst
 
 
-def _splits(rows: int, weights: int, device: torch.device) -> int:
+def _splits(rows: int, weights: int) -> int:
     """Row blocks of dL/dk: enough programs for the SMs, partial sums within SPLIT_FLOATS."""
-    if device.type != "cuda":
-        return max(1, min(triton.cdiv(rows, SPLIT_ROWS), 4))
     return max(1, min(triton.cdiv(rows, SPLIT_ROWS), SPLIT_FLOATS // max(1, weights)))
 
 
@@ -252,7 +256,7 @@ def shift_grad_w(src: Tensor, g: Tensor, ksize: int, shift: int) -> Tensor:
     t_src, batch, c_in = src.shape
     t_g, _, c_out = g.shape
     rows = t_g * batch
-    split = _splits(rows, ksize * c_in * c_out, src.device)
+    split = _splits(rows, ksize * c_in * c_out)
     split_rows = triton.cdiv(rows, split)
     dw = torch.empty(split, ksize, c_in, c_out, device=src.device, dtype=torch.float32)
     meta = _GW_INTERPRET if INTERPRET else {}

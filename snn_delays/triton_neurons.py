@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from snn_delays.triton_delays import INTERPRET
+from snn_delays.triton_delays import check_tensors
 
 BLOCK = 256  # neurons per program
 
@@ -79,21 +79,12 @@ def _lif_bwd_kernel(
         off -= M
 
 
-def _check(x: Tensor) -> None:
-    if x.dtype != torch.float32:
-        raise TypeError(f"the Triton LIF takes float32 currents, got {x.dtype}")
-    if x.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError(
-            "SNN_DELAYS_NEURON_IMPL=triton needs a CUDA device (or TRITON_INTERPRET=1 for testing)"
-        )
-
-
 class LIF(torch.autograd.Function):
     """(spikes, post-reset membrane or an empty tensor) from the current ``x`` (T, ...)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, tau: float, thr: float, alpha: float, want_v: bool):  # noqa: ANN001, ANN205
-        _check(x)
+        check_tensors("the Triton LIF kernels (SNN_DELAYS_NEURON_IMPL=triton)", x)
         x = x.contiguous()
         t_len, m = x.shape[0], x[0].numel()
         need_h = ctx.needs_input_grad[0]
