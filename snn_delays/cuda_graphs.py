@@ -11,8 +11,8 @@ learning rates and Adam betas of the epoch (the schedulers step once per epoch),
 batch's shape. So :class:`GraphedSteps` captures anew at the start of every epoch (the first
 batch of an epoch runs eagerly, on a side stream, which also warms up lazily initialised
 state, then the second batch is captured and run), and a batch of another shape (the last,
-smaller batch) runs eagerly. The optimizers run with ``capturable=True`` (:func:`set_capturable`) (their step counts
-live on the GPU). The evaluation step bakes in nothing that changes (parameters and BatchNorm
+smaller batch) runs eagerly. The optimizers run with ``capturable=True`` (their step counts
+live on the GPU; :func:`set_capturable`). The evaluation step bakes in nothing that changes (parameters and BatchNorm
 statistics are read from their memory at each replay; the integer delays are computed from
 the positions inside the graph), so its graph is captured once for the run. Should a capture
 fail (a kernel that synchronises with the host, say), training goes on without graphs.
@@ -82,6 +82,11 @@ class GraphedSteps:
         self.replays = 0
         self.failed = False  # a capture failed: every later step runs eagerly
         self.new_epoch()
+
+    @property
+    def captured(self) -> bool:
+        """At least one graph was recorded and none failed: the steps really replayed."""
+        return self.captures > 0 and not self.failed
 
     def new_epoch(self) -> None:
         self._replay: Callable[[], None] | None = None

@@ -213,8 +213,8 @@ def train_step(model: nn.Module, opt: Optimization, x: Tensor, target: Tensor) -
 
 def graphed_steps(
     model: nn.Module, opt: Optimization, dist: Distributed
-) -> tuple[GraphedSteps, GraphedSteps] | None:
-    """Graph runners (train, evaluation) of ``trainer.cuda_graphs=true``; None where they cannot run."""
+) -> tuple[GraphedSteps | None, GraphedSteps | None]:
+    """Graph runners (train, evaluation) of ``trainer.cuda_graphs=true``; Nones where they cannot run."""
     device = next(model.parameters()).device
     if device.type != "cuda" or dist.world_size > 1:
         log.warning(
@@ -223,7 +223,7 @@ def graphed_steps(
             device,
             dist.world_size,
         )
-        return None
+        return None, None
     set_capturable(True, opt.weights, opt.positions)
     return (
         GraphedSteps(lambda x, target: train_step(model, opt, x, target)),
@@ -350,7 +350,7 @@ def fit(
     gen = torch.Generator()
     gen.set_state(state.shuffle_rng)
     ckpt_dir = run_dir / "checkpoints"
-    graphs, eval_graphs = (graphed_steps(model, opt, dist) if cfg.cuda_graphs else None) or (None, None)
+    graphs, eval_graphs = graphed_steps(model, opt, dist) if cfg.cuda_graphs else (None, None)
     with contextlib.ExitStack() as stack:
         if stop is None:
             stop = stack.enter_context(StopFlag())
