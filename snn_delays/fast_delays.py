@@ -907,6 +907,12 @@ class _Spectra:
             self.g = _rdft(grad_y, self.n)
         return self.g
 
+    def sharing_h(self) -> _Spectra:
+        """New spectra (of another batch block) with this one's kernel spectrum."""
+        other = _Spectra(self.n)
+        other.h = self.h
+        return other
+
 
 def _fft_forward(x: Tensor, kernel: Tensor, t_out: int, spectra: _Spectra | None = None) -> Tensor:
     spectra = spectra or _Spectra(_fft_len(x.shape[0], kernel.shape[2]))
@@ -920,11 +926,19 @@ def _fft_grad_input(grad_y: Tensor, kernel: Tensor, t_len: int, spectra: _Spectr
     return _irdft(spec, spectra.n, t_len)
 
 
+def _fft_grad_kernel_spectrum(x: Tensor, grad_y: Tensor, spectra: _Spectra) -> Tensor:
+    """The spectrum (F, O, I) of dL/dh: sum over (t, b) of g's spectrum times x's, conjugated."""
+    return torch.matmul(spectra.of_g(grad_y).transpose(1, 2), spectra.of_x(x).conj())
+
+
+def _grad_kernel_from_spectrum(spec: Tensor, n: int, ksize: int) -> Tensor:
+    gh = _irdft(spec, n, ksize)  # dL/dh (K, O, I)
+    return gh.flip(0).permute(1, 2, 0)
+
+
 def _fft_grad_kernel(x: Tensor, grad_y: Tensor, ksize: int, spectra: _Spectra | None = None) -> Tensor:
     spectra = spectra or _Spectra(_fft_len(x.shape[0], ksize))
-    spec = torch.matmul(spectra.of_g(grad_y).transpose(1, 2), spectra.of_x(x).conj())  # (F, O, I)
-    gh = _irdft(spec, spectra.n, ksize)  # dL/dh (K, O, I)
-    return gh.flip(0).permute(1, 2, 0)
+    return _grad_kernel_from_spectrum(_fft_grad_kernel_spectrum(x, grad_y, spectra), spectra.n, ksize)
 
 
 # Estimated times (ns) of each CPU path for one layer, from kernel timings on a 2-core AMD EPYC
@@ -1034,19 +1048,49 @@ class _DelayConvCPU(torch.autograd.Function):
         return grad_x, grad_k, None, None
 
 
+def fft_batch_blocks(batch: int) -> list[slice]:
+    """Batch blocks of the spectral path: ``$SNN_DELAYS_FFT_BATCH`` samples each (default: one).
+
+    Each block's spectra and cuFFT temporaries are freed before the next: smaller blocks lower
+    the peak memory, at one more set of launches per block (free under CUDA graphs)."""
+    value = os.environ.get("SNN_DELAYS_FFT_BATCH")
+    if not value:
+        return [slice(0, batch)]
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ValueError(f"SNN_DELAYS_FFT_BATCH must be a positive number of samples, got {value!r}")
+    return [slice(b0, min(batch, b0 + size)) for b0 in range(0, batch, size)]
+
+
 class _DelayConvFFT(torch.autograd.Function):
-    """The spectral path for all three products, on any device (``impl="fft"``)."""
+    """The spectral path for all three products, on any device (``impl="fft"``).
+
+    With one batch block the spectra of x and the kernel are kept from the forward for the
+    backward; with several (:func:`fft_batch_blocks`) only the kernel's, and each block's x
+    spectrum is recomputed."""
 
     @staticmethod
     def forward(ctx, x: Tensor, kernel: Tensor) -> Tensor:  # noqa: ANN001
         ksize = kernel.shape[2]
-        ctx.spectra = _Spectra(_fft_len(x.shape[0], ksize))
+        n = _fft_len(x.shape[0], ksize)
+        t_out = x.shape[0] + (ksize - 1) // 2
+        ctx.blocks = fft_batch_blocks(x.shape[1])
         ctx.save_for_backward(x, kernel)
+        ctx.spectra = _Spectra(n)
         with _tf32(x.device):
-            y = _fft_forward(x, kernel.detach(), x.shape[0] + (ksize - 1) // 2, ctx.spectra)
+            if len(ctx.blocks) == 1:
+                y = _fft_forward(x, kernel.detach(), t_out, ctx.spectra).contiguous()
+            else:
+                ctx.spectra.of_h(kernel.detach())
+                y = x.new_empty(t_out, x.shape[1], kernel.shape[0])
+                for block in ctx.blocks:
+                    y[:, block] = _fft_forward(x[:, block], kernel.detach(), t_out, ctx.spectra.sharing_h())
         if not any(ctx.needs_input_grad):
             ctx.spectra = None
-        return y.contiguous()
+        return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # noqa: ANN001, ANN205
@@ -1054,10 +1098,23 @@ class _DelayConvFFT(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         grad_x = grad_k = None
         with _tf32(x.device):
-            if ctx.needs_input_grad[0]:
-                grad_x = _fft_grad_input(grad_y, kernel, x.shape[0], ctx.spectra).contiguous()
-            if ctx.needs_input_grad[1]:
-                grad_k = _fft_grad_kernel(x, grad_y, kernel.shape[2], ctx.spectra)
+            if len(ctx.blocks) == 1:
+                if ctx.needs_input_grad[0]:
+                    grad_x = _fft_grad_input(grad_y, kernel, x.shape[0], ctx.spectra).contiguous()
+                if ctx.needs_input_grad[1]:
+                    grad_k = _fft_grad_kernel(x, grad_y, kernel.shape[2], ctx.spectra)
+            else:
+                grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+                spec_k = None
+                for block in ctx.blocks:
+                    spectra = ctx.spectra.sharing_h()
+                    if grad_x is not None:
+                        grad_x[:, block] = _fft_grad_input(grad_y[:, block], kernel, x.shape[0], spectra)
+                    if ctx.needs_input_grad[1]:
+                        part = _fft_grad_kernel_spectrum(x[:, block], grad_y[:, block], spectra)
+                        spec_k = part if spec_k is None else spec_k.add_(part)
+                if spec_k is not None:
+                    grad_k = _grad_kernel_from_spectrum(spec_k, ctx.spectra.n, kernel.shape[2])
         ctx.spectra = None
         return grad_x, grad_k
 
@@ -1086,9 +1143,23 @@ GEMM_CHUNK = 1 << 28  # floats of one unfolded block (1 GiB): bounds the extra m
 # made the step host-bound (13.9 ms instead of 10.5 ms): more launches. See FAST_DELAYS.md.
 
 
+def gemm_chunk() -> int:
+    """Floats of one unfolded block: ``$SNN_DELAYS_GEMM_CHUNK``, else ``GEMM_CHUNK``."""
+    value = os.environ.get("SNN_DELAYS_GEMM_CHUNK")
+    if not value:
+        return GEMM_CHUNK
+    try:
+        floats = int(value)
+    except ValueError:
+        floats = 0
+    if floats < 1:
+        raise ValueError(f"SNN_DELAYS_GEMM_CHUNK must be a positive number of floats, got {value!r}")
+    return floats
+
+
 def _chunks(t_len: int, row: int) -> list[tuple[int, int]]:
-    """Time ranges whose unfolded rows (``row`` floats per step) fit in ``GEMM_CHUNK``."""
-    step = max(1, GEMM_CHUNK // max(1, row))
+    """Time ranges whose unfolded rows (``row`` floats per step) fit in :func:`gemm_chunk`."""
+    step = max(1, gemm_chunk() // max(1, row))
     return [(t0, min(t_len, t0 + step)) for t0 in range(0, t_len, step)]
 
 

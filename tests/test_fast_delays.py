@@ -32,18 +32,22 @@ def _input(t: int, b: int, n_in: int, density: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("sigma", [0.23, 1.0, "K//2"])
-@pytest.mark.parametrize("impl", ["c", "no-compiler", "gemm", "triton", "fft", "fft-no-compiler"])
+@pytest.mark.parametrize(
+    "impl", ["c", "no-compiler", "gemm", "triton", "fft", "fft-no-compiler", "fft-blocks-no-compiler"]
+)
 def test_training_path_equals_dcls(case, sigma, impl, monkeypatch, request):
-    """``fft-no-compiler`` is the spectral path on torch.fft: what runs on CUDA."""
+    """``fft-no-compiler`` is the spectral path on torch.fft: what runs on CUDA; ``fft-blocks``
+    runs it in batch blocks of 2 samples (``SNN_DELAYS_FFT_BATCH``)."""
     t, b, n_in, n_out, k, density = case
     sigma = k // 2 if sigma == "K//2" else sigma
     if impl == "triton":
         request.getfixturevalue("triton_interpreted")
     if impl.endswith("no-compiler"):
         monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)
-    monkeypatch.setenv(
-        "SNN_DELAYS_CONV_IMPL", {"no-compiler": "auto", "fft-no-compiler": "fft"}.get(impl, impl)
-    )
+    if "blocks" in impl:
+        monkeypatch.setenv("SNN_DELAYS_FFT_BATCH", "2")
+    conv_impl = "fft" if impl.startswith("fft") else "auto" if impl == "no-compiler" else impl
+    monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", conv_impl)
     torch.manual_seed(0)
     ref, fast = _pair(n_in, n_out, k, sigma)
     x = _input(t, b, n_in, density)
@@ -117,7 +121,7 @@ def test_gemm_path_gradients_match_dense(shape, chunk, monkeypatch):
     """Both unfolding sides (input for I <= O, output for O < I) against autograd of conv1d."""
     t, b, n_in, n_out, k = shape
     if chunk:
-        monkeypatch.setattr(fast_delays, "GEMM_CHUNK", chunk)
+        monkeypatch.setenv("SNN_DELAYS_GEMM_CHUNK", str(chunk))
     torch.manual_seed(4)
     x = torch.randn(t, b, n_in, dtype=torch.float64, requires_grad=True)
     kernel = torch.randn(n_out, n_in, k, dtype=torch.float64, requires_grad=True)
@@ -129,6 +133,27 @@ def test_gemm_path_gradients_match_dense(shape, chunk, monkeypatch):
     ref = torch.autograd.grad(want, (x, kernel), g)
     for a, r in zip(got, ref, strict=True):
         torch.testing.assert_close(a, r)
+
+
+def test_fft_batch_blocks_setting(monkeypatch):
+    assert fast_delays.fft_batch_blocks(5) == [slice(0, 5)]
+    monkeypatch.setenv("SNN_DELAYS_FFT_BATCH", "2")
+    assert fast_delays.fft_batch_blocks(5) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    for bad in ("0", "half", "-1"):
+        monkeypatch.setenv("SNN_DELAYS_FFT_BATCH", bad)
+        with pytest.raises(ValueError, match="SNN_DELAYS_FFT_BATCH must be a positive number"):
+            fast_delays.fft_batch_blocks(5)
+
+
+def test_gemm_chunk_setting(monkeypatch):
+    monkeypatch.setenv("SNN_DELAYS_GEMM_CHUNK", "64")
+    assert fast_delays._chunks(10, 20) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    monkeypatch.delenv("SNN_DELAYS_GEMM_CHUNK")
+    assert fast_delays._chunks(10, 20) == [(0, 10)]
+    for bad in ("0", "1e6", "-5"):
+        monkeypatch.setenv("SNN_DELAYS_GEMM_CHUNK", bad)
+        with pytest.raises(ValueError, match="SNN_DELAYS_GEMM_CHUNK must be a positive number"):
+            fast_delays._chunks(10, 20)
 
 
 @pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
