@@ -23,7 +23,7 @@ class TrainerConfig:
     progress: bool = True
     save_checkpoints: bool = True
     resume: Any = False  # false | true (this run's last.pt) | a checkpoint path
-    cuda_graphs: bool = False  # replay each training step from a CUDA graph (one CUDA process)
+    cuda_graphs: Any = "auto"  # auto (on for one CUDA process) | true | false: CUDA-graph replays
 
 
 @dataclass

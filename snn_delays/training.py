@@ -143,7 +143,11 @@ class FitConfig:
     progress: bool = True
     save_checkpoints: bool = True
     seed: int = 0
-    cuda_graphs: bool = False  # replay each training step from a CUDA graph (snn_delays.cuda_graphs)
+    cuda_graphs: bool | str = False  # true | "auto" | false: CUDA-graph replays (snn_delays.cuda_graphs)
+
+    def __post_init__(self) -> None:
+        if self.cuda_graphs not in (True, False, "auto"):
+            raise ValueError(f"trainer.cuda_graphs must be auto, true or false, got {self.cuda_graphs!r}")
 
 
 @dataclass
@@ -212,11 +216,14 @@ def train_step(model: nn.Module, opt: Optimization, x: Tensor, target: Tensor) -
 
 
 def graphed_steps(
-    model: nn.Module, opt: Optimization, dist: Distributed
+    model: nn.Module, opt: Optimization, dist: Distributed, required: bool = True
 ) -> tuple[GraphedSteps | None, GraphedSteps | None]:
-    """Graph runners (train, evaluation) of ``trainer.cuda_graphs=true``; Nones where they cannot run."""
+    """Graph runners (train, evaluation) of ``trainer.cuda_graphs``; Nones where they cannot run
+    (with a warning if ``required``: ``true`` rather than ``auto``)."""
     device = next(model.parameters()).device
     if device.type != "cuda" or dist.world_size > 1:
+        if not required:
+            return None, None
         log.warning(
             "trainer.cuda_graphs=true needs one process on a CUDA device (got %s, %d processes): "
             "training without graphs",
@@ -350,7 +357,9 @@ def fit(
     gen = torch.Generator()
     gen.set_state(state.shuffle_rng)
     ckpt_dir = run_dir / "checkpoints"
-    graphs, eval_graphs = graphed_steps(model, opt, dist) if cfg.cuda_graphs else (None, None)
+    graphs, eval_graphs = (
+        graphed_steps(model, opt, dist, required=cfg.cuda_graphs is True) if cfg.cuda_graphs else (None, None)
+    )
     with contextlib.ExitStack() as stack:
         if stop is None:
             stop = stack.enter_context(StopFlag())
