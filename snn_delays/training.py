@@ -160,6 +160,7 @@ class TrainState:
     test_acc_at_best: float = float("nan")
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
+    epoch_seconds: list[float] = field(default_factory=list)  # training time of each epoch
     shuffle_rng: Tensor = field(default_factory=lambda: torch.Generator().get_state())
     stopped_by: int | None = None  # the signal that interrupted training, if any
 
@@ -383,7 +384,8 @@ def fit(
             if dist.any(stop()):
                 break
             opt.end_epoch()
-            state.train_seconds += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            state.train_seconds += seconds
             valid = evaluate(model, data.valid, cfg.eval_batch_size, dist, eval_graphs)
             test = evaluate(model, data.test, cfg.eval_batch_size, dist, eval_graphs)
             row = {
@@ -402,8 +404,10 @@ def fit(
             improved = _update_best(state, row, has_valid=len(data.valid) > 0)
             state.epoch, state.shuffle_rng = epoch + 1, gen.get_state()
             state.history.append(row)
+            state.epoch_seconds.append(seconds)
             if dist.is_main:
-                logger.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+                metrics = {k: v for k, v in row.items() if k != "epoch"}
+                logger.log_metrics({**metrics, "time/epoch_train_s": seconds}, step=epoch + 1)
                 epochs.set_postfix(
                     loss=f"{train['loss']:.3f}", valid=f"{valid['acc']:.3f}", test=f"{test['acc']:.3f}"
                 )
@@ -464,5 +468,6 @@ def summary(state: TrainState, n_params: int) -> dict[str, float]:
         "best_epoch": state.best_epoch,
         "epochs": state.epoch,
         "train_seconds": state.train_seconds,
+        "epoch_train_seconds": state.epoch_seconds,
         "n_params": n_params,
     }

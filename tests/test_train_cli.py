@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import read_metrics, run_cli
 from spike_files import make_shd_root
@@ -27,6 +28,8 @@ def test_synthetic_run_writes_every_output_and_eval_reproduces_it(tmp_path):
     run_cli("train", "experiment=synthetic", "trainer.epochs=3", "logger=csv", f"hydra.run.dir={out}", *QUIET)
     metrics = read_metrics(out)
     assert METRIC_KEYS <= set(metrics) and metrics["epochs"] == 3
+    assert len(metrics["epoch_train_seconds"]) == 3
+    assert sum(metrics["epoch_train_seconds"]) == pytest.approx(metrics["train_seconds"])
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert len(rows) == 3
     for key in (
