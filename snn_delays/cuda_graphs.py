@@ -4,7 +4,8 @@ On a GPU the SNN's training step is bound by the host, not the GPU: a few hundre
 kernels (LIF, BatchNorm, dropout, the delay products and the Gaussian kernel of every layer,
 two Adam optimizers) are each launched from Python. A CUDA graph records the step's kernels
 once and replays them with a single launch; the batch is copied into the graph's input
-buffers first. ``trainer.cuda_graphs=true`` turns this on (CUDA, one process).
+buffers first. ``trainer.cuda_graphs=auto`` (the default) turns this on for one process on a
+CUDA device; ``true`` asks for it with a warning where it cannot run, ``false`` turns it off.
 
 What a graph bakes in: sigma (the Gaussian kernel's width and the taps each path visits), the
 learning rates and Adam betas of the epoch (the schedulers step once per epoch), and the

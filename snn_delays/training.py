@@ -222,15 +222,21 @@ def graphed_steps(
     """Graph runners (train, evaluation) of ``trainer.cuda_graphs``; Nones where they cannot run
     (with a warning if ``required``: ``true`` rather than ``auto``)."""
     device = next(model.parameters()).device
-    if device.type != "cuda" or dist.world_size > 1:
-        if not required:
-            return None, None
-        log.warning(
-            "trainer.cuda_graphs=true needs one process on a CUDA device (got %s, %d processes): "
-            "training without graphs",
-            device,
-            dist.world_size,
-        )
+    reason = next(
+        (
+            f"{type(o).__name__} cannot step inside a CUDA graph"
+            for o in (opt.weights, opt.positions)
+            if o is not None and not all("capturable" in group for group in o.param_groups)
+        ),
+        None,
+    )
+    if reason is None and (device.type != "cuda" or dist.world_size > 1):
+        reason = f"needs one process on a CUDA device (got {device}, {dist.world_size} processes)"
+    if reason is not None:
+        if required:
+            log.warning("trainer.cuda_graphs=true %s: training without graphs", reason)
+        else:
+            log.info("trainer.cuda_graphs=auto: %s; training without graphs", reason)
         return None, None
     set_capturable(True, opt.weights, opt.positions)
     return (

@@ -97,6 +97,21 @@ def test_cpu_training_falls_back_with_a_warning(tmp_path, caplog):
     assert state.epoch == 1
 
 
+def test_optimizers_that_cannot_be_graphed_train_eagerly(caplog):
+    model = DelaySNN(8, 4, n_hidden=16, n_layers=1, kernel_size=15)
+    sgd = torch.optim.SGD(model.weight_parameters(), lr=0.1)
+    opt = Optimization(sgd, None, torch.optim.Adam(model.delay_parameters()), None)
+    with caplog.at_level(logging.INFO, logger="snn_delays.training"):
+        assert training.graphed_steps(model, opt, training.Distributed(), required=False) == (None, None)
+        assert caplog.records[-1].levelno == logging.INFO
+        assert training.graphed_steps(model, opt, training.Distributed()) == (None, None)
+    assert caplog.records[-1].levelno == logging.WARNING
+    assert "SGD cannot step inside a CUDA graph: training without graphs" in caplog.text
+    assert (
+        "capturable" not in opt.positions.param_groups[0] or not opt.positions.param_groups[0]["capturable"]
+    )
+
+
 def test_auto_graphs_stay_off_quietly_on_the_cpu(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="snn_delays.training"):
         model, state = _train(tmp_path, "cpu", cuda_graphs="auto", epochs=1)
