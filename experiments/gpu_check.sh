@@ -62,7 +62,7 @@ PY
 
 # 2. the benchmark: dcls vs each fast variant on the same inputs, SHD and SSC, both sigmas
 part 2 && timeout 240 python3 experiments/bench.py --device cuda --networks shd,ssc \
-    --backends dcls,fast,fast:triton,fast+graphs,fast:triton+graphs,fast:triton+graphs+triton-lif --json "$OUT/bench_gpu.json" 2>&1 \
+    --backends dcls,fast+graphs,fast,fast:gemm+graphs,fast:triton+graphs,fast:triton+graphs+triton-lif --json "$OUT/bench_gpu.json" 2>&1 \
     | grep -v Warning | tee "$OUT/bench_gpu.txt"
 
 # 3. where the step goes: the trainer's steps (with Adam) of every variant, published setting,

@@ -6,17 +6,16 @@ Times (CUDA events, median of repeats) the trainer's training step
 (``snn_delays.training.train_step``: forward, backward, one Adam step, clamping) and its
 evaluation step of these variants:
 
-- the fast backend (GEMM path on CUDA) and the dcls reference (cuDNN on);
-- the fast backend on the Triton implicit GEMMs (``SNN_DELAYS_CONV_IMPL=triton``: no unfold
-  copy);
-- the Triton path with the LIF of ``SNN_DELAYS_NEURON_IMPL=triton`` (one fused kernel each
-  way instead of spikingjelly's);
-- the GEMM and Triton paths with each step replayed from a CUDA graph, as
-  ``trainer.cuda_graphs=true`` runs them (the step is host-bound: graphs remove the launches);
-  a variant whose capture failed is marked, its time is then the eager one;
-- the spectral path (``SNN_DELAYS_CONV_IMPL=fft``: cuFFT and complex products), the conv1d
-  path (``SNN_DELAYS_CONV_IMPL=dense``, the first CUDA path), the dcls reference with cuDNN
-  off (as the published code ran), and the network without delays.
+- the default: the fast backend on the spectral path (cuFFT and complex products) with each
+  step replayed from a CUDA graph, as ``trainer.cuda_graphs=auto`` runs it on one GPU (a
+  variant whose capture failed is marked, its time is then the eager one); the same eagerly;
+- the dcls reference (cuDNN on);
+- the GEMM path (``SNN_DELAYS_CONV_IMPL=gemm``: unfolded GEMMs), eagerly and graphed;
+- the Triton implicit GEMMs (``SNN_DELAYS_CONV_IMPL=triton``: no unfold copy), eagerly and
+  graphed, and with the LIF of ``SNN_DELAYS_NEURON_IMPL=triton`` (one fused kernel each way
+  instead of spikingjelly's);
+- the conv1d path (``SNN_DELAYS_CONV_IMPL=dense``, the first CUDA path), the dcls reference
+  with cuDNN off (as the published code ran), and the network without delays.
 
 It prints the peak memory of each and, with ``--profile``, the profiler's top CUDA kernels of
 one fast step.
@@ -91,15 +90,16 @@ def main() -> None:
     y = torch.randint(n_cls, (batch,), device="cuda")
     rows = []
     variants = [
-        ("fast (GEMM)", "fast", "learned", True, "auto"),
+        ("fast, cuFFT, CUDA graph (default)", "fast", "learned", True, "fft+graph"),
+        ("fast, cuFFT, eager", "fast", "learned", True, "fft"),
         ("dcls", "dcls", "learned", True, "auto"),
+        ("fast, GEMM", "fast", "learned", True, "gemm"),
+        ("fast, GEMM, CUDA graph", "fast", "learned", True, "gemm+graph"),
         ("fast, triton", "fast", "learned", True, "triton"),
-        ("fast (GEMM), CUDA graph", "fast", "learned", True, "auto+graph"),
         ("fast, triton, CUDA graph", "fast", "learned", True, "triton+graph"),
         ("fast, triton + Triton LIF", "fast", "learned", True, "triton+tlif"),
         ("fast, triton + Triton LIF, CUDA graph", "fast", "learned", True, "triton+tlif+graph"),
-        ("fast, spectral (cuFFT)", "fast", "learned", True, "fft"),
-        ("fast, conv1d path (previous)", "fast", "learned", True, "dense"),
+        ("fast, conv1d path (first)", "fast", "learned", True, "dense"),
         ("dcls, cuDNN off (published)", "dcls", "learned", False, "auto"),
         ("no delays", "fast", "none", True, "auto"),
     ]
@@ -132,7 +132,7 @@ def main() -> None:
         print(f"{name:40s} {tr:9.2f} {ev:8.2f} {mem:9.0f} {ref[1] / tr:8.2f} {ref[2] / ev:7.2f}")
     if not args.profile:
         return
-    for conv in ("auto", "triton"):
+    for conv in ("fft", "gemm"):
         os.environ["SNN_DELAYS_CONV_IMPL"] = conv
         train, _ = steps(make(args.network, "fast"), x, y)
         train()

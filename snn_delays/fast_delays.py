@@ -1295,12 +1295,12 @@ def _triton():  # noqa: ANN202 - the module, imported on first use (triton is op
 
 
 def _path(x: Tensor, impl: str | None) -> str:
-    """``c`` (CPU kernels), ``gemm`` (CUDA default), ``triton`` (CUDA), ``fft`` or ``dense``."""
+    """``c`` (CPU kernels), ``fft`` (CUDA default), ``gemm``, ``triton`` (CUDA) or ``dense``."""
     impl = impl or os.environ.get("SNN_DELAYS_CONV_IMPL") or "auto"
     if impl == "auto":
         if _use_c(x):
             return "c"
-        return "gemm" if x.device.type == "cuda" else "dense"
+        return "fft" if x.device.type == "cuda" else "dense"
     if impl not in IMPLS:
         raise ValueError(f"delay conv impl (SNN_DELAYS_CONV_IMPL) must be one of {IMPLS}, got {impl!r}")
     if impl == "c" and not _use_c(x):
@@ -1320,10 +1320,10 @@ def delay_conv(
 ) -> Tensor:
     """Training path: ``y`` (T + (K-1)//2, B, out) from the DCLS Gaussian kernel.
 
-    ``impl`` (default: ``$SNN_DELAYS_CONV_IMPL``, else ``auto``) forces a path: ``c``, ``gemm``
-    (the CUDA default; runs on any device), ``triton`` (implicit GEMMs without the unfold copy:
-    CUDA, or the Triton interpreter), ``fft`` (spectral for all three products, any device:
-    cuFFT on CUDA) or ``dense``.
+    ``impl`` (default: ``$SNN_DELAYS_CONV_IMPL``, else ``auto``: ``c`` on the CPU, ``fft`` on
+    CUDA) forces a path: ``c``, ``fft`` (spectral for all three products, any device: cuFFT on
+    CUDA), ``gemm`` (unfolded GEMMs, any device), ``triton`` (implicit GEMMs without the unfold
+    copy: CUDA, or the Triton interpreter) or ``dense``.
     """
     path = _path(x, impl)
     if path == "dense":
