@@ -33,13 +33,30 @@ Body = Callable[[Tensor, Tensor], tuple[Tensor, ...]]
 Capture = Callable[[Callable[[], tuple[Tensor, ...]]], tuple[Callable[[], None], tuple[Tensor, ...]]]
 
 
+_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def graph_stream() -> torch.cuda.Stream:
+    """The one side stream of every warm-up and capture on the current device.
+
+    PyTorch keeps a cuBLAS workspace (32 MiB on Hopper), allocated from the caching allocator,
+    for each stream that ever ran a cuBLAS product, for the life of the process: a fresh side
+    stream per epoch would add one workspace per epoch (up to the 32 streams of PyTorch's pool).
+    """
+    device = torch.cuda.current_device()
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device=device)
+    return _STREAMS[device]
+
+
 def cuda_capture(body: Callable[[], tuple[Tensor, ...]]) -> tuple[Callable[[], None], tuple[Tensor, ...]]:
     """Record ``body`` as a CUDA graph and run it once; returns ``(replay, outputs)``.
 
-    ``outputs`` are the graph's own tensors: every replay overwrites them.
+    ``outputs`` are the graph's own tensors: every replay overwrites them. Captured on
+    :func:`graph_stream`, where the warm-up ran.
     """
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=graph_stream()):
         outputs = body()
     graph.replay()
     return graph.replay, outputs
@@ -127,7 +144,7 @@ class GraphedSteps:
         if not (self.side_stream and torch.cuda.is_available()):
             yield
             return
-        stream = torch.cuda.Stream()
+        stream = graph_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             yield

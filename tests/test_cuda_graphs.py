@@ -8,6 +8,7 @@ GPU the real capture is compared with the eager loop (``experiments/gpu_check.sh
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from snn_delays import training
+from snn_delays import cuda_graphs, training
 from snn_delays.cuda_graphs import GraphedSteps, set_capturable
 from snn_delays.data.synthetic import make_synthetic
 from snn_delays.loggers import NullLogger
@@ -88,6 +89,48 @@ def test_a_replay_reads_the_new_batch():
         seen.append(float(steps(torch.full((2, 3), float(value)), torch.zeros(2))[0]))
     assert seen == [0.0, 6.0, 12.0, 18.0, 24.0]
     assert float(steps(torch.ones(1, 3), torch.zeros(1))[0]) == 3.0  # another shape: eager
+
+
+def test_every_warm_up_and_capture_uses_one_side_stream(monkeypatch):
+    """A fresh stream per epoch would keep one more cuBLAS workspace per epoch (graph_stream)."""
+    made, used = [], []
+
+    class FakeStream:
+        def __init__(self, device: int | None = None) -> None:
+            made.append(self)
+
+        def wait_stream(self, other: object) -> None:
+            pass
+
+    class Current(FakeStream):
+        def __init__(self) -> None:
+            pass
+
+    @contextlib.contextmanager
+    def on(stream):  # noqa: ANN001, ANN202
+        used.append(stream)
+        yield
+
+    def capture(body):  # noqa: ANN001, ANN202
+        used.append(cuda_graphs.graph_stream())  # as cuda_capture records on it
+        return eager_capture(body)
+
+    monkeypatch.setattr(cuda_graphs, "_STREAMS", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "current_stream", Current)
+    train = GraphedSteps(lambda x, t: (x.sum(),), capture)
+    evaluation = GraphedSteps(lambda x, t: (x.mean(),), capture)
+    for _ in range(4):
+        train.new_epoch()
+        for _ in range(3):
+            train(torch.ones(2), torch.zeros(2))
+            evaluation(torch.ones(2), torch.zeros(2))
+    # a warm-up and a capture per epoch for training, once for the run for evaluation
+    assert (train.captures, evaluation.captures) == (4, 1)
+    assert len(made) == 1 and len(used) == 10 and all(s is made[0] for s in used)
 
 
 def test_cpu_training_falls_back_with_a_warning(tmp_path, caplog):
