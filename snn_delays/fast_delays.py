@@ -1068,28 +1068,26 @@ def fft_batch_blocks(batch: int) -> list[slice]:
 class _DelayConvFFT(torch.autograd.Function):
     """The spectral path for all three products, on any device (``impl="fft"``).
 
-    With one batch block the spectra of x and the kernel are kept from the forward for the
-    backward; with several (:func:`fft_batch_blocks`) only the kernel's, and each block's x
-    spectrum is recomputed."""
+    Nothing spectral is kept from the forward for the backward (the spectra of every layer's
+    x and kernel would all be alive when the backward starts, the step's peak): the backward
+    transforms x and the kernel again, once each, and shares them between dL/dx and dL/dk.
+    With several batch blocks (:func:`fft_batch_blocks`) each block is transformed in turn."""
 
     @staticmethod
     def forward(ctx, x: Tensor, kernel: Tensor) -> Tensor:  # noqa: ANN001
         ksize = kernel.shape[2]
-        n = _fft_len(x.shape[0], ksize)
+        ctx.n = _fft_len(x.shape[0], ksize)
         t_out = x.shape[0] + (ksize - 1) // 2
         ctx.blocks = fft_batch_blocks(x.shape[1])
         ctx.save_for_backward(x, kernel)
-        ctx.spectra = _Spectra(n)
+        spectra = _Spectra(ctx.n)
         with _tf32(x.device):
             if len(ctx.blocks) == 1:
-                y = _fft_forward(x, kernel.detach(), t_out, ctx.spectra).contiguous()
-            else:
-                ctx.spectra.of_h(kernel.detach())
-                y = x.new_empty(t_out, x.shape[1], kernel.shape[0])
-                for block in ctx.blocks:
-                    y[:, block] = _fft_forward(x[:, block], kernel.detach(), t_out, ctx.spectra.sharing_h())
-        if not any(ctx.needs_input_grad):
-            ctx.spectra = None
+                return _fft_forward(x, kernel.detach(), t_out, spectra).contiguous()
+            spectra.of_h(kernel.detach())
+            y = x.new_empty(t_out, x.shape[1], kernel.shape[0])
+            for block in ctx.blocks:
+                y[:, block] = _fft_forward(x[:, block], kernel.detach(), t_out, spectra.sharing_h())
         return y
 
     @staticmethod
@@ -1097,25 +1095,28 @@ class _DelayConvFFT(torch.autograd.Function):
         x, kernel = ctx.saved_tensors
         grad_y = grad_y.contiguous()
         grad_x = grad_k = None
+        spectra = _Spectra(ctx.n)
         with _tf32(x.device):
             if len(ctx.blocks) == 1:
                 if ctx.needs_input_grad[0]:
-                    grad_x = _fft_grad_input(grad_y, kernel, x.shape[0], ctx.spectra).contiguous()
+                    grad_x = _fft_grad_input(grad_y, kernel, x.shape[0], spectra).contiguous()
+                    spectra.h = None  # not needed by dL/dk: freed before x is transformed
                 if ctx.needs_input_grad[1]:
-                    grad_k = _fft_grad_kernel(x, grad_y, kernel.shape[2], ctx.spectra)
-            else:
-                grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-                spec_k = None
-                for block in ctx.blocks:
-                    spectra = ctx.spectra.sharing_h()
-                    if grad_x is not None:
-                        grad_x[:, block] = _fft_grad_input(grad_y[:, block], kernel, x.shape[0], spectra)
-                    if ctx.needs_input_grad[1]:
-                        part = _fft_grad_kernel_spectrum(x[:, block], grad_y[:, block], spectra)
-                        spec_k = part if spec_k is None else spec_k.add_(part)
-                if spec_k is not None:
-                    grad_k = _grad_kernel_from_spectrum(spec_k, ctx.spectra.n, kernel.shape[2])
-        ctx.spectra = None
+                    grad_k = _fft_grad_kernel(x, grad_y, kernel.shape[2], spectra)
+                return grad_x, grad_k
+            grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+            if grad_x is not None:
+                spectra.of_h(kernel)
+            spec_k = None
+            for block in ctx.blocks:
+                block_spectra = spectra.sharing_h()
+                if grad_x is not None:
+                    grad_x[:, block] = _fft_grad_input(grad_y[:, block], kernel, x.shape[0], block_spectra)
+                if ctx.needs_input_grad[1]:
+                    part = _fft_grad_kernel_spectrum(x[:, block], grad_y[:, block], block_spectra)
+                    spec_k = part if spec_k is None else spec_k.add_(part)
+            if spec_k is not None:
+                grad_k = _grad_kernel_from_spectrum(spec_k, ctx.n, kernel.shape[2])
         return grad_x, grad_k
 
 
