@@ -1048,20 +1048,26 @@ class _DelayConvCPU(torch.autograd.Function):
         return grad_x, grad_k, None, None
 
 
+def positive_setting(name: str, unit: str) -> int | None:
+    """The positive integer in ``$name``; None where it is unset or empty."""
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name} must be a positive number of {unit}, got {value!r}")
+    return number
+
+
 def fft_batch_blocks(batch: int) -> list[slice]:
     """Batch blocks of the spectral path: ``$SNN_DELAYS_FFT_BATCH`` samples each (default: one).
 
     Each block's spectra and cuFFT temporaries are freed before the next: smaller blocks lower
     the peak memory, at one more set of launches per block (free under CUDA graphs)."""
-    value = os.environ.get("SNN_DELAYS_FFT_BATCH")
-    if not value:
-        return [slice(0, batch)]
-    try:
-        size = int(value)
-    except ValueError:
-        size = 0
-    if size < 1:
-        raise ValueError(f"SNN_DELAYS_FFT_BATCH must be a positive number of samples, got {value!r}")
+    size = positive_setting("SNN_DELAYS_FFT_BATCH", "samples") or batch
     return [slice(b0, min(batch, b0 + size)) for b0 in range(0, batch, size)]
 
 
@@ -1146,16 +1152,7 @@ GEMM_CHUNK = 1 << 28  # floats of one unfolded block (1 GiB): bounds the extra m
 
 def gemm_chunk() -> int:
     """Floats of one unfolded block: ``$SNN_DELAYS_GEMM_CHUNK``, else ``GEMM_CHUNK``."""
-    value = os.environ.get("SNN_DELAYS_GEMM_CHUNK")
-    if not value:
-        return GEMM_CHUNK
-    try:
-        floats = int(value)
-    except ValueError:
-        floats = 0
-    if floats < 1:
-        raise ValueError(f"SNN_DELAYS_GEMM_CHUNK must be a positive number of floats, got {value!r}")
-    return floats
+    return positive_setting("SNN_DELAYS_GEMM_CHUNK", "floats") or GEMM_CHUNK
 
 
 def _chunks(t_len: int, row: int) -> list[tuple[int, int]]:
