@@ -62,6 +62,15 @@ def cuda_capture(body: Callable[[], tuple[Tensor, ...]]) -> tuple[Callable[[], N
     return graph.replay, outputs
 
 
+def capture_refusal(*optimizers: torch.optim.Optimizer | None) -> str | None:
+    """Why one of ``optimizers`` cannot step inside a CUDA graph (no ``capturable`` option in
+    some param group: SGD, say), or None."""
+    for opt in optimizers:
+        if opt is not None and not all("capturable" in group for group in opt.param_groups):
+            return f"{type(opt).__name__} cannot step inside a CUDA graph"
+    return None
+
+
 def set_capturable(flag: bool, *optimizers: torch.optim.Optimizer | None) -> None:
     """``capturable=flag`` for every param group; step counts moved next to their parameters
     (``True``: the graph steps them on the GPU) or to the CPU (``False``: eager updates).
@@ -69,12 +78,10 @@ def set_capturable(flag: bool, *optimizers: torch.optim.Optimizer | None) -> Non
     A checkpoint of a graphed run holds ``capturable=True``: resuming it eagerly, or on the
     CPU (where capturable optimizers refuse to step), needs it off again.
     """
+    if flag and (reason := capture_refusal(*optimizers)):
+        raise ValueError(f"trainer.cuda_graphs: {reason}")
     for opt in optimizers:
-        if opt is None:
-            continue
-        if not all("capturable" in group for group in opt.param_groups):
-            if flag:
-                raise ValueError(f"trainer.cuda_graphs: {type(opt).__name__} cannot step inside a CUDA graph")
+        if opt is None or capture_refusal(opt):
             continue
         for group in opt.param_groups:
             group["capturable"] = flag

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from snn_delays.cuda_graphs import GraphedSteps, set_capturable
+from snn_delays.cuda_graphs import GraphedSteps, capture_refusal, set_capturable
 from snn_delays.data.base import DataBundle, Split, batches
 
 log = logging.getLogger(__name__)
@@ -222,14 +222,7 @@ def graphed_steps(
     """Graph runners (train, evaluation) of ``trainer.cuda_graphs``; Nones where they cannot run
     (with a warning if ``required``: ``true`` rather than ``auto``)."""
     device = next(model.parameters()).device
-    reason = next(
-        (
-            f"{type(o).__name__} cannot step inside a CUDA graph"
-            for o in (opt.weights, opt.positions)
-            if o is not None and not all("capturable" in group for group in o.param_groups)
-        ),
-        None,
-    )
+    reason = capture_refusal(opt.weights, opt.positions)
     if reason is None and (device.type != "cuda" or dist.world_size > 1):
         reason = f"needs one process on a CUDA device (got {device}, {dist.world_size} processes)"
     if reason is not None:

@@ -173,6 +173,10 @@ def test_optimizers_become_capturable_and_back():
     assert adam.param_groups[0]["capturable"] and torch.is_tensor(adam.state[p]["step"])
     with pytest.raises(ValueError, match="cannot step inside a CUDA graph"):
         set_capturable(True, torch.optim.SGD([p], lr=0.1))
+    other = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ValueError, match="trainer.cuda_graphs: SGD cannot step inside a CUDA graph"):
+        set_capturable(True, other, torch.optim.SGD([p], lr=0.1))
+    assert not other.param_groups[0]["capturable"]  # refused before any optimizer changed
     with pytest.raises(AssertionError, match="capturable"):
         adam.step()  # a capturable Adam refuses CPU parameters: a graphed run resumed on the CPU
     set_capturable(False, adam, torch.optim.SGD([p], lr=0.1))
