@@ -1,0 +1,95 @@
+"""TensorMemory counts the live tensors that operators create, whatever the device."""
+
+from __future__ import annotations
+
+import torch
+
+from snn_delays.fast_delays import delay_conv
+from snn_delays.memtrack import TensorMemory
+
+MB = 4 * 250_000  # bytes of 250k float32
+
+
+def test_counts_new_storages_while_alive_and_not_views_or_inputs():
+    x = torch.randn(250_000)  # existed before: never counted, nor its views
+    with TensorMemory() as mem:
+        a = x * 2  # +1
+        view = x[:10]
+        b = a + 1  # +1 -> 2 (peak)
+        del a  # -> 1
+        c = torch.empty(125_000)  # +0.5 -> 1.5
+        b.add_(1)  # in place: nothing new
+        b2 = b.view(500, 500)  # a view of b: the same storage
+    assert mem.peak_bytes == 2 * MB
+    assert mem.live_bytes == 1.5 * MB
+    assert mem.allocated_bytes == 2.5 * MB
+    del b, b2, c, view
+    assert mem.live_bytes == 0  # the finalizers still count after the block
+
+
+def test_follows_the_backward_and_saved_tensors():
+    """The backward's operators are dispatched too: gradients and the temporaries in them."""
+    w = torch.randn(500, 500, requires_grad=True)
+    x = torch.randn(500, 500)
+    with TensorMemory() as mem:
+        h = (x @ w).relu()  # relu keeps its output for the backward
+        loss = h.sum()
+        forward_live = mem.live_bytes
+        loss.backward()
+    assert forward_live >= MB  # relu's output, saved for the backward
+    assert w.grad is not None
+    assert mem.allocated_bytes >= forward_live + MB  # dL/dh and dL/dw at least
+    assert mem.live_bytes >= MB  # w.grad is still alive
+
+
+def test_reset_peak_starts_from_what_is_alive():
+    with TensorMemory() as mem:
+        a = torch.ones(250_000)
+        b = torch.ones(250_000)
+        del b
+        mem.reset_peak()
+        assert mem.peak_bytes == MB
+        c = torch.ones(125_000)
+    assert mem.peak_bytes == 1.5 * MB
+    del a, c
+
+
+def test_spectral_step_keeps_nothing_spectral_for_the_backward(monkeypatch):
+    """A memory regression guard for CUDA's default training path, run on the CPU with the same
+    operators (torch.fft): between forward and backward it keeps what the GEMM path keeps (x
+    and the kernel), no spectra; those are made again by the backward."""
+    from snn_delays import fast_delays
+
+    monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)
+    torch.manual_seed(0)
+    x = torch.rand(40, 16, 24).round()
+    weight = torch.randn(32, 24, requires_grad=True)
+    pos = (torch.rand(32, 24) * 10 - 5).requires_grad_()
+    kept = {}
+    for impl in ("gemm", "fft"):
+        with TensorMemory() as mem:
+            y = delay_conv(x, weight, pos, 1.0, 11, impl=impl)
+            kept[impl] = mem.live_bytes - y.untyped_storage().nbytes()
+            y.square().sum().backward()
+    assert kept["fft"] == kept["gemm"] > 0, kept
+
+
+def test_cuda_evaluation_path_unfolds_nothing(monkeypatch):
+    """CUDA's integer-delay path (``fft`` without the C kernels: per-tap GEMMs) needs y, the
+    padded input and kernel-sized buffers, never the K-times-wider unfolded input."""
+    from snn_delays import fast_delays
+
+    monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)
+    torch.manual_seed(1)
+    t, b, n_in, n_out, k = 50, 8, 30, 40, 25
+    x = torch.rand(t, b, n_in).round()
+    weight = torch.randn(n_out, n_in)
+    delays = torch.randint(0, k, (n_out, n_in))
+    with torch.no_grad(), TensorMemory() as mem:
+        y = fast_delays.integer_delay_conv(x, weight, delays, k, impl="fft")
+    t_out = t + (k - 1) // 2
+    padded = (t_out + k - 1) * b * n_in * 4
+    kernel = n_out * n_in * k * 4
+    unfolded = t_out * b * k * n_in * 4
+    assert y.shape == (t_out, b, n_out)
+    assert mem.peak_bytes <= y.nbytes + padded + 3 * kernel + 2 * delays.nbytes < unfolded
