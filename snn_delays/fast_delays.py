@@ -1217,6 +1217,32 @@ def gemm_conv(x: Tensor, kernel: Tensor) -> Tensor:
         return _shift_sum(p.view(-1, batch, ksize, n_out), t_out, batch, ksize, n_out)
 
 
+def shifted_conv(x: Tensor, kernel: Tensor) -> Tensor:
+    """:func:`gemm_conv` without its unfolded copy of the input: one GEMM per tap,
+    ``y += xp[n:] @ k[:, :, n]^T``, on time-shifted views of the padded input, summed in ``y``.
+
+    The same products in K launches and no memory beyond ``y``, where the unfolded copy is
+    K x I wide (0.8 GB for SHD's hidden layer at batch 256, more than the reference's whole
+    training step). With fewer outputs than inputs (the classifier) :func:`gemm_conv`'s
+    output side is kept: its K x O wide product is the narrower one, and one GEMM reads the
+    input once where K per-tap GEMMs with few columns would read it K times. The integer-delay
+    (evaluation) path on CUDA, where no gradient is needed.
+    """
+    n_out, n_in, ksize = kernel.shape
+    if n_out < n_in:
+        return gemm_conv(x, kernel)
+    t_len, batch, _ = x.shape
+    rows = (t_len + (ksize - 1) // 2) * batch
+    xp = pad_time(x, ksize).contiguous().view(-1, n_in)  # row (t, b) of the padded input
+    w = kernel.permute(2, 1, 0).contiguous()  # (K, I, O): w[n] = k[:, :, n]^T
+    y = torch.empty(rows, n_out, device=x.device, dtype=x.dtype)
+    with _tf32(x.device):
+        torch.mm(xp[:rows], w[0], out=y)
+        for n in range(1, ksize):
+            y.addmm_(xp[n * batch : n * batch + rows], w[n])
+    return y.view(-1, batch, n_out)
+
+
 def _gemm_grad_kernel(x: Tensor, grad_y: Tensor, ksize: int) -> Tensor:
     """dL/dk (O, I, K) = sum_(t,b) xp[t + n, b, i] g[t, b, o]."""
     t_out, batch, n_out = grad_y.shape
@@ -1341,7 +1367,11 @@ def delay_conv(
 def integer_delay_conv(
     x: Tensor, weight: Tensor, delays: Tensor, kernel_size: int, impl: str | None = None
 ) -> Tensor:
-    """Evaluation path: ``y[t,b,o] = sum_i weight[o,i] x[t - delays[o,i], b, i]``."""
+    """Evaluation path: ``y[t,b,o] = sum_i weight[o,i] x[t - delays[o,i], b, i]``.
+
+    Paths as :func:`delay_conv`'s, but ``fft`` becomes ``c`` on the CPU and ``gemm`` elsewhere
+    (one tap per synapse leaves a spectrum nothing to save), and ``gemm`` without gradients
+    (CUDA's evaluation) runs :func:`shifted_conv`, which unfolds nothing."""
     taps = (kernel_size - 1 - delays).to(torch.int32)  # tap index of each synapse
     path = _path(x, impl)
     if path == "fft":  # one tap per synapse: nothing for a spectrum to save
@@ -1355,7 +1385,7 @@ def integer_delay_conv(
     kernel = torch.zeros(*weight.shape, kernel_size, device=weight.device, dtype=weight.dtype)
     kernel = kernel.scatter(-1, taps.long().unsqueeze(-1), weight.unsqueeze(-1))
     if path == "gemm":
-        return _DelayConvGEMM.apply(x, kernel)
+        return _DelayConvGEMM.apply(x, kernel) if grad else shifted_conv(x, kernel)
     if path == "triton":
         return _triton().DelayConv.apply(x, kernel)
     y = F.conv1d(pad_time(x, kernel_size).permute(1, 2, 0), kernel)
