@@ -11,6 +11,16 @@ replayed from CUDA graphs, as ``trainer.cuda_graphs=true`` runs them) and ``+tri
 is ``model.eval()`` under ``no_grad`` (integer delays). Inputs are seeded random spike counts.
 The ``dcls`` reference runs spikingjelly's neurons (the published code path; ``--ref-neurons
 auto`` gives it the fused CPU LIF too), the ``fast`` backend the default neurons.
+
+Memory: ``peak`` is the training step's, ``eval peak`` the evaluation step's; on CUDA
+``max_memory_allocated`` (everything allocated: the shared input too), on the CPU the process's
+resident high-water mark. Every row starts from a collected heap: the first model run in a
+process leaves a reference cycle (the frames of a lazy import inside it: 225 MiB of the
+reference's last activations at SHD batch 256), and uncollected it was counted in every later
+row's peak. ``--tensor-memory`` adds, on any device, the peak of the live tensors of one eager
+step (:class:`snn_delays.memtrack.TensorMemory`, plus the input and parameters): with
+``SNN_DELAYS_NO_C=1`` the CPU runs CUDA's operators, so its columns estimate CUDA's peaks
+without workspaces (cuDNN, cuBLAS, cuFFT) or CUDA graphs.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import gc
+import itertools
 import json
 import os
 import resource
@@ -28,6 +40,7 @@ import torch
 
 from snn_delays.cuda_graphs import GraphedSteps
 from snn_delays.fast_delays import IMPLS, keep_freed_memory
+from snn_delays.memtrack import TensorMemory
 from snn_delays.model import DelaySNN
 
 NETWORKS = {  # n_inputs, n_classes, n_hidden, n_layers, K, tau, dropout, batch
@@ -53,6 +66,16 @@ def _time(fn, device: torch.device, steps: int, repeats: int) -> float:  # noqa:
         _sync(device)
         best = min(best, (time.perf_counter() - t0) / steps)
     return best
+
+
+def _collect(device: torch.device) -> float | None:
+    """Free what earlier rows left (reference cycles included); CUDA: MiB still allocated."""
+    gc.collect()
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated(device) / 2**20
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -173,11 +196,21 @@ def bench_one(net: str, spec: str, sigma: float, args: argparse.Namespace, x: to
         model.eval()
         run_eval(x, no_target)
 
+    tensors = {}
     with _env("SNN_DELAYS_CONV_IMPL", conv_impl):
         _reset_peak(device)
         train = _time(train_step, device, args.steps, args.repeats)
         peak = _peak_mib(device)
+        _reset_peak(device)
         evaluation = _time(eval_step, device, args.steps, args.repeats)
+        eval_peak = _peak_mib(device)
+        if args.tensor_memory:  # one more eager step of each, its tensors counted
+            held = x.nbytes + sum(t.nbytes for t in itertools.chain(model.parameters(), model.buffers()))
+            for name, mode, body in (("train", model.train, train_body), ("eval", model.eval, eval_body)):
+                mode()
+                with TensorMemory() as mem:
+                    body(x, no_target)
+                tensors[f"tensor_{name}_mib"] = (held + mem.peak_bytes) / 2**20
     if graphs and not (run_train.captured and run_eval.captured):
         spec += " (capture FAILED: eager)"
     with torch.no_grad():
@@ -192,6 +225,8 @@ def bench_one(net: str, spec: str, sigma: float, args: argparse.Namespace, x: to
         train_s=train,
         eval_s=evaluation,
         peak_mib=peak,
+        eval_peak_mib=eval_peak,
+        **tensors,
         spike_density=rates,
     )
 
@@ -214,12 +249,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--ref-neurons", default="spikingjelly", help="neuron impl of the dcls rows")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--tensor-memory",
+        action="store_true",
+        help="also count the live tensors of one eager train and eval step (any device)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     malloc_kept = keep_freed_memory()  # as the trainer does on CPU; the same for both backends
     gpu = args.device.startswith("cuda")
     args.steps = args.steps or (20 if gpu else 1)
+    device = torch.device(args.device)
     results = []
     for net in args.networks.split(","):
         n_in, *_, k, _, _, batch = NETWORKS[net]
@@ -230,16 +271,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
         x = counts.to(args.device)
         for sig in args.sigma.split(","):
             sigma = float(k // 2) if sig == "K//2" else float(sig)
-            rows = [bench_one(net, b, sigma, args, x) for b in args.backends.split(",")]
+            rows = []
+            for b in args.backends.split(","):
+                base = _collect(device)
+                rows.append(bench_one(net, b, sigma, args, x))
+                rows[-1]["base_mib"] = base  # CUDA: allocated at the row's start (the input)
+            _collect(device)
             for row in rows:
                 row["train_speedup"] = rows[0]["train_s"] / row["train_s"]
                 row["eval_speedup"] = rows[0]["eval_s"] / row["eval_s"]
                 results.append(row)
+                tensor_cols = (
+                    f"tensors {row['tensor_train_mib']:6.0f} / {row['tensor_eval_mib']:6.0f} MiB  "
+                    if args.tensor_memory
+                    else ""
+                )
                 print(
                     f"{net:4s} {row['backend']:5s} sigma={sigma:6.2f} train {row['train_s'] * 1e3:9.1f} ms "
                     f"(x{row['train_speedup']:5.2f})  eval {row['eval_s'] * 1e3:8.1f} ms "
-                    f"(x{row['eval_speedup']:5.2f})  peak {row['peak_mib'] or 0:8.0f} MiB  "
-                    f"spikes {row['spike_density']}",
+                    f"(x{row['eval_speedup']:5.2f})  peak {row['peak_mib'] or 0:6.0f} / "
+                    f"{row['eval_peak_mib'] or 0:6.0f} MiB  {tensor_cols}spikes {row['spike_density']}",
                     flush=True,
                 )
     meta = dict(
