@@ -6,7 +6,7 @@
 # runs parts 1 and 2 only (a device call is limited to 10 minutes: split the parts over two calls).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 set -u
-PARTS=${1:-123456}
+PARTS=${1:-1234567}
 part() { [[ $PARTS == *$1* ]]; }
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -61,7 +61,9 @@ for tau in (1.005, 1.5):
 PY
 
 # 2. the issue's benchmark: dcls vs each fast variant on the same inputs, SHD and SSC, both sigmas
-part 2 && timeout 240 python3 experiments/bench.py --device cuda --networks shd,ssc \
+#    (train / eval peaks from the allocator, and --tensor-memory: the live tensors of one eager
+#    step, as counted on the CPU; the difference is workspaces and the graphs' pools)
+part 2 && timeout 270 python3 experiments/bench.py --device cuda --networks shd,ssc --tensor-memory \
     --backends dcls,fast+graphs,fast,fast:gemm+graphs,fast:triton+graphs,fast:triton+graphs+triton-lif --json "$OUT/bench_gpu.json" 2>&1 \
     | grep -v Warning | tee "$OUT/bench_gpu.txt"
 
@@ -80,3 +82,7 @@ part 5 && timeout 120 python3 experiments/gpu_profile.py --network ssc 2>&1 | te
 # 6. whole epochs through the trainer on SHD-sized, SHD-layout files: eager, graphs, reference
 part 6 && timeout 150 python3 experiments/backend_parity.py --root /tmp/parity_gpu --n-train 8156 --batch 256 --epochs 3 \
     --backends fast,fast+graphs,dcls 2>&1 | tail -6 | tee "$OUT/epochs.txt"
+
+# 7. SHD memory with the spectral path in batch blocks of 128 (SNN_DELAYS_FFT_BATCH)
+part 7 && SNN_DELAYS_FFT_BATCH=128 timeout 120 python3 experiments/bench.py --device cuda --networks shd --tensor-memory \
+    --backends dcls,fast,fast+graphs --json "$OUT/bench_shd_fft128.json" 2>&1 | grep -v Warning | tee "$OUT/bench_shd_fft128.txt"
