@@ -93,3 +93,26 @@ def test_cuda_evaluation_path_unfolds_nothing(monkeypatch):
     unfolded = t_out * b * k * n_in * 4
     assert y.shape == (t_out, b, n_out)
     assert mem.peak_bytes <= y.nbytes + padded + 3 * kernel + 2 * delays.nbytes < unfolded
+
+
+def test_gaussian_kernel_of_the_cuda_paths_keeps_nothing_for_the_backward():
+    """Its (out, in, K) intermediates are recomputed in the backward, not kept; the gradients
+    are those of autograd through the same operators, bit for bit."""
+    from snn_delays import fast_delays
+
+    torch.manual_seed(2)
+    weight = torch.randn(32, 24, requires_grad=True)
+    pos = (torch.rand(32, 24) * 10 - 5).requires_grad_()
+    g = torch.randn(32, 24, 11)
+    grads = []
+    for fn in (fast_delays.gaussian_kernel, fast_delays.recomputed_gaussian_kernel):
+        with TensorMemory() as mem:
+            kernel = fn(weight, pos, 1.0, 11)
+            kept = mem.live_bytes - kernel.untyped_storage().nbytes()
+        grads.append((kept, torch.autograd.grad(kernel, (weight, pos), g)))
+    (kept_plain, want), (kept, got) = grads
+    assert kept == 0 < kept_plain
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    only_pos = fast_delays.recomputed_gaussian_kernel(weight.detach(), pos, 1.0, 11)
+    (dp,) = torch.autograd.grad(only_pos, pos, g)
+    assert torch.equal(dp, want[1])
