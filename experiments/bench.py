@@ -19,8 +19,9 @@ process leaves a reference cycle (the frames of a lazy import inside it: 225 MiB
 reference's last activations at SHD batch 256), and uncollected it was counted in every later
 row's peak. ``--tensor-memory`` adds, on any device, the peak of the live tensors of one eager
 step (:class:`snn_delays.memtrack.TensorMemory`, plus the input and parameters): with
-``SNN_DELAYS_NO_C=1`` the CPU runs CUDA's operators, so its columns estimate CUDA's peaks
-without workspaces (cuDNN, cuBLAS, cuFFT) or CUDA graphs.
+``SNN_DELAYS_NO_C=1 ... --neurons spikingjelly`` the CPU runs CUDA's operators (spikingjelly's
+LIF too, as ``auto`` does on CUDA), so its columns estimate CUDA's peaks without workspaces
+(cuDNN, cuBLAS, cuFFT) or CUDA graphs.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def _env(name: str, value: str | None):  # noqa: ANN202
 def bench_one(net: str, spec: str, sigma: float, args: argparse.Namespace, x: torch.Tensor) -> dict:
     backend, conv_impl, mods = parse_backend(spec, args.device)
     graphs = "graphs" in mods
-    impl = args.ref_neurons if backend == "dcls" else "triton" if "triton-lif" in mods else "auto"
+    impl = args.ref_neurons if backend == "dcls" else "triton" if "triton-lif" in mods else args.neurons
     with _env("SNN_DELAYS_NEURON_IMPL", impl):  # read when the neurons are built
         model = build_network(net, backend)
     model.set_sigma(sigma)
@@ -248,6 +249,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--ref-neurons", default="spikingjelly", help="neuron impl of the dcls rows")
+    parser.add_argument(
+        "--neurons",
+        default="auto",
+        help="neuron impl of the fast rows (auto: the fused C LIF on the CPU, spikingjelly's on CUDA)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument(
         "--tensor-memory",
