@@ -10,14 +10,15 @@ replayed from CUDA graphs, as ``trainer.cuda_graphs=true`` runs them) and ``+tri
 (CUDA: the LIF of ``SNN_DELAYS_NEURON_IMPL=triton``). A training step is forward + backward of the whole network (no optimizer); an evaluation step
 is ``model.eval()`` under ``no_grad`` (integer delays). Inputs are seeded random spike counts.
 The ``dcls`` reference runs spikingjelly's neurons (the published code path; ``--ref-neurons
-auto`` gives it the fused CPU LIF too), the ``fast`` backend the default neurons.
+auto`` gives it the fused CPU LIF too), the ``fast`` backend those of ``--neurons`` (default
+``auto``).
 
 Memory: ``peak`` is the training step's, ``eval peak`` the evaluation step's; on CUDA
 ``max_memory_allocated`` (everything allocated: the shared input too), on the CPU the process's
 resident high-water mark. Every row starts from a collected heap: the first model run in a
-process leaves a reference cycle (the frames of a lazy import inside it: 225 MiB of the
-reference's last activations at SHD batch 256), and uncollected it was counted in every later
-row's peak. ``--tensor-memory`` adds, on any device, the peak of the live tensors of one eager
+process leaves a reference cycle (the frames of a lazy import inside it: ~210 MiB of the
+reference's last activations at SHD batch 256, beyond the shared input), and uncollected it was
+counted in every later row's peak. ``--tensor-memory`` adds, on any device, the peak of the live tensors of one eager
 step (:class:`snn_delays.memtrack.TensorMemory`, plus the input and parameters): with
 ``SNN_DELAYS_NO_C=1 ... --neurons spikingjelly`` the CPU runs CUDA's operators (spikingjelly's
 LIF too, as ``auto`` does on CUDA), so its columns estimate CUDA's peaks without workspaces
