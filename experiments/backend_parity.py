@@ -8,7 +8,9 @@ seconds) holding a timing task: each class is a fixed pattern of one spike per c
 at class-specific times, shifted and jittered per sample, plus background spikes. Unless
 ``--root`` already holds SHD files (then they are used as they are: point it at real data).
 Then runs ``snn-delays-train dataset=shd`` once per backend with the same seed and prints test
-accuracy and training time side by side. A backend named ``fast+graphs`` is the fast backend
+accuracy, training time and peak memory (``peak_memory_mib`` of ``metrics.json``: each backend
+trains in its own process, so on CUDA it is that whole run's allocator peak, evaluation
+included) side by side. A backend named ``fast+graphs`` is the fast backend
 with ``trainer.cuda_graphs=true`` (on a GPU: ``--backends fast,fast+graphs,dcls``).
 """
 
@@ -101,12 +103,14 @@ def main() -> None:
     # the first epoch holds the one-time work (JIT compiles, cuFFT plans, autotuning)
     print(
         f"{'backend':12s} {'test_acc':>9s} {'best_test':>9s} {'train s':>8s} {'epoch 1 s':>9s} {'later s':>8s}"
+        f" {'peak MiB':>9s}"
     )
     for backend, m in results.items():
         first, *later = m["epoch_train_seconds"]
         print(
             f"{backend:12s} {m['test_acc']:9.4f} {m['best_test_acc']:9.4f} {m['train_seconds']:8.1f} "
-            f"{first:9.2f} {statistics.median(later) if later else float('nan'):8.2f}"
+            f"{first:9.2f} {statistics.median(later) if later else float('nan'):8.2f} "
+            f"{m.get('peak_memory_mib') or float('nan'):9.0f}"
         )
     if {"dcls", "fast"} <= results.keys():
         ratio = results["dcls"]["train_seconds"] / results["fast"]["train_seconds"]

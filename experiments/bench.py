@@ -34,7 +34,6 @@ import gc
 import itertools
 import json
 import os
-import resource
 import sys
 import time
 
@@ -42,7 +41,7 @@ import torch
 
 from snn_delays.cuda_graphs import GraphedSteps
 from snn_delays.fast_delays import IMPLS, keep_freed_memory
-from snn_delays.memtrack import TensorMemory
+from snn_delays.memtrack import TensorMemory, peak_mib
 from snn_delays.model import DelaySNN
 
 NETWORKS = {  # n_inputs, n_classes, n_hidden, n_layers, K, tau, dropout, batch
@@ -93,21 +92,6 @@ def _reset_peak(device: torch.device) -> None:
             f.write("5")
     except OSError:
         pass
-
-
-def _peak_mib(device: torch.device) -> float | None:
-    """CUDA: peak allocated since the reset. CPU: the process's resident high-water mark since
-    the reset (Linux; elsewhere since the start, so later rows include earlier ones)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build_network(net: str, backend: str, delays: str = "learned") -> DelaySNN:
@@ -202,10 +186,10 @@ def bench_one(net: str, spec: str, sigma: float, args: argparse.Namespace, x: to
     with _env("SNN_DELAYS_CONV_IMPL", conv_impl):
         _reset_peak(device)
         train = _time(train_step, device, args.steps, args.repeats)
-        peak = _peak_mib(device)
+        peak = peak_mib(device)
         _reset_peak(device)
         evaluation = _time(eval_step, device, args.steps, args.repeats)
-        eval_peak = _peak_mib(device)
+        eval_peak = peak_mib(device)
         if args.tensor_memory:  # one more eager step of each, its tensors counted
             held = x.nbytes + sum(t.nbytes for t in itertools.chain(model.parameters(), model.buffers()))
             for name, mode, body in (("train", model.train, train_body), ("eval", model.eval, eval_body)):

@@ -20,6 +20,8 @@ estimates what a training step asks of the CUDA caching allocator beyond its inp
 
 from __future__ import annotations
 
+import resource
+import sys
 import threading
 import weakref
 
@@ -86,3 +88,22 @@ class TensorMemory(TorchDispatchMode):
         """Start a new peak from what is alive now."""
         with self._lock:
             self.peak_bytes = self.live_bytes
+
+
+def peak_mib(device: torch.device | str) -> float:
+    """The most memory held so far, in MiB. CUDA: the caching allocator's peak of allocated
+    memory on ``device`` (since ``torch.cuda.reset_peak_memory_stats``). Elsewhere: the
+    process's resident high-water mark (Linux ``VmHWM``, which ``/proc/self/clear_refs`` can
+    reset; else the peak since the start), which counts the interpreter and libraries too."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from snn_delays.cuda_graphs import GraphedSteps, capture_refusal, set_capturable
 from snn_delays.data.base import DataBundle, Split, batches
+from snn_delays.memtrack import peak_mib
 
 log = logging.getLogger(__name__)
 Augmenter = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x, y) -> (x, target)
@@ -161,6 +162,7 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
     epoch_seconds: list[float] = field(default_factory=list)  # training time of each epoch
+    peak_memory_mib: float | None = None  # most memory held so far (memtrack.peak_mib), all sessions
     shuffle_rng: Tensor = field(default_factory=lambda: torch.Generator().get_state())
     stopped_by: int | None = None  # the signal that interrupted training, if any
 
@@ -357,6 +359,7 @@ def fit(
     gen = torch.Generator()
     gen.set_state(state.shuffle_rng)
     ckpt_dir = run_dir / "checkpoints"
+    device = next(core.parameters()).device
     graphs, eval_graphs = (
         graphed_steps(model, opt, dist, required=cfg.cuda_graphs is True) if cfg.cuda_graphs else (None, None)
     )
@@ -404,9 +407,13 @@ def fit(
             state.epoch, state.shuffle_rng = epoch + 1, gen.get_state()
             state.history.append(row)
             state.epoch_seconds.append(seconds)
+            state.peak_memory_mib = max(state.peak_memory_mib or 0.0, peak_mib(device))
             if dist.is_main:
                 metrics = {k: v for k, v in row.items() if k != "epoch"}
-                logger.log_metrics({**metrics, "time/epoch_train_s": seconds}, step=epoch + 1)
+                logger.log_metrics(
+                    {**metrics, "time/epoch_train_s": seconds, "memory/peak_mib": state.peak_memory_mib},
+                    step=epoch + 1,
+                )
                 epochs.set_postfix(
                     loss=f"{train['loss']:.3f}", valid=f"{valid['acc']:.3f}", test=f"{test['acc']:.3f}"
                 )
@@ -468,5 +475,6 @@ def summary(state: TrainState, n_params: int) -> dict[str, float]:
         "epochs": state.epoch,
         "train_seconds": state.train_seconds,
         "epoch_train_seconds": state.epoch_seconds,
+        "peak_memory_mib": state.peak_memory_mib,
         "n_params": n_params,
     }

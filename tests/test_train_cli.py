@@ -30,6 +30,9 @@ def test_synthetic_run_writes_every_output_and_eval_reproduces_it(tmp_path):
     assert METRIC_KEYS <= set(metrics) and metrics["epochs"] == 3
     assert len(metrics["epoch_train_seconds"]) == 3
     assert sum(metrics["epoch_train_seconds"]) == pytest.approx(metrics["train_seconds"])
+    assert metrics["peak_memory_mib"] > 0  # CPU: the process's resident high-water mark
+    logged = list(csv.DictReader(open(out / "logs" / "metrics.csv")))
+    assert float(logged[-1]["memory/peak_mib"]) == pytest.approx(metrics["peak_memory_mib"])
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert len(rows) == 3
     for key in (
