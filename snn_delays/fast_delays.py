@@ -1181,14 +1181,27 @@ GEMM_CHUNK = 1 << 28  # floats of one unfolded block (1 GiB): bounds the extra m
 # made the step host-bound (13.9 ms instead of 10.5 ms): more launches. See FAST_DELAYS.md.
 
 
+EVAL_CHUNK = 1 << 24  # floats (64 MiB): the unfolded block without gradients (evaluation)
+# Evaluation keeps no activations for a backward, so a 1 GiB block would be its whole peak:
+# the SHD hidden layer unfolds to 0.8 GB at batch 256, the reference's evaluation step holds
+# ~0.2 GB. Time blocks cost no extra traffic (each unfolded row is written and read once);
+# their launches (~20 per SHD step) are free under CUDA graphs.
+
+
 def gemm_chunk() -> int:
     """Floats of one unfolded block: ``$SNN_DELAYS_GEMM_CHUNK``, else ``GEMM_CHUNK``."""
     return positive_setting("SNN_DELAYS_GEMM_CHUNK", "floats") or GEMM_CHUNK
 
 
-def _chunks(t_len: int, row: int) -> list[tuple[int, int]]:
-    """Time ranges whose unfolded rows (``row`` floats per step) fit in :func:`gemm_chunk`."""
-    step = max(1, gemm_chunk() // max(1, row))
+def eval_chunk() -> int:
+    """Floats of one unfolded block when no gradient is needed: at most ``EVAL_CHUNK``."""
+    return min(gemm_chunk(), EVAL_CHUNK)
+
+
+def _chunks(t_len: int, row: int, budget: int | None = None) -> list[tuple[int, int]]:
+    """Time ranges whose unfolded rows (``row`` floats per step) fit in ``budget`` floats
+    (default :func:`gemm_chunk`)."""
+    step = max(1, (budget or gemm_chunk()) // max(1, row))
     return [(t0, min(t_len, t0 + step)) for t0 in range(0, t_len, step)]
 
 
@@ -1225,53 +1238,30 @@ class _tf32:  # noqa: N801 - a context manager used like a function
             torch.backends.cuda.matmul.allow_tf32 = self.old
 
 
-def _unfold_mm(src: Tensor, w: Tensor, t_out: int, ksize: int) -> Tensor:
-    """``out[t] = sum_n src[t + n] @ w[n]`` with ``w`` (K C, N): (t_out, B, N), in time chunks."""
+def _unfold_mm(src: Tensor, w: Tensor, t_out: int, ksize: int, budget: int | None = None) -> Tensor:
+    """``out[t] = sum_n src[t + n] @ w[n]`` with ``w`` (K C, N): (t_out, B, N), in time chunks
+    of at most ``budget`` unfolded floats (:func:`_chunks`)."""
     batch, ch = src.shape[1:]
     out = torch.empty(t_out, batch, w.shape[1], device=src.device, dtype=src.dtype)
-    for t0, t1 in _chunks(t_out, batch * ksize * ch):
+    for t0, t1 in _chunks(t_out, batch * ksize * ch, budget):
         torch.mm(_unfold(src, t0, t1, ksize), w, out=out[t0:t1].view(-1, w.shape[1]))
     return out
 
 
-def gemm_conv(x: Tensor, kernel: Tensor) -> Tensor:
-    """``y`` (T + (K-1)//2, B, O) = the delay conv of ``x`` (T, B, I) with ``kernel`` (O, I, K)."""
+def gemm_conv(x: Tensor, kernel: Tensor, budget: int | None = None) -> Tensor:
+    """``y`` (T + (K-1)//2, B, O) = the delay conv of ``x`` (T, B, I) with ``kernel`` (O, I, K);
+    ``budget``: floats of one unfolded block (default :func:`gemm_chunk`)."""
     n_out, n_in, ksize = kernel.shape
     t_len, batch, _ = x.shape
     t_out = t_len + (ksize - 1) // 2
     xp = pad_time(x, ksize).contiguous()
     with _tf32(x.device):
         if n_in <= n_out:
-            return _unfold_mm(xp, kernel.permute(2, 1, 0).reshape(ksize * n_in, n_out), t_out, ksize)
+            w = kernel.permute(2, 1, 0).reshape(ksize * n_in, n_out)
+            return _unfold_mm(xp, w, t_out, ksize, budget)
         w = kernel.permute(1, 2, 0).reshape(n_in, ksize * n_out)
         p = xp.view(-1, n_in) @ w
         return _shift_sum(p.view(-1, batch, ksize, n_out), t_out, batch, ksize, n_out)
-
-
-def shifted_conv(x: Tensor, kernel: Tensor) -> Tensor:
-    """:func:`gemm_conv` without its unfolded copy of the input: one GEMM per tap,
-    ``y += xp[n:] @ k[:, :, n]^T``, on time-shifted views of the padded input, summed in ``y``.
-
-    The same products in K launches and no memory beyond ``y``, where the unfolded copy is
-    K x I wide (0.8 GB for SHD's hidden layer at batch 256, more than the reference's whole
-    training step). With fewer outputs than inputs (the classifier) :func:`gemm_conv`'s
-    output side is kept: its K x O wide product is the narrower one, and one GEMM reads the
-    input once where K per-tap GEMMs with few columns would read it K times. The integer-delay
-    (evaluation) path on CUDA, where no gradient is needed.
-    """
-    n_out, n_in, ksize = kernel.shape
-    if n_out < n_in:
-        return gemm_conv(x, kernel)
-    t_len, batch, _ = x.shape
-    rows = (t_len + (ksize - 1) // 2) * batch
-    xp = pad_time(x, ksize).contiguous().view(-1, n_in)  # row (t, b) of the padded input
-    w = kernel.permute(2, 1, 0).contiguous()  # (K, I, O): w[n] = k[:, :, n]^T
-    y = torch.empty(rows, n_out, device=x.device, dtype=x.dtype)
-    with _tf32(x.device):
-        torch.mm(xp[:rows], w[0], out=y)
-        for n in range(1, ksize):
-            y.addmm_(xp[n * batch : n * batch + rows], w[n])
-    return y.view(-1, batch, n_out)
 
 
 def _gemm_grad_kernel(x: Tensor, grad_y: Tensor, ksize: int) -> Tensor:
@@ -1402,7 +1392,7 @@ def integer_delay_conv(
 
     Paths as :func:`delay_conv`'s, but ``fft`` becomes ``c`` on the CPU and ``gemm`` elsewhere
     (one tap per synapse leaves a spectrum nothing to save), and ``gemm`` without gradients
-    (CUDA's evaluation) runs :func:`shifted_conv`, which unfolds nothing."""
+    (CUDA's evaluation) unfolds at most :func:`eval_chunk` floats at a time."""
     taps = (kernel_size - 1 - delays).to(torch.int32)  # tap index of each synapse
     path = _path(x, impl)
     if path == "fft":  # one tap per synapse: nothing for a spectrum to save
@@ -1416,7 +1406,7 @@ def integer_delay_conv(
     kernel = torch.zeros(*weight.shape, kernel_size, device=weight.device, dtype=weight.dtype)
     kernel = kernel.scatter(-1, taps.long().unsqueeze(-1), weight.unsqueeze(-1))
     if path == "gemm":
-        return _DelayConvGEMM.apply(x, kernel) if grad else shifted_conv(x, kernel)
+        return _DelayConvGEMM.apply(x, kernel) if grad else gemm_conv(x, kernel, eval_chunk())
     if path == "triton":
         return _triton().DelayConv.apply(x, kernel)
     y = F.conv1d(pad_time(x, kernel_size).permute(1, 2, 0), kernel)

@@ -74,12 +74,15 @@ def test_spectral_step_keeps_nothing_spectral_for_the_backward(monkeypatch):
     assert kept["fft"] == kept["gemm"] > 0, kept
 
 
-def test_cuda_evaluation_path_unfolds_nothing(monkeypatch):
-    """CUDA's integer-delay path (``fft`` without the C kernels: per-tap GEMMs) needs y, the
-    padded input and kernel-sized buffers, never the K-times-wider unfolded input."""
+def test_cuda_evaluation_path_unfolds_in_small_blocks(monkeypatch):
+    """CUDA's integer-delay path (``fft`` without the C kernels: the GEMM path, no gradient)
+    needs y, the padded input, kernel-sized buffers and one unfolded block of at most
+    ``EVAL_CHUNK`` floats, never the K-times-wider unfolded input at once."""
     from snn_delays import fast_delays
 
     monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)
+    budget = 10_000  # floats
+    monkeypatch.setattr(fast_delays, "EVAL_CHUNK", budget)
     torch.manual_seed(1)
     t, b, n_in, n_out, k = 50, 8, 30, 40, 25
     x = torch.rand(t, b, n_in).round()
@@ -92,7 +95,7 @@ def test_cuda_evaluation_path_unfolds_nothing(monkeypatch):
     kernel = n_out * n_in * k * 4
     unfolded = t_out * b * k * n_in * 4
     assert y.shape == (t_out, b, n_out)
-    assert mem.peak_bytes <= y.nbytes + padded + 3 * kernel + 2 * delays.nbytes < unfolded
+    assert mem.peak_bytes <= y.nbytes + padded + 3 * kernel + 2 * delays.nbytes + 4 * budget < unfolded
 
 
 def test_gaussian_kernel_of_the_cuda_paths_keeps_nothing_for_the_backward():
