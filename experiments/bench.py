@@ -69,7 +69,7 @@ def _time(fn, device: torch.device, steps: int, repeats: int) -> float:  # noqa:
     return best
 
 
-def _collect(device: torch.device) -> float | None:
+def collect(device: torch.device) -> float | None:
     """Free what earlier rows left (reference cycles included); CUDA: MiB still allocated."""
     gc.collect()
     if device.type != "cuda":
@@ -268,10 +268,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             sigma = float(k // 2) if sig == "K//2" else float(sig)
             rows = []
             for b in args.backends.split(","):
-                base = _collect(device)
+                base = collect(device)
                 rows.append(bench_one(net, b, sigma, args, x))
                 rows[-1]["base_mib"] = base  # CUDA: allocated at the row's start (the input)
-            _collect(device)
+            collect(device)
             for row in rows:
                 row["train_speedup"] = rows[0]["train_s"] / row["train_s"]
                 row["eval_speedup"] = rows[0]["eval_s"] / row["eval_s"]

@@ -17,8 +17,8 @@ evaluation step of these variants:
 - the conv1d path (``SNN_DELAYS_CONV_IMPL=dense``, the first CUDA path), the dcls reference
   with cuDNN off (as the published code ran), and the network without delays.
 
-It prints the peak memory of each and, with ``--profile``, the profiler's top CUDA kernels of
-one fast step.
+It prints the peak memory of each (from a collected heap: nothing of the variants before)
+and, with ``--profile``, the profiler's top CUDA kernels of one fast step.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import os
 import statistics
 
 import torch
-from bench import NETWORKS, build_network  # one table of the published networks (run from experiments/)
+from bench import NETWORKS, build_network, collect  # the published networks (run from experiments/)
 
 from snn_delays.cuda_graphs import GraphedSteps, set_capturable
 from snn_delays.model import DelaySNN
@@ -77,6 +77,15 @@ def steps(model: DelaySNN, x: torch.Tensor, y: torch.Tensor, graphs: bool = Fals
     return train, evaluate
 
 
+def time_variant(net: str, backend: str, delays: str, graphs: bool, x: torch.Tensor, y: torch.Tensor):  # noqa: ANN201
+    """(train ms, eval ms, peak MiB, captured) of one variant. Its model and graphs are this
+    call's locals: freed on return, before the next variant's peak is reset."""
+    train, evaluate = steps(make(net, backend, delays), x, y, graphs=graphs)
+    times = time_ms(train), time_ms(evaluate)
+    captured = all(runner.captured for runner in train.graphs)
+    return (*times, torch.cuda.max_memory_allocated() / 2**20, captured)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--network", default="shd", choices=sorted(NETWORKS))
@@ -109,15 +118,13 @@ def main() -> None:
         graph = "graph" in flags
         os.environ["SNN_DELAYS_CONV_IMPL"] = conv
         os.environ["SNN_DELAYS_NEURON_IMPL"] = "triton" if "tlif" in flags else "auto"  # read at build
-        torch.cuda.empty_cache()
+        collect(torch.device("cuda"))  # the previous variant's garbage (a first model's cycle)
         torch.cuda.reset_peak_memory_stats()
         try:
-            model = make(args.network, backend, delays)
-            train, evaluate = steps(model, x, y, graphs=graph)
-            times = time_ms(train), time_ms(evaluate)
-            if not all(runner.captured for runner in train.graphs):
+            *measured, captured = time_variant(args.network, backend, delays, graph, x, y)
+            if not captured:
                 name += " (capture FAILED: eager)"
-            rows.append((name, *times, torch.cuda.max_memory_allocated() / 2**20))
+            rows.append((name, *measured))
         except Exception as err:  # noqa: BLE001 - report the variant that failed, time the rest
             print(f"{name}: FAILED {type(err).__name__}: {err}", flush=True)
             torch.cuda.synchronize()

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # experiments/
 import bench  # noqa: E402
 
 gc.disable()
-bench._collect = lambda device: None  # noqa: SLF001 - as bench.py was
+bench.collect = lambda device: None  # as bench.py was
 bench.main(
     ["--device", "cpu", "--networks", "shd", "--sigma", "0.23", "--backends", "dcls", "--repeats", "1"]
 )
