@@ -564,12 +564,22 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+def c_disabled(name: str) -> bool:
+    """``SNN_DELAYS_NO_C`` turns off the C library ``name``: set to anything but a comma list
+    of library names, it turns off all of them."""
+    value = os.environ.get("SNN_DELAYS_NO_C", "").strip()
+    names = {v.strip() for v in value.split(",")}
+    return bool(value) and (name in names or not names <= {"fast_delays", "fast_neurons"})
+
+
 def compile_c(name: str, source: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """Compile ``source`` once per source text, flags and machine into the cache dir; load it.
 
-    Returns None where it cannot (no compiler, ``SNN_DELAYS_NO_C`` set): callers fall back.
+    Returns None where it cannot (no compiler, or ``SNN_DELAYS_NO_C`` set: ``1`` for every
+    library, or a comma list of names, ``fast_delays`` for the delay kernels and
+    ``fast_neurons`` for the LIF): callers fall back.
     """
-    if os.environ.get("SNN_DELAYS_NO_C"):
+    if c_disabled(name):
         return None
     key = hashlib.sha1((source + " ".join(flags) + platform.machine() + platform.node()).encode())
     key = key.hexdigest()[:16]
@@ -951,10 +961,18 @@ def _fft_forward(x: Tensor, kernel: Tensor, t_out: int, spectra: _Spectra | None
     return _irdft(spec, spectra.n, t_out)
 
 
-def _fft_grad_input(grad_y: Tensor, kernel: Tensor, t_len: int, spectra: _Spectra | None = None) -> Tensor:
+def _fft_grad_input(
+    grad_y: Tensor, kernel: Tensor, t_len: int, spectra: _Spectra | None = None, free: bool = False
+) -> Tensor:
+    """dL/dx (T, B, I), in the inverse transform's layout. ``free``: the last use of
+    ``spectra``; its spectra and the product are dropped before the inverse transform runs."""
     spectra = spectra or _Spectra(_fft_len(t_len, kernel.shape[2]))
     spec = torch.matmul(spectra.of_g(grad_y), spectra.of_h(kernel).conj())
-    return _irdft(spec, spectra.n, t_len)
+    if free:
+        spectra.g = spectra.h = None
+    grad_x = _irdft(spec, spectra.n, t_len)
+    del spec
+    return grad_x
 
 
 def _fft_grad_kernel_spectrum(x: Tensor, grad_y: Tensor, spectra: _Spectra) -> Tensor:
@@ -1135,11 +1153,13 @@ class _DelayConvFFT(torch.autograd.Function):
         spectra = _Spectra(ctx.n)
         with _tf32(x.device):
             if len(ctx.blocks) == 1:
+                if ctx.needs_input_grad[1]:  # first: X's spectrum is freed before dL/dx is made
+                    spec_k = _fft_grad_kernel_spectrum(x, grad_y, spectra)
+                    spectra.x = None
+                    grad_k = _grad_kernel_from_spectrum(spec_k, ctx.n, kernel.shape[2])
+                    del spec_k
                 if ctx.needs_input_grad[0]:
-                    grad_x = _fft_grad_input(grad_y, kernel, x.shape[0], spectra).contiguous()
-                    spectra.h = None  # not needed by dL/dk: freed before x is transformed
-                if ctx.needs_input_grad[1]:
-                    grad_k = _fft_grad_kernel(x, grad_y, kernel.shape[2], spectra)
+                    grad_x = _fft_grad_input(grad_y, kernel, x.shape[0], spectra, free=True).contiguous()
                 return grad_x, grad_k
             grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
             if grad_x is not None:
@@ -1147,11 +1167,12 @@ class _DelayConvFFT(torch.autograd.Function):
             spec_k = None
             for block in ctx.blocks:
                 block_spectra = spectra.sharing_h()
-                if grad_x is not None:
-                    grad_x[:, block] = _fft_grad_input(grad_y[:, block], kernel, x.shape[0], block_spectra)
                 if ctx.needs_input_grad[1]:
                     part = _fft_grad_kernel_spectrum(x[:, block], grad_y[:, block], block_spectra)
                     spec_k = part if spec_k is None else spec_k.add_(part)
+                    block_spectra.x = part = None
+                if grad_x is not None:
+                    grad_x[:, block] = _fft_grad_input(grad_y[:, block], kernel, x.shape[0], block_spectra)
             if spec_k is not None:
                 grad_k = _grad_kernel_from_spectrum(spec_k, ctx.n, kernel.shape[2])
         return grad_x, grad_k

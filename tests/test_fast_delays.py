@@ -280,3 +280,22 @@ def test_direct_dfts_equal_torch_fft(length, n):
     for rows in (length, 4):
         want = torch.fft.irfft(spec, n=n, dim=0)[:rows]
         torch.testing.assert_close(fast_delays._irdft(spec, n, rows), want, rtol=0, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize(
+    ("value", "off"),
+    [
+        ("", set()),
+        ("1", {"fast_delays", "fast_neurons"}),
+        ("fast_delays", {"fast_delays"}),
+        ("fast_neurons", {"fast_neurons"}),
+        ("fast_delays, fast_neurons", {"fast_delays", "fast_neurons"}),
+    ],
+)
+def test_no_c_names_the_libraries_it_turns_off(monkeypatch, value, off):
+    """``SNN_DELAYS_NO_C=fast_delays`` keeps the fused C LIF (which keeps the tensors CUDA's
+    Triton LIF keeps) while the delay layer runs CUDA's operators: the memory model's setting."""
+    monkeypatch.setenv("SNN_DELAYS_NO_C", value)
+    assert {n for n in ("fast_delays", "fast_neurons") if fast_delays.c_disabled(n)} == off
+    if "fast_delays" in off:
+        assert fast_delays.compile_c("fast_delays", "int f(void) { return 1; }") is None

@@ -74,6 +74,28 @@ def test_spectral_step_keeps_nothing_spectral_for_the_backward(monkeypatch):
     assert kept["fft"] == kept["gemm"] > 0, kept
 
 
+def test_spectral_backward_holds_at_most_three_spectra(monkeypatch):
+    """CUDA's spectral backward makes dL/dk first and frees x's spectrum before dL/dx, and the
+    product before the inverse transform: at most three spectrum-sized buffers at once (the
+    step's peak on the SHD network, with the fused LIF, is in a backward). Done the other
+    way round, dL/dx, dL/dy's and x's spectra, the product and the inverse were all alive."""
+    from snn_delays import fast_delays
+
+    monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)
+    torch.manual_seed(2)
+    t, b, ch, k = 40, 16, 16, 9  # B = in = out: every spectrum (F, 16, 16) has the same size
+    x = torch.rand(t, b, ch).round().requires_grad_()
+    weight = torch.randn(ch, ch, requires_grad=True)
+    pos = (torch.rand(ch, ch) * 6 - 3).requires_grad_()
+    y = delay_conv(x, weight, pos, 1.0, k, impl="fft")
+    grad_y = torch.randn_like(y)
+    spectrum = (fast_delays._fft_len(t, k) // 2 + 1) * b * ch * 8
+    with TensorMemory() as mem:
+        y.backward(grad_y)
+    assert x.grad is not None and pos.grad is not None
+    assert mem.peak_bytes <= 3 * spectrum + 4 * weight.nbytes * k, (mem.peak_bytes, spectrum)
+
+
 def test_cuda_evaluation_path_unfolds_in_small_blocks(monkeypatch):
     """CUDA's integer-delay path (``fft`` without the C kernels: the GEMM path, no gradient)
     needs y, the padded input, kernel-sized buffers and one unfolded block of at most
