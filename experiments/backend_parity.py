@@ -11,13 +11,17 @@ Then runs ``snn-delays-train dataset=shd`` once per backend with the same seed a
 accuracy, training time and peak memory (``peak_memory_mib`` of ``metrics.json``: each backend
 trains in its own process, so on CUDA it is that whole run's allocator peak, evaluation
 included) side by side. A backend named ``fast+graphs`` is the fast backend
-with ``trainer.cuda_graphs=true`` (on a GPU: ``--backends fast,fast+graphs,dcls``).
+with ``trainer.cuda_graphs=true`` (on a GPU: ``--backends fast,fast+graphs,dcls``). As in
+``bench.py`` on CUDA, ``dcls`` runs spikingjelly's LIF there (the published code path, and
+CUDA's default before the Triton LIF); elsewhere each backend runs the default neurons
+(``SNN_DELAYS_NEURON_IMPL``, else ``auto``: the fused C LIF on the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 
 def write_shd_file(
@@ -98,7 +103,10 @@ def main() -> None:
             "trainer.progress=false",
             f"hydra.run.dir={out}",
         ]
-        subprocess.run(cmd, check=True)
+        env = dict(os.environ)
+        if name == "dcls" and torch.cuda.is_available():
+            env["SNN_DELAYS_NEURON_IMPL"] = "spikingjelly"  # the reference: the published code path
+        subprocess.run(cmd, check=True, env=env)
         results[backend] = json.loads((out / "metrics.json").read_text())
     # the first epoch holds the one-time work (JIT compiles, cuFFT plans, autotuning)
     print(

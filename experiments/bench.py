@@ -2,12 +2,13 @@
 
     python experiments/bench.py                          # CPU, SHD, sigma 0.23 and K//2
     python experiments/bench.py --device cuda --json out.json --networks shd,ssc
-    python experiments/bench.py --device cuda --backends dcls,fast,fast:triton,fast:triton+graphs+triton-lif
+    python experiments/bench.py --device cuda --backends dcls,fast+graphs,fast+graphs+sj-lif,fast:triton+graphs
 
 A backend is ``dcls`` or ``fast``, the latter optionally with a delay path (``fast:IMPL``, as
 ``SNN_DELAYS_CONV_IMPL``: gemm, triton, fft, dense, c), ``+graphs`` (CUDA: both steps
-replayed from CUDA graphs, as ``trainer.cuda_graphs=true`` runs them) and ``+triton-lif``
-(CUDA: the LIF of ``SNN_DELAYS_NEURON_IMPL=triton``). A training step is forward + backward of the whole network (no optimizer); an evaluation step
+replayed from CUDA graphs, as ``trainer.cuda_graphs=true`` runs them), ``+triton-lif``
+(CUDA: the LIF of ``SNN_DELAYS_NEURON_IMPL=triton``, what ``auto`` runs there) and ``+sj-lif``
+(spikingjelly's LIF, ``SNN_DELAYS_NEURON_IMPL=spikingjelly``: CUDA's default before the Triton LIF). A training step is forward + backward of the whole network (no optimizer); an evaluation step
 is ``model.eval()`` under ``no_grad`` (integer delays). Inputs are seeded random spike counts.
 The ``dcls`` reference runs spikingjelly's neurons (the published code path; ``--ref-neurons
 auto`` gives it the fused CPU LIF too), the ``fast`` backend those of ``--neurons`` (default
@@ -111,11 +112,11 @@ def build_network(net: str, backend: str, delays: str = "learned") -> DelaySNN:
     )
 
 
-MODIFIERS = ("graphs", "triton-lif")
+MODIFIERS = ("graphs", "triton-lif", "sj-lif")
 
 
 def parse_backend(spec: str, device: str) -> tuple[str, str | None, set[str]]:
-    """``dcls`` | ``fast[:IMPL][+graphs][+triton-lif]`` -> (backend, conv impl or None, modifiers)."""
+    """``dcls`` | ``fast[:IMPL][+graphs][+triton-lif|+sj-lif]`` -> (backend, conv impl or None, modifiers)."""
     name, *mods = spec.split("+")
     backend, _, impl = name.partition(":")
     bad_impl = impl and (backend == "dcls" or impl not in IMPLS)
@@ -129,7 +130,7 @@ def parse_backend(spec: str, device: str) -> tuple[str, str | None, set[str]]:
             f"--backends: unknown entry {spec!r} (dcls, or fast[:IMPL] with any of +{', +'.join(MODIFIERS)}; "
             f"IMPL in {IMPLS})"
         )
-    if mods and not device.startswith("cuda"):
+    if {"graphs", "triton-lif"} & set(mods) and not device.startswith("cuda"):
         raise SystemExit(f"--backends {spec}: CUDA graphs and the Triton LIF need --device cuda")
     return backend, impl or None, set(mods)
 
@@ -152,7 +153,8 @@ def _env(name: str, value: str | None):  # noqa: ANN202
 def bench_one(net: str, spec: str, sigma: float, args: argparse.Namespace, x: torch.Tensor) -> dict:
     backend, conv_impl, mods = parse_backend(spec, args.device)
     graphs = "graphs" in mods
-    impl = args.ref_neurons if backend == "dcls" else "triton" if "triton-lif" in mods else args.neurons
+    impl = args.ref_neurons if backend == "dcls" else args.neurons
+    impl = "triton" if "triton-lif" in mods else "spikingjelly" if "sj-lif" in mods else impl
     with _env("SNN_DELAYS_NEURON_IMPL", impl):  # read when the neurons are built
         model = build_network(net, backend)
     model.set_sigma(sigma)
@@ -234,14 +236,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--backends",
         default="dcls,fast",
-        help="dcls, fast[:IMPL][+graphs][+triton-lif]; the first is the reference",
+        help="dcls, fast[:IMPL][+graphs][+triton-lif|+sj-lif]; the first is the reference",
     )
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--ref-neurons", default="spikingjelly", help="neuron impl of the dcls rows")
     parser.add_argument(
         "--neurons",
         default="auto",
-        help="neuron impl of the fast rows (auto: the fused C LIF on the CPU, spikingjelly's on CUDA)",
+        help="neuron impl of the fast rows (auto: the fused C LIF on the CPU, the Triton LIF on CUDA)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument(

@@ -6,7 +6,7 @@
 # runs parts 1 and 2 only (a device call is limited to 10 minutes: split the parts over two calls).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 set -u
-PARTS=${1:-1234567}
+PARTS=${1:-123456}
 part() { [[ $PARTS == *$1* ]]; }
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -62,9 +62,10 @@ PY
 
 # 2. the issue's benchmark: dcls vs each fast variant on the same inputs, SHD and SSC, both sigmas
 #    (train / eval peaks from the allocator, and --tensor-memory: the live tensors of one eager
-#    step, as counted on the CPU; the difference is workspaces and the graphs' pools)
+#    step, as counted on the CPU; the difference is workspaces and the graphs' pools). The fast rows
+#    run auto's Triton LIF; +sj-lif spikingjelly's (CUDA's default before), the dcls rows spikingjelly's
 part 2 && timeout 270 python3 experiments/bench.py --device cuda --networks shd,ssc --tensor-memory \
-    --backends dcls,fast+graphs,fast,fast:gemm+graphs,fast:triton+graphs,fast:triton+graphs+triton-lif --json "$OUT/bench_gpu.json" 2>&1 \
+    --backends dcls,fast+graphs,fast,fast+graphs+sj-lif,fast:gemm+graphs,fast:triton+graphs --json "$OUT/bench_gpu.json" 2>&1 \
     | grep -v Warning | tee "$OUT/bench_gpu.txt"
 
 # 3. where the step goes: the trainer's steps (with Adam) of every variant, published setting,
@@ -83,6 +84,3 @@ part 5 && timeout 120 python3 experiments/gpu_profile.py --network ssc 2>&1 | te
 part 6 && timeout 150 python3 experiments/backend_parity.py --root /tmp/parity_gpu --n-train 8156 --batch 256 --epochs 3 \
     --backends fast,fast+graphs,dcls 2>&1 | tail -6 | tee "$OUT/epochs.txt"
 
-# 7. SHD memory with the spectral path in batch blocks of 128 (SNN_DELAYS_FFT_BATCH)
-part 7 && SNN_DELAYS_FFT_BATCH=128 timeout 120 python3 experiments/bench.py --device cuda --networks shd --tensor-memory \
-    --backends dcls,fast,fast+graphs --json "$OUT/bench_shd_fft128.json" 2>&1 | grep -v Warning | tee "$OUT/bench_shd_fft128.txt"

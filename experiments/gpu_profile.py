@@ -6,14 +6,14 @@ Times (CUDA events, median of repeats) the trainer's training step
 (``snn_delays.training.train_step``: forward, backward, one Adam step, clamping) and its
 evaluation step of these variants:
 
-- the default: the fast backend on the spectral path (cuFFT and complex products) with each
-  step replayed from a CUDA graph, as ``trainer.cuda_graphs=auto`` runs it on one GPU (a
-  variant whose capture failed is marked, its time is then the eager one); the same eagerly;
-- the dcls reference (cuDNN on);
+- the default: the fast backend on the spectral path (cuFFT and complex products) and the
+  Triton LIF, with each step replayed from a CUDA graph, as ``trainer.cuda_graphs=auto`` runs
+  it on one GPU (a variant whose capture failed is marked, its time is then the eager one);
+  the same eagerly; the same with spikingjelly's LIF (``SNN_DELAYS_NEURON_IMPL=spikingjelly``);
+- the dcls reference (cuDNN on; spikingjelly's LIF in every dcls row, the published code);
 - the GEMM path (``SNN_DELAYS_CONV_IMPL=gemm``: unfolded GEMMs), eagerly and graphed;
 - the Triton implicit GEMMs (``SNN_DELAYS_CONV_IMPL=triton``: no unfold copy), eagerly and
-  graphed, and with the LIF of ``SNN_DELAYS_NEURON_IMPL=triton`` (one fused kernel each way
-  instead of spikingjelly's);
+  graphed;
 - the conv1d path (``SNN_DELAYS_CONV_IMPL=dense``, the first CUDA path), the dcls reference
   with cuDNN off (as the published code ran), and the network without delays.
 
@@ -101,13 +101,12 @@ def main() -> None:
     variants = [
         ("fast, cuFFT, CUDA graph (default)", "fast", "learned", True, "fft+graph"),
         ("fast, cuFFT, eager", "fast", "learned", True, "fft"),
+        ("fast, cuFFT, CUDA graph, spikingjelly LIF", "fast", "learned", True, "fft+graph+sjlif"),
         ("dcls", "dcls", "learned", True, "auto"),
         ("fast, GEMM", "fast", "learned", True, "gemm"),
         ("fast, GEMM, CUDA graph", "fast", "learned", True, "gemm+graph"),
         ("fast, triton", "fast", "learned", True, "triton"),
         ("fast, triton, CUDA graph", "fast", "learned", True, "triton+graph"),
-        ("fast, triton + Triton LIF", "fast", "learned", True, "triton+tlif"),
-        ("fast, triton + Triton LIF, CUDA graph", "fast", "learned", True, "triton+tlif+graph"),
         ("fast, conv1d path (first)", "fast", "learned", True, "dense"),
         ("dcls, cuDNN off (published)", "dcls", "learned", False, "auto"),
         ("no delays", "fast", "none", True, "auto"),
@@ -117,7 +116,8 @@ def main() -> None:
         conv, *flags = conv.split("+")
         graph = "graph" in flags
         os.environ["SNN_DELAYS_CONV_IMPL"] = conv
-        os.environ["SNN_DELAYS_NEURON_IMPL"] = "triton" if "tlif" in flags else "auto"  # read at build
+        published = backend == "dcls" or "sjlif" in flags  # spikingjelly's LIF, else auto's (Triton)
+        os.environ["SNN_DELAYS_NEURON_IMPL"] = "spikingjelly" if published else "auto"  # read at build
         collect(torch.device("cuda"))  # the previous variant's garbage (a first model's cycle)
         torch.cuda.reset_peak_memory_stats()
         try:

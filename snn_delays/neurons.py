@@ -10,17 +10,21 @@ an infinite threshold: it never spikes and its membrane potential is the network
 ``neuron=plif`` learns ``tau`` (spikingjelly ``ParametricLIFNode``).
 
 Implementation (``impl``, default from the environment variable ``SNN_DELAYS_NEURON_IMPL``,
-else ``auto``): ``auto`` runs ``lif`` on CPU float32 tensors through the fused C kernel of
-:mod:`snn_delays.fast_neurons` (same spikes as spikingjelly, gradients equal to float32
-rounding; its torch loop without a compiler) and everything else (GPU, PLIF) through
-spikingjelly, which picks its implementation from the tensor's device (a custom op on the CPU,
-Triton/CUDA on GPU); ``spikingjelly`` forces spikingjelly everywhere; ``triton`` runs ``lif``
-on the fused kernels of :mod:`snn_delays.triton_neurons` (CUDA; opt-in until timed there). State is reset at the
+else ``auto``): ``auto`` runs ``lif`` on float32 tensors through fused kernels that keep one
+tensor (the pre-reset membrane) for the backward: on the CPU the C kernel of
+:mod:`snn_delays.fast_neurons` (its torch loop without a compiler), on CUDA the Triton kernels
+of :mod:`snn_delays.triton_neurons` where Triton imports (spikes equal to spikingjelly's,
+gradients to float32 rounding; on an H200 as fast as spikingjelly's own kernels inside a
+CUDA graph and ~60 MiB less peak memory on the SHD network). Everything else (PLIF, other
+dtypes, CUDA without Triton) runs spikingjelly, which picks its implementation from the
+tensor's device; ``spikingjelly`` forces spikingjelly everywhere (the published code path);
+``triton`` forces the Triton kernels (an error where they cannot run). State is reset at the
 start of every call, so nothing leaks between batches.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -86,10 +90,17 @@ class SpikingNeurons(nn.Module):
             return triton_neurons.lif_multi_step(
                 current, self.node.tau, self.threshold, self.alpha, return_v=self.readout
             )
-        if self.impl == "auto" and isinstance(self.node, neuron.LIFNode) and fast_neurons.usable(current):
-            return fast_neurons.lif_multi_step(
-                current, self.node.tau, self.threshold, self.alpha, return_v=self.readout
-            )
+        if self.impl == "auto" and isinstance(self.node, neuron.LIFNode):
+            if fast_neurons.usable(current):
+                return fast_neurons.lif_multi_step(
+                    current, self.node.tau, self.threshold, self.alpha, return_v=self.readout
+                )
+            if triton_lif_usable(current):
+                from snn_delays import triton_neurons
+
+                return triton_neurons.lif_multi_step(
+                    current, self.node.tau, self.threshold, self.alpha, return_v=self.readout
+                )
         self.node.reset()
         out = self.node(current.contiguous())
         if self.readout:
@@ -102,6 +113,26 @@ class SpikingNeurons(nn.Module):
         if isinstance(self.node, neuron.ParametricLIFNode):
             return float(1.0 / self.node.w.detach().sigmoid())
         return float(self.node.tau)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Triton imports (it ships with CUDA builds of torch on Linux; absent on most CPU installs)."""
+    try:
+        from snn_delays import triton_neurons  # noqa: F401
+    except ImportError:
+        return False
+    except Exception as err:  # noqa: BLE001 - a broken install: spikingjelly's LIF still runs
+        logging.getLogger(__name__).warning(
+            "Triton LIF unavailable (%r): spikingjelly's LIF runs instead", err
+        )
+        return False
+    return True
+
+
+def triton_lif_usable(x: Tensor) -> bool:
+    """``auto`` runs the Triton LIF on ``x``: a float32 CUDA tensor, Triton importable."""
+    return x.device.type == "cuda" and x.dtype == torch.float32 and triton_available()
 
 
 def lif_reference(current: Tensor, tau: float, threshold: float = 1.0) -> tuple[Tensor, Tensor]:

@@ -242,8 +242,9 @@ def test_bench_compares_both_backends_on_the_same_inputs(tmp_path):
     bench = _load_bench()
     out = tmp_path / "bench.json"
     small = ["--batch", "3", "--time-steps", "8", "--sigma", "0.23", "--repeats", "1"]
-    rows = bench.main([*small, "--json", str(out), "--backends", "dcls,fast,fast:dense"])
-    assert [r["backend"] for r in rows] == ["dcls", "fast", "fast:dense"]
+    rows = bench.main([*small, "--json", str(out), "--backends", "dcls,fast,fast:dense+sj-lif"])
+    assert [r["backend"] for r in rows] == ["dcls", "fast", "fast:dense+sj-lif"]
+    assert [r["neurons"] for r in rows] == ["spikingjelly", "auto", "spikingjelly"]
     assert rows[2]["train_s"] > 0 and rows[2]["eval_s"] > 0
     assert rows[0]["train_speedup"] == 1.0 and rows[1]["train_s"] > 0 and rows[1]["eval_s"] > 0
     saved = json.loads(out.read_text())

@@ -101,5 +101,28 @@ def test_module_on_triton(triton_interpreted):
         torch.testing.assert_close(g, torch.autograd.grad(want.sum(), x)[0], rtol=1e-5, atol=1e-6)
 
 
+def test_auto_runs_the_triton_lif_on_cuda_tensors(triton_interpreted, monkeypatch):
+    """``auto`` on a float32 CUDA tensor (stood in for by the interpreter's CPU tensors) runs the
+    Triton LIF, which keeps only the pre-reset membrane; PLIF and CPU tensors do not."""
+    from snn_delays import neurons, triton_neurons
+
+    assert not neurons.triton_lif_usable(torch.zeros(1))  # a CPU tensor: the C kernel's
+    calls = []
+    lif = triton_neurons.lif_multi_step
+    monkeypatch.setattr(triton_neurons, "lif_multi_step", lambda *a, **k: calls.append(1) or lif(*a, **k))
+    monkeypatch.setattr(fast_neurons, "usable", lambda x: False)
+    monkeypatch.setattr(neurons, "triton_lif_usable", lambda x: True)
+    x = _current(20, 4, 33, seed=7).requires_grad_()
+    for readout in (False, True):
+        got = SpikingNeurons(1.5, readout=readout)(x)
+        want = SpikingNeurons(1.5, readout=readout, impl="spikingjelly")(x)
+        assert torch.equal(got, want)
+        g = torch.autograd.grad(got.sum(), x)[0]
+        torch.testing.assert_close(g, torch.autograd.grad(want.sum(), x)[0], rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2
+    SpikingNeurons(1.5, kind="plif")(x)
+    assert len(calls) == 2  # PLIF stays on spikingjelly
+
+
 def test_c_kernel_compiles():
     assert fast_neurons.c_kernels_available()
