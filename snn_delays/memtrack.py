@@ -14,7 +14,7 @@ follows each new storage until it is freed (a finalizer on the storage, which Py
 as one Python object for as long as the storage lives). Storages that existed before the
 block (parameters, inputs, and the views of them that operators return) are not counted, nor
 is memory that kernels take for themselves (cuFFT/cuDNN/cuBLAS workspaces, a C library's
-buffers). So on the CPU, with the CUDA path's operators (``SNN_DELAYS_NO_C=1``), it
+buffers). So on the CPU, with the CUDA path's operators (``SNN_DELAYS_NO_C=fast_delays``), it
 estimates what a training step asks of the CUDA caching allocator beyond its inputs.
 """
 

@@ -1,0 +1,80 @@
+"""What is alive at the peak of one eager SHD training step (batch 256, 100 steps), counted.
+
+    SNN_DELAYS_NO_C=fast_delays python experiments/cpu_results/2026-11-28-tensor-model/peak_breakdown.py
+    SNN_DELAYS_NO_C=1 SNN_DELAYS_NEURON_IMPL=spikingjelly python .../peak_breakdown.py [--backend dcls]
+
+With ``SNN_DELAYS_NO_C=fast_delays`` the delay layer runs CUDA's operators and the LIF the
+fused C kernel, which keeps what CUDA's Triton LIF keeps (see bench.py's docstring); the fast
+backend runs the path ``--impl`` (default ``fft``, CUDA's default; ``SNN_DELAYS_CONV_IMPL``). Prints the
+peak (new tensors only: the input and parameters are not in it) with the operator at which it
+was reached, then every tensor of at least 1 MiB alive there: its size, the index of the
+operator that made it, the operator, the shape and dtype it was made with (a view of it may be
+what is seen). ~20 s on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # experiments/
+import bench  # noqa: E402
+
+from snn_delays.memtrack import TensorMemory  # noqa: E402
+
+
+class PeakSnapshot(TensorMemory):
+    """TensorMemory that also records, at each new peak, which of its tensors are alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.op_index, self.op = 0, ""
+        self.made: dict[int, tuple[int, str, tuple[int, ...], torch.dtype]] = {}
+        self.at_peak: dict[int, tuple[int, tuple]] = {}
+        self.peak_op = (0, "")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.op_index, self.op = self.op_index + 1, str(func)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = self._storage(t)
+        before = self.peak_bytes
+        new = storage is not None and storage._cdata not in self._mine and storage._cdata not in self._foreign
+        if new:  # a key of a freed storage can come back for a new one
+            self.made[storage._cdata] = (self.op_index, self.op, tuple(t.shape), t.dtype)
+        super()._track(t)
+        if self.peak_bytes > before:
+            self.at_peak = {k: (size, self.made[k]) for k, size in self._mine.items()}
+            self.peak_op = (self.op_index, self.op)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", default="fast", choices=("fast", "dcls"))
+    parser.add_argument("--sigma", type=float, default=0.23)
+    parser.add_argument("--impl", default="fft", help="the fast backend's delay path")
+    args = parser.parse_args()
+    os.environ["SNN_DELAYS_CONV_IMPL"] = args.impl
+    n_in, *_, batch = bench.NETWORKS["shd"]
+    model = bench.build_network("shd", args.backend)
+    model.set_sigma(args.sigma)
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    spikes = torch.rand(100, batch, n_in, generator=gen) < 0.05
+    x = spikes.float() * torch.randint(1, 3, spikes.shape, generator=gen)
+    with PeakSnapshot() as mem:
+        model(x).float().square().mean().backward()
+    index, op = mem.peak_op
+    print(f"peak {mem.peak_bytes / 2**20:.1f} MiB of new tensors, reached at operator #{index} {op}")
+    for size, (i, made_by, shape, dtype) in sorted(mem.at_peak.values(), key=lambda v: v[1][0]):
+        if size >= 2**20:
+            print(f"  {size / 2**20:6.1f} MiB  #{i:<5d} {made_by:42s} {shape} {dtype}")
+
+
+if __name__ == "__main__":
+    main()
