@@ -12,6 +12,7 @@ spikingjelly's kernels. Selected by ``SNN_DELAYS_NEURON_IMPL=triton`` (CUDA, ``l
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -79,6 +80,11 @@ def _lif_bwd_kernel(
         off -= M
 
 
+def _device_of(x: Tensor) -> contextlib.AbstractContextManager:
+    """Launch on ``x``'s GPU: Triton launches on the current device, which need not be x's."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 class LIF(torch.autograd.Function):
     """(spikes, post-reset membrane or an empty tensor) from the current ``x`` (T, ...)."""
 
@@ -86,14 +92,16 @@ class LIF(torch.autograd.Function):
     def forward(ctx, x: Tensor, tau: float, thr: float, alpha: float, want_v: bool):  # noqa: ANN001, ANN205
         check_tensors("the Triton LIF kernels (SNN_DELAYS_NEURON_IMPL=triton)", x)
         x = x.contiguous()
-        t_len, m = x.shape[0], x[0].numel()
+        t_len, m = x.shape[0], math.prod(x.shape[1:])
         need_h = ctx.needs_input_grad[0]
         s = torch.empty_like(x)
         h = torch.empty_like(x) if need_h else s  # a placeholder the kernel does not write
         v = torch.empty_like(x) if want_v else s
-        _lif_fwd_kernel[(triton.cdiv(m, BLOCK),)](
-            x, s, h, v, t_len, m, tau, thr, WANT_H=need_h, WANT_V=want_v, BLOCK=BLOCK
-        )
+        with _device_of(x):
+            if x.numel():  # Triton refuses an empty grid
+                _lif_fwd_kernel[(triton.cdiv(m, BLOCK),)](
+                    x, s, h, v, t_len, m, tau, thr, WANT_H=need_h, WANT_V=want_v, BLOCK=BLOCK
+                )
         ctx.args = (tau, thr, alpha)
         if need_h:
             ctx.save_for_backward(h)
@@ -106,22 +114,25 @@ class LIF(torch.autograd.Function):
         has_gs = gs is not None and gs.numel() > 0
         has_gv = gv is not None and gv.numel() > 0
         gx = torch.empty_like(h)
-        t_len, m = h.shape[0], h[0].numel()
-        _lif_bwd_kernel[(triton.cdiv(m, BLOCK),)](
-            gs.contiguous() if has_gs else h,
-            gv.contiguous() if has_gv else h,
-            h,
-            gx,
-            t_len,
-            m,
-            tau,
-            thr,
-            alpha / 2,
-            math.pi / 2 * alpha,
-            HAS_GS=has_gs,
-            HAS_GV=has_gv,
-            BLOCK=BLOCK,
-        )
+        t_len, m = h.shape[0], math.prod(h.shape[1:])
+        if not h.numel():
+            return gx, None, None, None, None
+        with _device_of(h):
+            _lif_bwd_kernel[(triton.cdiv(m, BLOCK),)](
+                gs.contiguous() if has_gs else h,
+                gv.contiguous() if has_gv else h,
+                h,
+                gx,
+                t_len,
+                m,
+                tau,
+                thr,
+                alpha / 2,
+                math.pi / 2 * alpha,
+                HAS_GS=has_gs,
+                HAS_GV=has_gv,
+                BLOCK=BLOCK,
+            )
         return gx, None, None, None, None
 
 
