@@ -101,6 +101,17 @@ def test_module_on_triton(triton_interpreted):
         torch.testing.assert_close(g, torch.autograd.grad(want.sum(), x)[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 4), (5, 0, 4)])
+def test_triton_lif_takes_empty_inputs(triton_interpreted, shape):
+    from snn_delays import triton_neurons
+
+    for return_v in (False, True):
+        x = torch.zeros(shape, requires_grad=True)
+        y = triton_neurons.lif_multi_step(x, 1.5, return_v=return_v)
+        y.sum().backward()
+        assert y.shape == shape and x.grad.shape == shape
+
+
 def test_auto_runs_the_triton_lif_on_cuda_tensors(triton_interpreted, monkeypatch):
     """``auto`` on a float32 CUDA tensor (stood in for by the interpreter's CPU tensors) runs the
     Triton LIF, which keeps only the pre-reset membrane; PLIF and CPU tensors do not."""
