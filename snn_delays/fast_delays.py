@@ -906,6 +906,18 @@ def _rdft(x: Tensor, n: int, flip: bool = False) -> Tensor:
     return torch.view_as_complex(out)
 
 
+def _rdft_dropping(box: list[Tensor], n: int) -> Tensor:
+    """:func:`_rdft` of the one tensor in ``box``, which is taken out and dropped as soon as it
+    is padded: where nothing else holds it (a saved tensor unpacked for this backward alone),
+    its memory is free before the transform runs. The same bits as ``_rdft``."""
+    x = box.pop()
+    if _use_c(x):
+        return _rdft(x, n)
+    padded = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, n - x.shape[0]))
+    del x
+    return torch.fft.rfft(padded, dim=0)
+
+
 def _irdft(spec: Tensor, n: int, rows: int) -> Tensor:
     """``torch.fft.irfft(spec, n, dim=0)[:rows]``, as direct sums in C."""
     if spec.device.type != "cpu" or spec.dtype != torch.complex64 or _load_lib() is None:
@@ -1148,18 +1160,23 @@ class _DelayConvFFT(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # noqa: ANN001, ANN205
         x, kernel = ctx.saved_tensors
+        t_len = x.shape[0]
         grad_y = grad_y.contiguous()
         grad_x = grad_k = None
         spectra = _Spectra(ctx.n)
         with _tf32(x.device):
             if len(ctx.blocks) == 1:
                 if ctx.needs_input_grad[1]:  # first: X's spectrum is freed before dL/dx is made
-                    spec_k = _fft_grad_kernel_spectrum(x, grad_y, spectra)
+                    spectra.of_g(grad_y)
+                    box = [x]
+                    del x  # a saved tensor kept compactly (model.SavedSpikes) is freed once padded
+                    spectra.x = _rdft_dropping(box, ctx.n)
+                    spec_k = _fft_grad_kernel_spectrum(None, grad_y, spectra)
                     spectra.x = None
                     grad_k = _grad_kernel_from_spectrum(spec_k, ctx.n, kernel.shape[2])
                     del spec_k
                 if ctx.needs_input_grad[0]:
-                    grad_x = _fft_grad_input(grad_y, kernel, x.shape[0], spectra, free=True).contiguous()
+                    grad_x = _fft_grad_input(grad_y, kernel, t_len, spectra, free=True).contiguous()
                 return grad_x, grad_k
             grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
             if grad_x is not None:

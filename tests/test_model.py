@@ -139,3 +139,38 @@ def test_sigma_is_read_again_only_when_it_changes():
     with torch.no_grad():
         layer.dcls.SIG.mul_(2)
     assert layer.sigma == 2.5
+
+
+@pytest.mark.parametrize(("backend", "impl"), [("fast", "fft"), ("fast", None), ("dcls", None)])
+def test_dropout_outputs_are_saved_as_bytes_with_the_same_gradients(backend, impl, monkeypatch):
+    """While training, a hidden layer's dropout output (binary spikes times the mask) that the
+    next delay layer saves for its backward is kept as ``x != 0`` plus the mask: the same
+    gradients, bit for bit, and (fast backend) a quarter of the bytes between forward and
+    backward. ``impl=None``: the default path of this machine (the C kernels)."""
+    from snn_delays import fast_delays
+    from snn_delays.memtrack import TensorMemory
+
+    if impl:
+        monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", impl)
+        monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)
+    torch.manual_seed(0)
+    model = DelaySNN(12, 3, n_hidden=24, n_layers=2, kernel_size=7, delay_backend=backend, dropout=0.4)
+    model.set_sigma(1.0)
+    x = (torch.rand(30, 8, 12) < 0.3).float()
+    grads, kept = {}, {}
+    for compact in (False, True):
+        monkeypatch.setattr(DelaySNN, "compact_saved_spikes", compact)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks
+        with TensorMemory() as mem:
+            u = model(x)
+            kept[compact] = mem.live_bytes - u.untyped_storage().nbytes()
+            u.square().mean().backward()
+        grads[compact] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert len(grads[True]) == len(grads[False]) >= 6  # weights and positions of 3 layers, BatchNorm
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True], strict=True))
+    if backend == "fast":
+        # the hidden outputs the next layers save, (T + (K-1)//2) and (T + K-1) steps x 8 x 24
+        t1, t2 = 30 + 3, 30 + 6
+        floats = (t1 + t2) * 8 * 24 * 4
+        assert kept[False] - kept[True] >= floats * 3 // 4 - 1024, (kept, floats)
