@@ -176,10 +176,11 @@ class DelaySNN(nn.Module):
     def forward(self, x: Tensor, return_spikes: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """``x`` (T, B, n_inputs) -> membrane ``u`` (T + (L+1)(K-1)//2, B, n_classes)."""
         spikes = []
-        store = SavedSpikes() if self.compact_saved_spikes and torch.is_grad_enabled() else None
+        training = self.training and torch.is_grad_enabled()
+        store = SavedSpikes() if self.compact_saved_spikes and training else None
         hooks = (
             torch.autograd.graph.saved_tensors_hooks(store.pack, store.unpack)
-            if store is not None and self.training
+            if store is not None
             else contextlib.nullcontext()
         )
         with hooks:

@@ -84,23 +84,17 @@ class SpikingNeurons(nn.Module):
         self.readout, self.impl, self.alpha, self.threshold = readout, impl, alpha, threshold
 
     def forward(self, current: Tensor) -> Tensor:
-        if self.impl == "triton":
+        auto_lif = self.impl == "auto" and isinstance(self.node, neuron.LIFNode)
+        if auto_lif and fast_neurons.usable(current):
+            return fast_neurons.lif_multi_step(
+                current, self.node.tau, self.threshold, self.alpha, return_v=self.readout
+            )
+        if self.impl == "triton" or (auto_lif and triton_lif_usable(current)):
             from snn_delays import triton_neurons  # triton is optional: imported on first use
 
             return triton_neurons.lif_multi_step(
                 current, self.node.tau, self.threshold, self.alpha, return_v=self.readout
             )
-        if self.impl == "auto" and isinstance(self.node, neuron.LIFNode):
-            if fast_neurons.usable(current):
-                return fast_neurons.lif_multi_step(
-                    current, self.node.tau, self.threshold, self.alpha, return_v=self.readout
-                )
-            if triton_lif_usable(current):
-                from snn_delays import triton_neurons
-
-                return triton_neurons.lif_multi_step(
-                    current, self.node.tau, self.threshold, self.alpha, return_v=self.readout
-                )
         self.node.reset()
         out = self.node(current.contiguous())
         if self.readout:

@@ -6,8 +6,10 @@ walks ``T`` for a block of neurons (columns of the time-major input), forward th
 The division by ``tau`` is IEEE-rounded (``div_rn``), as on the CPU, so the spikes are those
 of spikingjelly's CPU op bit for bit. One launch per direction, no Python per call beyond
 it: on CUDA the step's host time and its capture in a CUDA graph do not depend on
-spikingjelly's kernels. Selected by ``SNN_DELAYS_NEURON_IMPL=triton`` (CUDA, ``lif``); with
-``TRITON_INTERPRET=1`` the kernels run on CPU tensors, which is how the tests check them.
+spikingjelly's kernels. ``auto`` runs it for ``lif`` on float32 CUDA tensors where Triton
+imports (:func:`snn_delays.neurons.triton_lif_usable`); ``SNN_DELAYS_NEURON_IMPL=triton``
+forces it. With ``TRITON_INTERPRET=1`` the kernels run on CPU tensors, which is how the tests
+check them.
 """
 
 from __future__ import annotations
