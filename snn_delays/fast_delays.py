@@ -967,9 +967,15 @@ class _Spectra:
         return other
 
 
-def _fft_forward(x: Tensor, kernel: Tensor, t_out: int, spectra: _Spectra | None = None) -> Tensor:
+def _fft_forward(
+    x: Tensor, kernel: Tensor, t_out: int, spectra: _Spectra | None = None, free: bool = False
+) -> Tensor:
+    """y (T_out, B, O). ``free``: ``spectra`` is not used again; its spectra are dropped before
+    the inverse transform runs (else they are kept for a backward that shares them)."""
     spectra = spectra or _Spectra(_fft_len(x.shape[0], kernel.shape[2]))
     spec = torch.matmul(spectra.of_x(x), spectra.of_h(kernel).transpose(1, 2))
+    if free:
+        spectra.x = spectra.h = None
     return _irdft(spec, spectra.n, t_out)
 
 
@@ -1123,12 +1129,26 @@ def positive_setting(name: str, unit: str) -> int | None:
     return number
 
 
-def fft_batch_blocks(batch: int) -> list[slice]:
-    """Batch blocks of the spectral path: ``$SNN_DELAYS_FFT_BATCH`` samples each (default: one).
+FFT_AUTO_BLOCKS = 4  # most batch blocks the spectral path takes by itself (see fft_batch_blocks)
 
-    Each block's spectra and cuFFT temporaries are freed before the next: smaller blocks lower
-    the peak memory, at one more set of launches per block (free under CUDA graphs)."""
-    size = positive_setting("SNN_DELAYS_FFT_BATCH", "samples") or batch
+
+def fft_batch_blocks(batch: int, n_in: int | None = None, n_out: int | None = None) -> list[slice]:
+    """Batch blocks of the spectral path: ``$SNN_DELAYS_FFT_BATCH`` samples each where it is set.
+
+    Otherwise a layer whose kernel-sized spectra (O x I per frequency) are smaller than its
+    batch-sized ones (B x max(I, O): x's, dL/dy's, their products) runs in up to
+    ``FFT_AUTO_BLOCKS`` blocks, as many as the ratio of the two: only the batch-sized spectra
+    shrink with the block, and they are the layer's peak. That is the readout (256 -> 20 on
+    SHD: 4 blocks of 64 samples; SSC's 512 -> 35: 3); square hidden layers, whose dL/dk spectra
+    are as large as x's at any block size, run in one. Each block's spectra and cuFFT
+    temporaries are freed before the next, at one more set of launches per block (free under
+    CUDA graphs)."""
+    size = positive_setting("SNN_DELAYS_FFT_BATCH", "samples")
+    if size is None:
+        count = 1
+        if n_in is not None and n_out is not None:
+            count = min(FFT_AUTO_BLOCKS, max(1, batch * max(n_in, n_out) // max(1, n_in * n_out)))
+        size = -(-batch // count)
     return [slice(b0, min(batch, b0 + size)) for b0 in range(0, batch, size)]
 
 
@@ -1137,30 +1157,35 @@ class _DelayConvFFT(torch.autograd.Function):
 
     Nothing spectral is kept from the forward for the backward (the spectra of every layer's
     x and kernel would all be alive when the backward starts, the step's peak): the backward
-    transforms x and the kernel again, once each, and shares them between dL/dx and dL/dk.
-    With several batch blocks (:func:`fft_batch_blocks`) each block is transformed in turn."""
+    transforms x and the kernel again. Each spectrum is dropped after its last use, and the
+    forward drops x's and the kernel's before its inverse transform. With several batch blocks
+    (:func:`fft_batch_blocks`) each block is transformed in turn; the backward then makes
+    dL/dk over all blocks first, so that x (a saved tensor that :class:`~snn_delays.model.SavedSpikes`
+    may have unpacked for this backward alone) is freed before dL/dx is allocated."""
 
     @staticmethod
     def forward(ctx, x: Tensor, kernel: Tensor) -> Tensor:  # noqa: ANN001
-        ksize = kernel.shape[2]
+        n_out, n_in, ksize = kernel.shape
         ctx.n = _fft_len(x.shape[0], ksize)
         t_out = x.shape[0] + (ksize - 1) // 2
-        ctx.blocks = fft_batch_blocks(x.shape[1])
+        ctx.blocks = fft_batch_blocks(x.shape[1], n_in, n_out)
         ctx.save_for_backward(x, kernel)
         spectra = _Spectra(ctx.n)
         with _tf32(x.device):
             if len(ctx.blocks) == 1:
-                return _fft_forward(x, kernel.detach(), t_out, spectra).contiguous()
+                return _fft_forward(x, kernel.detach(), t_out, spectra, free=True).contiguous()
             spectra.of_h(kernel.detach())
-            y = x.new_empty(t_out, x.shape[1], kernel.shape[0])
+            y = x.new_empty(t_out, x.shape[1], n_out)
             for block in ctx.blocks:
-                y[:, block] = _fft_forward(x[:, block], kernel.detach(), t_out, spectra.sharing_h())
+                y[:, block] = _fft_forward(
+                    x[:, block], kernel.detach(), t_out, spectra.sharing_h(), free=True
+                )
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # noqa: ANN001, ANN205
         x, kernel = ctx.saved_tensors
-        t_len = x.shape[0]
+        t_len, batch, n_in = x.shape
         grad_y = grad_y.contiguous()
         grad_x = grad_k = None
         spectra = _Spectra(ctx.n)
@@ -1178,20 +1203,22 @@ class _DelayConvFFT(torch.autograd.Function):
                 if ctx.needs_input_grad[0]:
                     grad_x = _fft_grad_input(grad_y, kernel, t_len, spectra, free=True).contiguous()
                 return grad_x, grad_k
-            grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-            if grad_x is not None:
-                spectra.of_h(kernel)
-            spec_k = None
-            for block in ctx.blocks:
-                block_spectra = spectra.sharing_h()
-                if ctx.needs_input_grad[1]:
-                    part = _fft_grad_kernel_spectrum(x[:, block], grad_y[:, block], block_spectra)
+            if ctx.needs_input_grad[1]:  # dL/dk over every block, then x is no longer needed
+                spec_k = None
+                for block in ctx.blocks:
+                    part = _fft_grad_kernel_spectrum(x[:, block], grad_y[:, block], _Spectra(ctx.n))
                     spec_k = part if spec_k is None else spec_k.add_(part)
-                    block_spectra.x = part = None
-                if grad_x is not None:
-                    grad_x[:, block] = _fft_grad_input(grad_y[:, block], kernel, x.shape[0], block_spectra)
-            if spec_k is not None:
+                    del part
                 grad_k = _grad_kernel_from_spectrum(spec_k, ctx.n, kernel.shape[2])
+                del spec_k
+            del x
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_y.new_empty(t_len, batch, n_in)
+                spectra.of_h(kernel)
+                for block in ctx.blocks:
+                    grad_x[:, block] = _fft_grad_input(
+                        grad_y[:, block], kernel, t_len, spectra.sharing_h(), free=True
+                    )
         return grad_x, grad_k
 
 

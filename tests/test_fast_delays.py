@@ -149,8 +149,15 @@ def test_gemm_path_gradients_match_dense(shape, chunk, monkeypatch):
 
 def test_fft_batch_blocks_setting(monkeypatch):
     assert fast_delays.fft_batch_blocks(5) == [slice(0, 5)]
+    # by itself: blocks where the batch-sized spectra outweigh the kernel-sized ones
+    assert fast_delays.fft_batch_blocks(256, 256, 20) == [slice(b, b + 64) for b in range(0, 256, 64)]
+    assert fast_delays.fft_batch_blocks(128, 512, 35) == [slice(0, 43), slice(43, 86), slice(86, 128)]
+    assert fast_delays.fft_batch_blocks(256, 140, 256) == [slice(0, 256)]  # SHD's first layer
+    assert fast_delays.fft_batch_blocks(256, 256, 256) == [slice(0, 256)]
+    assert fast_delays.fft_batch_blocks(4096, 8, 8) == [slice(b, b + 1024) for b in range(0, 4096, 1024)]
     monkeypatch.setenv("SNN_DELAYS_FFT_BATCH", "2")
     assert fast_delays.fft_batch_blocks(5) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert fast_delays.fft_batch_blocks(5, 256, 20) == [slice(0, 2), slice(2, 4), slice(4, 5)]
     for bad in ("0", "half", "-1"):
         monkeypatch.setenv("SNN_DELAYS_FFT_BATCH", bad)
         with pytest.raises(ValueError, match="SNN_DELAYS_FFT_BATCH must be a positive number"):

@@ -96,6 +96,34 @@ def test_spectral_backward_holds_at_most_three_spectra(monkeypatch):
     assert mem.peak_bytes <= 3 * spectrum + 4 * weight.nbytes * k, (mem.peak_bytes, spectrum)
 
 
+def test_spectral_readout_runs_in_batch_blocks(monkeypatch):
+    """A readout-shaped layer (out << in, batch): CUDA's spectral path runs it in batch blocks
+    by itself. The forward holds one block's padded input and spectrum at a time, not the
+    whole batch's; the backward makes dL/dk over every block first and frees x (here unpacked
+    for the backward alone, as model.SavedSpikes does) before dL/dx is allocated."""
+    from snn_delays import fast_delays
+
+    monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)
+    torch.manual_seed(3)
+    t, b, n_in, n_out, k = 60, 32, 32, 2, 9
+    assert len(fast_delays.fft_batch_blocks(b, n_in, n_out)) == 4
+    weight = torch.randn(n_out, n_in, requires_grad=True)
+    pos = (torch.rand(n_out, n_in) * 6 - 3).requires_grad_()
+    x = torch.rand(t, b, n_in).round().requires_grad_()
+    n = fast_delays._fft_len(t, k)
+    spectrum = (n // 2 + 1) * b * n_in * 8  # x's spectrum, the whole batch
+    padded = n * b * n_in * 4
+    with TensorMemory() as mem:
+        y = delay_conv(x, weight, pos, 1.0, k, impl="fft")
+    assert mem.peak_bytes <= y.nbytes + (spectrum + padded) / 2, (mem.peak_bytes, spectrum, padded)
+    with torch.autograd.graph.saved_tensors_hooks(torch.clone, torch.clone):
+        y = delay_conv(x, weight, pos, 1.0, k, impl="fft")
+    with TensorMemory() as mem:
+        y.backward(torch.randn_like(y))
+    assert x.grad is not None and pos.grad is not None
+    assert mem.peak_bytes <= x.nbytes + (spectrum + padded) / 2, (mem.peak_bytes, x.nbytes, spectrum)
+
+
 def test_cuda_evaluation_path_unfolds_in_small_blocks(monkeypatch):
     """CUDA's integer-delay path (``fft`` without the C kernels: the GEMM path, no gradient)
     needs y, the padded input, kernel-sized buffers and one unfolded block of at most

@@ -9,7 +9,8 @@ backend runs the path ``--impl`` (default ``fft``, CUDA's default; ``SNN_DELAYS_
 peak (new tensors only: the input and parameters are not in it) with the operator at which it
 was reached, then every tensor of at least 1 MiB alive there: its size, the index of the
 operator that made it, the operator, the shape and dtype it was made with (a view of it may be
-what is seen). ~20 s on a 2-core CPU.
+what is seen). ``--timeline MIB`` also lists the other local maxima above MIB. ~20 s on a
+2-core CPU.
 """
 
 from __future__ import annotations
@@ -30,16 +31,23 @@ from snn_delays.memtrack import TensorMemory  # noqa: E402
 class PeakSnapshot(TensorMemory):
     """TensorMemory that also records, at each new peak, which of its tensors are alive."""
 
-    def __init__(self) -> None:
+    def __init__(self, show_at: int | None = None) -> None:
         super().__init__()
+        self.show_at, self.at_op = show_at, {}
         self.op_index, self.op = 0, ""
         self.made: dict[int, tuple[int, str, tuple[int, ...], torch.dtype]] = {}
         self.at_peak: dict[int, tuple[int, tuple]] = {}
         self.peak_op = (0, "")
+        self.timeline: list[tuple[int, str, float, tuple]] = []  # (op, name, live MiB, out shape)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         self.op_index, self.op = self.op_index + 1, str(func)
-        return super().__torch_dispatch__(func, types, args, kwargs)
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else ()
+        self.timeline.append((self.op_index, self.op, self.live_bytes / 2**20, shape))
+        if self.op_index == self.show_at:
+            self.at_op = {k: (size, self.made[k]) for k, size in self._mine.items()}
+        return out
 
     def _track(self, t: torch.Tensor) -> None:
         storage = self._storage(t)
@@ -58,6 +66,13 @@ def main() -> None:
     parser.add_argument("--backend", default="fast", choices=("fast", "dcls"))
     parser.add_argument("--sigma", type=float, default=0.23)
     parser.add_argument("--impl", default="fft", help="the fast backend's delay path")
+    parser.add_argument("--at", type=int, metavar="OP", help="list what is alive after operator #OP instead")
+    parser.add_argument(
+        "--timeline",
+        type=float,
+        metavar="MIB",
+        help="also list every local maximum of the live tensors above MIB (where else a peak is near)",
+    )
     args = parser.parse_args()
     os.environ["SNN_DELAYS_CONV_IMPL"] = args.impl
     n_in, *_, batch = bench.NETWORKS["shd"]
@@ -67,13 +82,27 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     spikes = torch.rand(100, batch, n_in, generator=gen) < 0.05
     x = spikes.float() * torch.randint(1, 3, spikes.shape, generator=gen)
-    with PeakSnapshot() as mem:
+    with PeakSnapshot(args.at) as mem:
         model(x).float().square().mean().backward()
     index, op = mem.peak_op
     print(f"peak {mem.peak_bytes / 2**20:.1f} MiB of new tensors, reached at operator #{index} {op}")
-    for size, (i, made_by, shape, dtype) in sorted(mem.at_peak.values(), key=lambda v: v[1][0]):
+    alive = mem.at_peak
+    if args.at is not None:
+        print(f"alive after operator #{args.at} {mem.timeline[args.at - 1][1]}:")
+        alive = mem.at_op
+    for size, (i, made_by, shape, dtype) in sorted(alive.values(), key=lambda v: v[1][0]):
         if size >= 2**20:
             print(f"  {size / 2**20:6.1f} MiB  #{i:<5d} {made_by:42s} {shape} {dtype}")
+    if args.timeline is not None:
+        line = mem.timeline
+        print(
+            f"local maxima above {args.timeline:.0f} MiB (operator, live MiB after it, its output's shape):"
+        )
+        for k, (i, op, live, shape) in enumerate(line):
+            before = line[k - 1][2] if k else 0.0
+            after = line[k + 1][2] if k + 1 < len(line) else 0.0
+            if live >= args.timeline and live >= before and live > after:
+                print(f"  #{i:<5d} {op:42s} {live:7.1f}  {shape}")
 
 
 if __name__ == "__main__":
