@@ -6,7 +6,7 @@
 # runs parts 1 and 2 only (a device call is limited to 10 minutes: split the parts over two calls).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 set -u
-PARTS=${1:-123456}
+PARTS=${1:-1234567}
 part() { [[ $PARTS == *$1* ]]; }
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -84,3 +84,10 @@ part 5 && timeout 120 python3 experiments/gpu_profile.py --network ssc 2>&1 | te
 part 6 && timeout 150 python3 experiments/backend_parity.py --root /tmp/parity_gpu --n-train 8156 --batch 256 --epochs 3 \
     --backends fast,fast+graphs,dcls 2>&1 | tail -6 | tee "$OUT/epochs.txt"
 
+# 7. what is allocated at the SHD step's peak, by origin (workspaces, our lines), from the
+#    allocator's trace: one process per variant; C++ frames name the workspaces (python-only
+#    frames if symbolising them runs out of time)
+part 7 && for v in dcls fast fast+graphs; do
+    (set -o pipefail; timeout 100 python3 experiments/gpu_memory.py --variant $v 2>&1 | grep -v Warning) \
+        || timeout 60 python3 experiments/gpu_memory.py --variant $v --stacks python 2>&1 | grep -v Warning
+done | tee "$OUT/memory_by_origin.txt"
