@@ -41,6 +41,7 @@ import time
 
 import torch
 
+from snn_delays.cuda_graphs import Body as GraphBody
 from snn_delays.cuda_graphs import GraphedSteps
 from snn_delays.fast_delays import IMPLS, keep_freed_memory
 from snn_delays.memtrack import TensorMemory, peak_mib
@@ -151,16 +152,9 @@ def _env(name: str, value: str | None):  # noqa: ANN202
             os.environ[name] = old
 
 
-def bench_one(net: str, spec: str, sigma: float, args: argparse.Namespace, x: torch.Tensor) -> dict:
-    backend, conv_impl, mods = parse_backend(spec, args.device)
-    graphs = "graphs" in mods
-    impl = args.ref_neurons if backend == "dcls" else args.neurons
-    impl = "triton" if "triton-lif" in mods else "spikingjelly" if "sj-lif" in mods else impl
-    with _env("SNN_DELAYS_NEURON_IMPL", impl):  # read when the neurons are built
-        model = build_network(net, backend)
-    model.set_sigma(sigma)
-    model.to(args.device)
-    device = torch.device(args.device)
+def step_bodies(model: DelaySNN) -> tuple[GraphBody, GraphBody]:
+    """The benchmark's training step (forward, a loss of the output, backward; no optimizer)
+    and evaluation step, as bodies that :class:`GraphedSteps` can capture."""
 
     def train_body(inputs: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor]:
         model.zero_grad(set_to_none=True)
@@ -172,6 +166,21 @@ def bench_one(net: str, spec: str, sigma: float, args: argparse.Namespace, x: to
     def eval_body(inputs: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor]:
         return (model(inputs),)
 
+    return train_body, eval_body
+
+
+def bench_one(net: str, spec: str, sigma: float, args: argparse.Namespace, x: torch.Tensor) -> dict:
+    backend, conv_impl, mods = parse_backend(spec, args.device)
+    graphs = "graphs" in mods
+    impl = args.ref_neurons if backend == "dcls" else args.neurons
+    impl = "triton" if "triton-lif" in mods else "spikingjelly" if "sj-lif" in mods else impl
+    with _env("SNN_DELAYS_NEURON_IMPL", impl):  # read when the neurons are built
+        model = build_network(net, backend)
+    model.set_sigma(sigma)
+    model.to(args.device)
+    device = torch.device(args.device)
+
+    train_body, eval_body = step_bodies(model)
     run_train, run_eval = (
         (GraphedSteps(train_body), GraphedSteps(eval_body)) if graphs else (train_body, eval_body)
     )

@@ -8,10 +8,11 @@ the model and the input are built with the allocator's history on
 runs three times (with ``+graphs``: eager warm-up, capture, one replay, as ``bench.py`` runs
 it), then the evaluation step three times. The trace is replayed to find the most bytes
 allocated at one time (it should equal ``max_memory_allocated``, printed beside it) and what
-was alive then, grouped by origin: a workspace that a library took through the caching
-allocator (cuBLAS, cuFFT, cuDNN), else the innermost line of this project (or spikingjelly,
-DCLS, the benchmark) that asked for it. A timeline gives the bytes allocated after each phase,
-which is what a graph keeps (its pool's blocks stay allocated only if its outputs live there).
+was alive then, grouped by origin: the C++ function that asked for it (which names the
+workspaces that cuBLAS, cuFFT and cuDNN take through the caching allocator) and the innermost
+line of this project (or spikingjelly, DCLS, the benchmark) above it, then summed by kind.
+A timeline gives the bytes still allocated after each phase (what a warm-up, a capture or a
+replay leaves behind: graph outputs, a stream's workspaces).
 
 This is what ``bench.py``'s ``--tensor-memory`` (the live tensors, counted the same way on the
 CPU) cannot see: workspaces and the graphs' pools.
@@ -20,6 +21,7 @@ CPU) cannot see: workspaces and the graphs' pools.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -28,31 +30,45 @@ import torch
 
 MIB = 2**20
 OURS = ("snn_delays/", "spikingjelly/", "DCLS/", "dcls/", "experiments/")
-WORKSPACES = (  # (pattern in a C++ frame's name, label), the first that matches
-    (re.compile(r"cufft|exec_fft|CuFFT", re.I), "cuFFT work area"),
-    (re.compile(r"cudnn", re.I), "cuDNN workspace"),
-    (re.compile(r"Blas.*Workspace|Workspace.*Blas|cublas", re.I), "cuBLAS workspace"),
-    (re.compile(r"workspace", re.I), "other workspace"),
+# C++ frames of the allocation itself (the allocator, empty(), the dispatcher): skipped, so that
+# an allocation is named by the function that asked for it
+PLUMBING = re.compile(
+    r"Alloc|alloc|empty|c10::|at::_ops::|wrapper_|Dispatcher|TensorIterator|make_intrusive|at::detail::"
+    r"|^\?\?$|^_?Py|^$"  # unsymbolised frames, the interpreter's own
+)
+KINDS = (  # (pattern in an origin, kind), the first that matches
+    (re.compile(r"getNewWorkspace|Blas\w*Workspace"), "cuBLAS workspace"),
+    (re.compile(r"_exec_fft"), "cuFFT work area (and its input copies)"),
+    (re.compile(r"cudnn|Workspace::Workspace|conv_plan", re.I), "cuDNN (outputs and workspaces)"),
 )
 
 
 def origin(frames: Iterable[dict]) -> str:
-    """A label for one allocation from its frames (innermost first)."""
+    """Who asked for one allocation, from its frames (innermost first): the innermost C++
+    function past the allocator's plumbing (with C++ stacks), then the innermost line of this
+    project (else of any Python file)."""
     frames = list(frames)
-    for frame in frames:
-        name = frame.get("name", "")
-        for pattern, label in WORKSPACES:
-            if pattern.search(name):
-                return label
-    for frame in frames:
-        filename = frame.get("filename", "")
-        if any(part in filename for part in OURS):
-            short = filename[max(filename.find(p) for p in OURS if p in filename) :]
-            return f"{short}:{frame.get('line')} {frame.get('name')}"
-    for frame in frames:
-        if frame.get("filename", "").endswith(".py"):
-            return f"{frame['filename'].rsplit('/', 1)[-1]}:{frame.get('line')} {frame.get('name')}"
-    return "(no Python frame)"
+    python = [f for f in frames if f.get("filename", "").endswith(".py")]
+    cpp = next(
+        (
+            f["name"].split("(")[0]
+            for f in frames
+            if f not in python and not PLUMBING.search(f.get("name", ""))
+        ),
+        None,
+    )
+    ours = [f for f in python if any(part in f["filename"] for part in OURS)]
+    line = None
+    if ours or python:
+        frame = (ours or python)[0]
+        filename = frame["filename"]
+        cut = max((filename.find(p) for p in OURS if p in filename), default=filename.rfind("/") + 1)
+        line = f"{filename[cut:]}:{frame.get('line')} {frame.get('name')}"
+    return " <- ".join(part for part in (cpp, line) if part) or "(no frame)"
+
+
+def kind(label: str) -> str:
+    return next((name for pattern, name in KINDS if pattern.search(label)), "tensors")
 
 
 def peak_of(trace: list[dict], base: int = 0) -> tuple[int, int, dict[int, tuple[int, str]]]:
@@ -83,7 +99,7 @@ def grouped(alive: dict[int, tuple[int, str]]) -> list[tuple[int, int, str]]:
 
 
 def main() -> None:
-    from bench import NETWORKS, build_network, collect  # run from experiments/ (as a script)
+    from bench import NETWORKS, build_network, collect, step_bodies  # run from experiments/ (as a script)
 
     from snn_delays.cuda_graphs import GraphedSteps
 
@@ -106,6 +122,9 @@ def main() -> None:
     torch.cuda.reset_peak_memory_stats(device)
     backend = "dcls" if args.variant == "dcls" else "fast"
     n_in, *_, batch = NETWORKS[args.network]
+    # as bench.py's rows: the reference with spikingjelly's LIF (the published code), the fast
+    # backend with auto's (the Triton LIF on CUDA); read when the neurons are built
+    os.environ["SNN_DELAYS_NEURON_IMPL"] = "spikingjelly" if backend == "dcls" else "auto"
     model = build_network(args.network, backend).to(device)
     model.set_sigma(args.sigma)
     gen = torch.Generator().manual_seed(0)
@@ -113,16 +132,7 @@ def main() -> None:
     x = (spikes.float() * torch.randint(1, 3, spikes.shape, generator=gen)).to(device)
     no_target = torch.zeros(1, device=device)
 
-    def train_body(inputs: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor]:
-        model.zero_grad(set_to_none=True)
-        loss = model(inputs).float().square().mean()
-        loss.backward()
-        return (loss.detach(),)
-
-    @torch.no_grad()
-    def eval_body(inputs: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor]:
-        return (model(inputs),)
-
+    train_body, eval_body = step_bodies(model)
     graphs = args.variant.endswith("+graphs")
     run_train, run_eval = (
         (GraphedSteps(train_body), GraphedSteps(eval_body)) if graphs else (train_body, eval_body)
@@ -150,8 +160,13 @@ def main() -> None:
         f"peak replayed from the trace: {peak / MIB:.1f} MiB (before the trace: {base / MIB:.1f}), at event {at} of {len(trace)}"
     )
     print("allocated after each phase (MiB): " + ", ".join(f"{n} {v / MIB:.1f}" for n, v in phases))
+    groups = grouped(alive)
+    by_kind: dict[str, int] = defaultdict(int)
+    for size, _, label in groups:
+        by_kind[kind(label)] += size
+    print("alive at the peak, by kind: " + ", ".join(f"{k} {v / MIB:.1f} MiB" for k, v in by_kind.items()))
     print(f"alive at the peak, by origin (top {args.top}):")
-    for size, count, label in grouped(alive)[: args.top]:
+    for size, count, label in groups[: args.top]:
         print(f"  {size / MIB:8.1f} MiB  {count:4d}x  {label}")
 
 

@@ -280,27 +280,36 @@ def test_bench_keeps_its_timings_when_a_step_cannot_be_counted(monkeypatch, caps
 
 def test_gpu_memory_replays_the_allocator_trace():
     """gpu_memory.py's analysis (run on a GPU only): the peak of a trace of allocator events,
-    what was alive then, and each allocation's origin (a library's workspace, else our line)."""
+    what was alive then, and each allocation's origin (the C++ function past the allocator,
+    our line above it) and kind."""
     import importlib.util
 
     path = Path(__file__).resolve().parent.parent / "experiments" / "gpu_memory.py"
     spec = importlib.util.spec_from_file_location("gpu_memory", path)
     gpu_memory = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_memory)
+    plumbing = [
+        {
+            "filename": "??",
+            "name": "c10::cuda::CUDACachingAllocator::Native::DeviceCachingAllocator::malloc(int)",
+        },
+        {"filename": "??", "name": "at::detail::empty_generic(...)"},
+        {"filename": "??", "name": "??"},
+    ]
     ours = [
-        {"filename": "??", "name": "at::native::mm_out"},
         {"filename": "/x/snn_delays/fast_delays.py", "line": 7, "name": "_fft_forward"},
         {"filename": "/x/torch/nn/modules/module.py", "line": 1, "name": "_call_impl"},
     ]
-    blas = [{"filename": "??", "name": "at::cuda::getCUDABlasLtWorkspace()"}, *ours]
-    fft = [{"filename": "??", "name": "at::native::_exec_fft(...)"}, *ours]
+    mm = [*plumbing, {"filename": "??", "name": "at::native::mm_out_cuda(at::Tensor const&)"}, *ours]
+    blas = [*plumbing, {"filename": "??", "name": "at::cuda::getNewWorkspace()"}, *mm]
+    fft = [*plumbing, {"filename": "??", "name": "at::native::_exec_fft(at::Tensor&)"}, *ours]
     trace = [
-        {"action": "alloc", "addr": 1, "size": 100, "frames": ours},
+        {"action": "alloc", "addr": 1, "size": 100, "frames": mm},
         {"action": "alloc", "addr": 2, "size": 50, "frames": blas},
         {"action": "free_requested", "addr": 1, "size": 100},
         {"action": "free_completed", "addr": 1, "size": 100},
         {"action": "alloc", "addr": 3, "size": 120, "frames": fft},
-        {"action": "alloc", "addr": 4, "size": 10, "frames": ours},
+        {"action": "alloc", "addr": 4, "size": 10, "frames": mm},
         {"action": "free_completed", "addr": 3, "size": 120},
         {
             "action": "alloc",
@@ -312,10 +321,17 @@ def test_gpu_memory_replays_the_allocator_trace():
     peak, at, alive = gpu_memory.peak_of(trace, base=1000)
     assert (peak, at) == (1000 + 50 + 120 + 10, 5)
     assert {addr: size for addr, (size, _) in alive.items()} == {2: 50, 3: 120, 4: 10}
-    assert gpu_memory.grouped(alive) == [
-        (120, 1, "cuFFT work area"),
-        (50, 1, "cuBLAS workspace"),
-        (10, 1, "snn_delays/fast_delays.py:7 _fft_forward"),
+    line = "snn_delays/fast_delays.py:7 _fft_forward"
+    groups = gpu_memory.grouped(alive)
+    assert groups == [
+        (120, 1, f"at::native::_exec_fft <- {line}"),
+        (50, 1, f"at::cuda::getNewWorkspace <- {line}"),
+        (10, 1, f"at::native::mm_out_cuda <- {line}"),
     ]
+    kinds = [gpu_memory.kind(label) for _, _, label in groups]
+    assert kinds == ["cuFFT work area (and its input copies)", "cuBLAS workspace", "tensors"]
     assert gpu_memory.origin(trace[-1]["frames"]) == "lib.py:3 f"
-    assert gpu_memory.origin([]) == "(no Python frame)"
+    assert gpu_memory.origin([]) == "(no frame)"
+    assert (
+        gpu_memory.origin([*plumbing, {"filename": "??", "name": "_PyEval_EvalFrameDefault"}]) == "(no frame)"
+    )
