@@ -43,6 +43,7 @@ import platform
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,6 +53,7 @@ from torch import Tensor
 SIGMA_OFFSET = 0.27
 NORM_EPS = 1e-7
 TAP_TOL = 1e-8  # a dropped tap weighs less than this times its synapse's peak tap
+FREQ_CHUNKS = 4  # a spectral product written over one of its operands: this many frequency chunks
 SCATTER_DENSITY_MAX = 0.1  # evaluation: scalar adds per input spike below this density, else taps
 
 # --------------------------------------------------------------------------------------
@@ -930,9 +932,26 @@ def _irdft(spec: Tensor, n: int, rows: int) -> Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=32)
+def _dft_matrix(n: int, length: int, device: torch.device) -> Tensor:
+    """(F, L) complex64 on ``device``: row f is ``exp(-2 pi i f (L-1-r) / n)``, r < L."""
+    return torch.view_as_complex(_dft_basis(n, length, flip=True)).T.contiguous().to(device)
+
+
 def _kernel_spectrum(kernel: Tensor, n: int) -> Tensor:
-    """H (F, O, I): the DFT over n points of h[m] = k[K-1-m] (zero beyond K)."""
-    return _rdft(kernel.permute(2, 0, 1), n, flip=True)
+    """H (F, O, I): the DFT over n points of h[m] = k[K-1-m] (zero beyond K).
+
+    Off the C path, one complex product with the (F, K) DFT matrix in full float32: no
+    zero-padded (n, O, I) copy of the kernel for a transform, as ``rfft`` would make (36 MiB
+    for an SHD hidden layer, at its backward's peak)."""
+    if _use_c(kernel):
+        return _rdft(kernel.permute(2, 0, 1), n, flip=True)
+    n_out, n_in, ksize = kernel.shape
+    columns = kernel.detach().reshape(n_out * n_in, ksize).to(torch.complex64)  # (O I, K)
+    matrix = _dft_matrix(n, ksize, kernel.device)
+    with _no_tf32(kernel.device):
+        spectrum = torch.matmul(matrix, columns.T)
+    return spectrum.view(-1, n_out, n_in)
 
 
 class _Spectra:
@@ -967,15 +986,33 @@ class _Spectra:
         return other
 
 
+def _product_over(buf: Tensor, product: Callable[[slice], Tensor]) -> Tensor:
+    """The spectrum ``product(f)`` of each frequency chunk ``f``, written over ``buf``, one
+    of its operands, of the product's shape, which nothing needs afterwards: no third
+    spectrum-sized buffer, one chunk's product at a time (each chunk of ``buf`` is read before
+    it is written over; any layout: transforms along dim 0 return the frequencies innermost)."""
+    step = -(-buf.shape[0] // FREQ_CHUNKS)
+    for f0 in range(0, buf.shape[0], step):
+        chunk = slice(f0, f0 + step)
+        buf[chunk] = product(chunk)
+    return buf
+
+
 def _fft_forward(
     x: Tensor, kernel: Tensor, t_out: int, spectra: _Spectra | None = None, free: bool = False
 ) -> Tensor:
-    """y (T_out, B, O). ``free``: ``spectra`` is not used again; its spectra are dropped before
-    the inverse transform runs (else they are kept for a backward that shares them)."""
+    """y (T_out, B, O). ``free``: ``spectra`` is not used again; the product is written over
+    x's spectrum where it fits, and the spectra are dropped before the inverse transform runs
+    (else they are kept for a backward that shares them)."""
     spectra = spectra or _Spectra(_fft_len(x.shape[0], kernel.shape[2]))
-    spec = torch.matmul(spectra.of_x(x), spectra.of_h(kernel).transpose(1, 2))
+    xs, h = spectra.of_x(x), spectra.of_h(kernel)
     if free:
         spectra.x = spectra.h = None
+    if free and h.shape[1] == h.shape[2]:  # O == I: the product (F, B, O) over x's spectrum
+        spec = _product_over(xs, lambda f: torch.matmul(xs[f], h[f].transpose(1, 2)))
+    else:
+        spec = torch.matmul(xs, h.transpose(1, 2))
+    xs = h = None  # the closure's references too
     return _irdft(spec, spectra.n, t_out)
 
 
@@ -983,24 +1020,56 @@ def _fft_grad_input(
     grad_y: Tensor, kernel: Tensor, t_len: int, spectra: _Spectra | None = None, free: bool = False
 ) -> Tensor:
     """dL/dx (T, B, I), in the inverse transform's layout. ``free``: the last use of
-    ``spectra``; its spectra and the product are dropped before the inverse transform runs."""
+    ``spectra``; the product is written over dL/dy's spectrum where it fits, and the spectra
+    are dropped before the inverse transform runs."""
     spectra = spectra or _Spectra(_fft_len(t_len, kernel.shape[2]))
-    spec = torch.matmul(spectra.of_g(grad_y), spectra.of_h(kernel).conj())
+    g, h = spectra.of_g(grad_y), spectra.of_h(kernel)
     if free:
         spectra.g = spectra.h = None
+    if free and h.shape[1] == h.shape[2]:  # O == I: the product (F, B, I) over dL/dy's spectrum
+        spec = _product_over(g, lambda f: torch.matmul(g[f], h[f].conj()))
+    else:
+        spec = torch.matmul(g, h.conj())
+    g = h = None  # the closure's references too
     grad_x = _irdft(spec, spectra.n, t_len)
     del spec
     return grad_x
 
 
-def _fft_grad_kernel_spectrum(x: Tensor, grad_y: Tensor, spectra: _Spectra) -> Tensor:
-    """The spectrum (F, O, I) of dL/dh: sum over (t, b) of g's spectrum times x's, conjugated."""
-    return torch.matmul(spectra.of_g(grad_y).transpose(1, 2), spectra.of_x(x).conj())
+def _fft_grad_kernel_spectrum(
+    x: Tensor | None, grad_y: Tensor, spectra: _Spectra, free_x: bool = False
+) -> Tensor:
+    """The spectrum (F, O, I) of dL/dh: sum over (t, b) of g's spectrum times x's, conjugated.
+    ``free_x``: x's spectrum is not used again; the product is written over it where B == O."""
+    g, xs = spectra.of_g(grad_y), spectra.of_x(x)
+    if free_x:
+        spectra.x = None
+        if g.shape[1] == g.shape[2]:  # B == O: (F, O, I) over x's spectrum (F, B, I)
+            return _product_over(xs, lambda f: torch.matmul(g[f].transpose(1, 2), xs[f].conj()))
+    return torch.matmul(g.transpose(1, 2), xs.conj())
+
+
+@functools.lru_cache(maxsize=32)
+def _idft_matrix(n: int, rows: int, device: torch.device) -> Tensor:
+    """(F, K) complex64 on ``device``: ``irfft``'s weights for the rows K-1, ..., 0 (reversed),
+    such that ``Re(S^T @ M)[c, k] = irfft(S, n)[K-1-k, c]`` for a spectrum S (F, C)."""
+    weights = torch.view_as_complex(_idft_basis(n, rows).flip(0).contiguous())  # (K, F)
+    return weights.T.conj().contiguous().to(device)
 
 
 def _grad_kernel_from_spectrum(spec: Tensor, n: int, ksize: int) -> Tensor:
-    gh = _irdft(spec, n, ksize)  # dL/dh (K, O, I)
-    return gh.flip(0).permute(1, 2, 0)
+    """dL/dk (O, I, K) from the spectrum (F, O, I) of dL/dh, h[m] = k[K-1-m].
+
+    Off the C path, one complex product for the K rows needed, in full float32, instead of
+    an inverse transform over all n points (36 MiB for an SHD hidden layer, at its
+    backward's peak) of which K are kept."""
+    if _load_lib() is not None and spec.device.type == "cpu" and spec.dtype == torch.complex64:
+        gh = _irdft(spec, n, ksize)  # dL/dh (K, O, I)
+        return gh.flip(0).permute(1, 2, 0)
+    n_freq, n_out, n_in = spec.shape
+    with _no_tf32(spec.device):
+        product = torch.matmul(spec.reshape(n_freq, n_out * n_in).T, _idft_matrix(n, ksize, spec.device))
+    return product.real.contiguous().view(n_out, n_in, ksize)
 
 
 def _fft_grad_kernel(x: Tensor, grad_y: Tensor, ksize: int, spectra: _Spectra | None = None) -> Tensor:
@@ -1196,8 +1265,7 @@ class _DelayConvFFT(torch.autograd.Function):
                     box = [x]
                     del x  # a saved tensor kept compactly (model.SavedSpikes) is freed once padded
                     spectra.x = _rdft_dropping(box, ctx.n)
-                    spec_k = _fft_grad_kernel_spectrum(None, grad_y, spectra)
-                    spectra.x = None
+                    spec_k = _fft_grad_kernel_spectrum(None, grad_y, spectra, free_x=True)
                     grad_k = _grad_kernel_from_spectrum(spec_k, ctx.n, kernel.shape[2])
                     del spec_k
                 if ctx.needs_input_grad[0]:
@@ -1301,6 +1369,18 @@ class _tf32:  # noqa: N801 - a context manager used like a function
     def __exit__(self, *exc: object) -> None:
         if self.on:
             torch.backends.cuda.matmul.allow_tf32 = self.old
+
+
+class _no_tf32(_tf32):  # noqa: N801
+    """Full float32 matmuls on CUDA inside the block (the kernel's DFT: exact, and cheap)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.on = device.type == "cuda"
+
+    def __enter__(self) -> None:
+        if self.on:
+            self.old = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def _unfold_mm(src: Tensor, w: Tensor, t_out: int, ksize: int, budget: int | None = None) -> Tensor:

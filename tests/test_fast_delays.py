@@ -15,6 +15,7 @@ CASES = [  # (T, B, in, out, K, input density)
     (15, 2, 3, 2, 25, 0.5),
     (14, 19, 6, 5, 31, 1.0),  # dense input: the tap path (J <= K/3 at small sigma)
     (16, 6, 7, 3, 25, 0.02),  # sparse input: events forward, taps dL/dx
+    (13, 4, 6, 6, 7, 0.3),  # in == out: the spectral dL/dx written over dL/dy's spectrum
 ]
 
 

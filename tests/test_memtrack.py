@@ -57,7 +57,8 @@ def test_reset_peak_starts_from_what_is_alive():
 def test_spectral_step_keeps_nothing_spectral_for_the_backward(monkeypatch):
     """A memory regression guard for CUDA's default training path, run on the CPU with the same
     operators (torch.fft): between forward and backward it keeps what the GEMM path keeps (x
-    and the kernel), no spectra; those are made again by the backward."""
+    and the kernel), no spectra; those are made again by the backward. (Constants cached once
+    per shape, such as the kernel's DFT matrix, are made before counting.)"""
     from snn_delays import fast_delays
 
     monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)
@@ -67,6 +68,7 @@ def test_spectral_step_keeps_nothing_spectral_for_the_backward(monkeypatch):
     pos = (torch.rand(32, 24) * 10 - 5).requires_grad_()
     kept = {}
     for impl in ("gemm", "fft"):
+        delay_conv(x, weight, pos, 1.0, 11, impl=impl)  # constants made once (the DFT matrix)
         with TensorMemory() as mem:
             y = delay_conv(x, weight, pos, 1.0, 11, impl=impl)
             kept[impl] = mem.live_bytes - y.untyped_storage().nbytes()
@@ -94,6 +96,37 @@ def test_spectral_backward_holds_at_most_three_spectra(monkeypatch):
         y.backward(grad_y)
     assert x.grad is not None and pos.grad is not None
     assert mem.peak_bytes <= 3 * spectrum + 4 * weight.nbytes * k, (mem.peak_bytes, spectrum)
+
+
+def test_spectral_products_are_written_over_an_operand(monkeypatch):
+    """Where a product has the shape of one of its operands (the forward and dL/dx of a square
+    layer, dL/dk where B == O) and the operand is not needed again, CUDA's spectral path writes
+    it over that operand in frequency chunks: a quarter of a spectrum at a time, not a third
+    spectrum-sized buffer. The values are those of the plain products."""
+    from snn_delays import fast_delays as fd
+
+    monkeypatch.setattr(fd, "_load_lib", lambda: None)
+    torch.manual_seed(0)
+    t, b, ch, k = 40, 16, 16, 9
+    n, t_out = fd._fft_len(t, k), t + (k - 1) // 2
+    x, grad_y, kernel = torch.rand(t, b, ch).round(), torch.randn(t_out, b, ch), torch.randn(ch, ch, k)
+    spectrum = (n // 2 + 1) * b * ch * 8
+    output = n * b * ch * 4  # an inverse transform's, before its rows are cut
+    products = {
+        "forward": lambda sp, free: fd._fft_forward(x, kernel, t_out, sp, free=free),
+        "dL/dx": lambda sp, free: fd._fft_grad_input(grad_y, kernel, t, sp, free=free),
+        "dL/dk": lambda sp, free: fd._fft_grad_kernel_spectrum(None, grad_y, sp, free_x=free),
+    }
+    for name, product in products.items():
+        results = []
+        for free in (False, True):
+            spectra = fd._Spectra(n)
+            spectra.of_x(x), spectra.of_g(grad_y), spectra.of_h(kernel)
+            with TensorMemory() as mem:
+                results.append(product(spectra, free))
+            peak = mem.peak_bytes - (0 if name == "dL/dk" else output)
+            assert peak <= (spectrum / 3 if free else spectrum * 2), (name, free, peak / spectrum)
+        torch.testing.assert_close(results[1], results[0], msg=name)
 
 
 def test_spectral_readout_runs_in_batch_blocks(monkeypatch):
