@@ -86,8 +86,8 @@ part 6 && timeout 150 python3 experiments/backend_parity.py --root /tmp/parity_g
 
 # 7. what is allocated at the SHD step's peak, by origin (workspaces, our lines), from the
 #    allocator's trace: one process per variant; C++ frames name the workspaces (python-only
-#    frames if symbolising them runs out of time)
-part 7 && for v in dcls fast fast+graphs; do
-    (set -o pipefail; timeout 100 python3 experiments/gpu_memory.py --variant $v 2>&1 | grep -v Warning) \
-        || timeout 60 python3 experiments/gpu_memory.py --variant $v --stacks python 2>&1 | grep -v Warning
+#    frames from the first failure on, should symbolising them fail or run out of time)
+part 7 && stacks=all && for v in dcls fast fast+graphs; do
+    (set -o pipefail; timeout 90 python3 experiments/gpu_memory.py --variant $v --stacks $stacks 2>&1 | grep -v Warning) \
+        || { stacks=python; timeout 45 python3 experiments/gpu_memory.py --variant $v --stacks python 2>&1 | grep -v Warning; }
 done | tee "$OUT/memory_by_origin.txt"
