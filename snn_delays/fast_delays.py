@@ -920,9 +920,14 @@ def _rdft_dropping(box: list[Tensor], n: int) -> Tensor:
     return torch.fft.rfft(padded, dim=0)
 
 
+def _use_c_spectrum(spec: Tensor) -> bool:
+    """The C kernels transform ``spec`` back: a CPU complex64 tensor (as :func:`_use_c` for x)."""
+    return spec.device.type == "cpu" and spec.dtype == torch.complex64 and _load_lib() is not None
+
+
 def _irdft(spec: Tensor, n: int, rows: int) -> Tensor:
     """``torch.fft.irfft(spec, n, dim=0)[:rows]``, as direct sums in C."""
-    if spec.device.type != "cpu" or spec.dtype != torch.complex64 or _load_lib() is None:
+    if not _use_c_spectrum(spec):
         return torch.fft.irfft(spec, n=n, dim=0)[:rows]
     rest = spec.shape[1:]
     s = torch.view_as_real(spec.contiguous())
@@ -949,7 +954,7 @@ def _kernel_spectrum(kernel: Tensor, n: int) -> Tensor:
     n_out, n_in, ksize = kernel.shape
     columns = kernel.detach().reshape(n_out * n_in, ksize).to(torch.complex64)  # (O I, K)
     matrix = _dft_matrix(n, ksize, kernel.device)
-    with _no_tf32(kernel.device):
+    with _tf32(kernel.device, off=True):
         spectrum = torch.matmul(matrix, columns.T)
     return spectrum.view(-1, n_out, n_in)
 
@@ -1063,11 +1068,11 @@ def _grad_kernel_from_spectrum(spec: Tensor, n: int, ksize: int) -> Tensor:
     Off the C path, one complex product for the K rows needed, in full float32, instead of
     an inverse transform over all n points (36 MiB for an SHD hidden layer, at its
     backward's peak) of which K are kept."""
-    if _load_lib() is not None and spec.device.type == "cpu" and spec.dtype == torch.complex64:
+    if _use_c_spectrum(spec):
         gh = _irdft(spec, n, ksize)  # dL/dh (K, O, I)
         return gh.flip(0).permute(1, 2, 0)
     n_freq, n_out, n_in = spec.shape
-    with _no_tf32(spec.device):
+    with _tf32(spec.device, off=True):
         product = torch.matmul(spec.reshape(n_freq, n_out * n_in).T, _idft_matrix(n, ksize, spec.device))
     return product.real.contiguous().view(n_out, n_in, ksize)
 
@@ -1239,16 +1244,15 @@ class _DelayConvFFT(torch.autograd.Function):
         t_out = x.shape[0] + (ksize - 1) // 2
         ctx.blocks = fft_batch_blocks(x.shape[1], n_in, n_out)
         ctx.save_for_backward(x, kernel)
+        kernel = kernel.detach()
         spectra = _Spectra(ctx.n)
         with _tf32(x.device):
             if len(ctx.blocks) == 1:
-                return _fft_forward(x, kernel.detach(), t_out, spectra, free=True).contiguous()
-            spectra.of_h(kernel.detach())
+                return _fft_forward(x, kernel, t_out, spectra, free=True).contiguous()
+            spectra.of_h(kernel)
             y = x.new_empty(t_out, x.shape[1], n_out)
             for block in ctx.blocks:
-                y[:, block] = _fft_forward(
-                    x[:, block], kernel.detach(), t_out, spectra.sharing_h(), free=True
-                )
+                y[:, block] = _fft_forward(x[:, block], kernel, t_out, spectra.sharing_h(), free=True)
         return y
 
     @staticmethod
@@ -1356,31 +1360,22 @@ def _shift_sum(p: Tensor, t_out: int, batch: int, ksize: int, ch: int) -> Tensor
 
 
 class _tf32:  # noqa: N801 - a context manager used like a function
-    """TF32 matmuls on CUDA iff cuDNN convs may use TF32 (the reference's precision)."""
+    """TF32 matmuls on CUDA iff cuDNN convs may use TF32 (the reference's precision);
+    ``off=True``: full float32 matmuls on CUDA inside the block (the DFTs of the kernel and of
+    dL/dk: exact, and cheap)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.on = device.type == "cuda" and torch.backends.cudnn.allow_tf32
+    def __init__(self, device: torch.device, off: bool = False) -> None:
+        self.value = not off
+        self.on = device.type == "cuda" and (off or torch.backends.cudnn.allow_tf32)
 
     def __enter__(self) -> None:
         if self.on:
             self.old = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cuda.matmul.allow_tf32 = self.value
 
     def __exit__(self, *exc: object) -> None:
         if self.on:
             torch.backends.cuda.matmul.allow_tf32 = self.old
-
-
-class _no_tf32(_tf32):  # noqa: N801
-    """Full float32 matmuls on CUDA inside the block (the kernel's DFT: exact, and cheap)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.on = device.type == "cuda"
-
-    def __enter__(self) -> None:
-        if self.on:
-            self.old = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def _unfold_mm(src: Tensor, w: Tensor, t_out: int, ksize: int, budget: int | None = None) -> Tensor:
