@@ -191,15 +191,16 @@ def test_config_group_option_composes_and_instantiates(group, option, tmp_path):
         assert taus and all(m.w.grad is not None for m in taus), "plif learns its time constant"
 
 
-def _load_bench():  # noqa: ANN202
+def _load_experiment(name: str):  # noqa: ANN202
+    """The script ``experiments/<name>.py`` as a module (experiments/ is not a package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "bench", Path(__file__).parent.parent / "experiments/bench.py"
+        name, Path(__file__).parent.parent / f"experiments/{name}.py"
     )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_bench_rows_start_from_a_collected_heap(monkeypatch):
@@ -209,7 +210,7 @@ def test_bench_rows_start_from_a_collected_heap(monkeypatch):
     import gc
     import weakref
 
-    bench = _load_bench()
+    bench = _load_experiment("bench")
     built = []
     build = bench.build_network
 
@@ -239,7 +240,7 @@ def test_bench_compares_both_backends_on_the_same_inputs(tmp_path):
     """The README's benchmark command, shrunk: one row per backend, ratios against dcls, JSON."""
     import json
 
-    bench = _load_bench()
+    bench = _load_experiment("bench")
     out = tmp_path / "bench.json"
     small = ["--batch", "3", "--time-steps", "8", "--sigma", "0.23", "--repeats", "1"]
     rows = bench.main([*small, "--json", str(out), "--backends", "dcls,fast,fast:dense+sj-lif"])
@@ -260,7 +261,7 @@ def test_bench_compares_both_backends_on_the_same_inputs(tmp_path):
 def test_bench_keeps_its_timings_when_a_step_cannot_be_counted(monkeypatch, capsys):
     """``--tensor-memory`` is an estimate: an operator the counter cannot follow (on some
     device) loses that column, not the row."""
-    bench = _load_bench()
+    bench = _load_experiment("bench")
 
     class Refusing:
         def __enter__(self):  # noqa: ANN204
@@ -282,12 +283,7 @@ def test_gpu_memory_replays_the_allocator_trace():
     """gpu_memory.py's analysis (run on a GPU only): the peak of a trace of allocator events,
     what was alive then, and each allocation's origin (the C++ function past the allocator,
     our line above it) and kind."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "experiments" / "gpu_memory.py"
-    spec = importlib.util.spec_from_file_location("gpu_memory", path)
-    gpu_memory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_memory)
+    gpu_memory = _load_experiment("gpu_memory")
     plumbing = [
         {
             "filename": "??",
