@@ -58,6 +58,26 @@ for tau in (1.005, 1.5):
         dg, dw = (torch.autograd.grad(o, x, g)[0] for o in (got, want))
         print(f"triton LIF tau={tau} readout={readout}: mismatching outputs {int((got != want).sum())} "
               f"of {got.numel()}, grad rel err {float((dg - dw).abs().max() / dw.abs().max()):.1e}")
+# the fused BatchNorm + LIF training step (snn_delays.bn_lif, the Triton kernels compiled) against
+# BatchNorm (cuDNN) then the LIF: spikes, dL/dy, dL/dgamma, dL/dbeta, the running variance
+import copy
+from snn_delays.bn_lif import batchnorm_lif
+from snn_delays.model import TimeBatchNorm
+bn = TimeBatchNorm(256).cuda()
+with torch.no_grad():
+    bn.weight.uniform_(0.5, 2.0), bn.bias.uniform_(-0.5, 1.0)
+bn_fused, neurons = copy.deepcopy(bn), SpikingNeurons(1.005)
+y = torch.randn(124, 256, 256, device="cuda") * 2
+g = torch.randn_like(y)
+outs = []
+for fused, module in ((False, bn), (True, bn_fused)):
+    x = y.clone().requires_grad_()
+    s = batchnorm_lif(x, module, neurons) if fused else neurons(module(x))
+    s.backward(g)
+    outs.append((s.detach(), x.grad, module.weight.grad, module.bias.grad, module.running_var))
+errs = [float((a - b).abs().max() / b.abs().max()) for a, b in zip(outs[1][1:], outs[0][1:])]
+print(f"fused BN+LIF ({neurons.kernels(y)}): mismatching spikes {int((outs[0][0] != outs[1][0]).sum())} of "
+      f"{y.numel()}, rel err dy, dgamma, dbeta, running var = " + ", ".join(f"{e:.1e}" for e in errs))
 PY
 
 # 2. the benchmark: dcls vs each fast variant on the same inputs, SHD and SSC, both sigmas

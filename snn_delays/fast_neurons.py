@@ -32,21 +32,27 @@ _C_SOURCE = r"""
 #include <stdint.h>
 #define CH 512
 
-/* x (T, M) -> s, h (pre-reset membrane), v (post-reset membrane), each (T, M) or NULL. */
-void lif_forward(const float* x, float* s, float* h, float* v, int64_t T, int64_t M,
-                 float tau, float thr) {
+/* x (T, M) -> s, h (pre-reset membrane), v (post-reset membrane), each (T, M) or NULL.
+   scale, shift (C,) or NULL: the current is x * scale[c] + shift[c], c = column % C. */
+void lif_forward(const float* x, const float* scale, const float* shift, int64_t C, float* s,
+                 float* h, float* v, int64_t T, int64_t M, float tau, float thr) {
     #pragma omp parallel for schedule(static)
     for (int64_t m0 = 0; m0 < M; m0 += CH) {
         const int64_t n = (M - m0) < CH ? (M - m0) : CH;
-        float st[CH];
-        for (int64_t j = 0; j < n; ++j) st[j] = 0.0f;
+        float st[CH], a[CH], b[CH];
+        for (int64_t j = 0; j < n; ++j) {
+            st[j] = 0.0f;
+            a[j] = scale ? scale[(m0 + j) % C] : 1.0f;
+            b[j] = scale ? shift[(m0 + j) % C] : 0.0f;
+        }
         for (int64_t t = 0; t < T; ++t) {
             const float* xr = x + t * M + m0;
             float* sr = s ? s + t * M + m0 : 0;
             float* hr = h ? h + t * M + m0 : 0;
             float* vr = v ? v + t * M + m0 : 0;
             for (int64_t j = 0; j < n; ++j) {
-                const float hh = st[j] - st[j] / tau + xr[j];
+                const float cur = scale ? xr[j] * a[j] + b[j] : xr[j];
+                const float hh = st[j] - st[j] / tau + cur;
                 const float sp = hh >= thr ? 1.0f : 0.0f;
                 st[j] = hh >= thr ? 0.0f : hh;
                 if (sr) sr[j] = sp;
@@ -96,7 +102,7 @@ def _load_lib() -> ctypes.CDLL | None:
             lib = compile_c("fast_neurons", _C_SOURCE)
             if lib is not None:
                 i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-                lib.lif_forward.argtypes = [ptr] * 4 + [i64] * 2 + [f32] * 2
+                lib.lif_forward.argtypes = [ptr] * 3 + [i64] + [ptr] * 3 + [i64] * 2 + [f32] * 2
                 lib.lif_backward.argtypes = [ptr] * 4 + [i64] * 2 + [f32] * 4
             _LIB = lib
         return _LIB
@@ -110,22 +116,24 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _forward_torch(x: Tensor, tau: float, thr: float, need_h: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+def _forward_torch(
+    x: Tensor, tau: float, thr: float, want: tuple[bool, bool, bool], affine: tuple[Tensor, Tensor] | None
+) -> list[Tensor | None]:
+    outs = [torch.empty_like(x) if w else None for w in want]  # spikes, pre- and post-reset membranes
     v = torch.zeros_like(x[0])
-    spikes, vs, hs = [], [], []
-    for cur in x:
+    for t, cur in enumerate(x):
+        if affine is not None:
+            cur = cur * affine[0] + affine[1]  # a multiply, then an add: the C loop's roundings
         h = v - v / tau + cur
-        s = (h >= thr).to(x.dtype)
         v = torch.where(h >= thr, torch.zeros_like(h), h)
-        spikes.append(s)
-        vs.append(v)
-        if need_h:
-            hs.append(h)
-    return torch.stack(spikes), torch.stack(vs), torch.stack(hs) if need_h else None
+        for out, step in zip(outs, ((h >= thr).to(x.dtype), h, v), strict=True):
+            if out is not None:
+                out[t] = step
+    return outs
 
 
-def _backward_torch(gs, gv, h, tau, thr, alpha):  # noqa: ANN001, ANN202
-    gx = torch.empty_like(h)
+def _backward_torch(gs, gv, h, tau, thr, alpha, gx=None):  # noqa: ANN001, ANN202
+    gx = torch.empty_like(h) if gx is None else gx
     carry = torch.zeros_like(h[0])
     slope = math.pi / 2 * alpha
     for t in range(h.shape[0] - 1, -1, -1):
@@ -139,23 +147,62 @@ def _backward_torch(gs, gv, h, tau, thr, alpha):  # noqa: ANN001, ANN202
     return gx
 
 
+def lif_forward(
+    x: Tensor,
+    tau: float,
+    thr: float,
+    want: tuple[bool, bool, bool],
+    use_c: bool,
+    affine: tuple[Tensor, Tensor] | None = None,
+) -> list[Tensor | None]:
+    """``[s, h, v]`` (spikes, pre- and post-reset membranes) of a LIF population, those in
+    ``want`` computed (the others None), no autograd. ``affine = (scale, shift)``, each (C,):
+    the current is ``x * scale + shift`` over the last dimension (BatchNorm folded in; C
+    kernel: inside the loop, no current tensor)."""
+    x = x.contiguous()
+    if not use_c:
+        return _forward_torch(x, tau, thr, want, affine)
+    t_len, m = x.shape[0], x[0].numel()
+    outs = [torch.empty_like(x) if w else None for w in want]
+    scale, shift = (None, None) if affine is None else (t.contiguous() for t in affine)
+    sync_threads()
+    _LIB.lif_forward(_ptr(x), _ptr(scale), _ptr(shift), x.shape[-1], *map(_ptr, outs), t_len, m, tau, thr)
+    return outs
+
+
+def lif_backward(
+    gs: Tensor | None,
+    gv: Tensor | None,
+    h: Tensor,
+    tau: float,
+    thr: float,
+    alpha: float,
+    use_c: bool,
+    over_h: bool = False,
+) -> Tensor:
+    """dL/d(current) from the pre-reset membrane ``h`` and the gradients of the spikes and the
+    post-reset membrane (either may be None), no autograd. ``over_h``: written over ``h`` (a
+    contiguous tensor nothing else reads; each element is read before it is written)."""
+    gs = None if gs is None else gs.contiguous()
+    gv = None if gv is None else gv.contiguous()
+    if not use_c:
+        return _backward_torch(gs, gv, h, tau, thr, alpha, h if over_h else None)
+    gx = h if over_h else torch.empty_like(h)
+    t_len, m = h.shape[0], h[0].numel()
+    sync_threads()
+    _LIB.lif_backward(
+        _ptr(gs), _ptr(gv), _ptr(h), _ptr(gx), t_len, m, tau, thr, alpha / 2, math.pi / 2 * alpha
+    )
+    return gx
+
+
 class _LIF(torch.autograd.Function):
     """(spikes, post-reset membrane) from the input current; both differentiable."""
 
     @staticmethod
     def forward(ctx, x: Tensor, tau: float, thr: float, alpha: float, use_c: bool, want_v: bool):  # noqa: ANN001, ANN205
-        x = x.contiguous()
         need_h = ctx.needs_input_grad[0]
-        if use_c:
-            t_len, m = x.shape[0], x[0].numel()
-            s = torch.empty_like(x)
-            v = torch.empty_like(x) if want_v else None
-            h = torch.empty_like(x) if need_h else None
-            sync_threads()
-            _LIB.lif_forward(_ptr(x), _ptr(s), _ptr(h), _ptr(v), t_len, m, tau, thr)
-        else:
-            s, v, h = _forward_torch(x, tau, thr, need_h)
-            v = v if want_v else None
+        s, h, v = lif_forward(x, tau, thr, (True, need_h, want_v), use_c)
         ctx.tau, ctx.thr, ctx.alpha, ctx.use_c = tau, thr, alpha, use_c
         if need_h:
             ctx.save_for_backward(h)
@@ -166,27 +213,9 @@ class _LIF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gs: Tensor | None, gv: Tensor | None):  # noqa: ANN205
         (h,) = ctx.saved_tensors
-        gs = None if gs is None or gs.numel() == 0 else gs.contiguous()
-        gv = None if gv is None or gv.numel() == 0 else gv.contiguous()
-        if ctx.use_c:
-            gx = torch.empty_like(h)
-            t_len, m = h.shape[0], h[0].numel()
-            alpha = ctx.alpha
-            sync_threads()
-            _LIB.lif_backward(
-                _ptr(gs),
-                _ptr(gv),
-                _ptr(h),
-                _ptr(gx),
-                t_len,
-                m,
-                ctx.tau,
-                ctx.thr,
-                alpha / 2,
-                math.pi / 2 * alpha,
-            )
-        else:
-            gx = _backward_torch(gs, gv, h, ctx.tau, ctx.thr, ctx.alpha)
+        gs = None if gs is None or gs.numel() == 0 else gs
+        gv = None if gv is None or gv.numel() == 0 else gv
+        gx = lif_backward(gs, gv, h, ctx.tau, ctx.thr, ctx.alpha, ctx.use_c)
         return gx, None, None, None, None, None
 
 

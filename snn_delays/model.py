@@ -5,6 +5,11 @@ per sample and neuron, shared over time), then a readout ``delay layer -> LIF`` 
 infinite threshold whose membrane potential ``u[t, b, c]`` is the output. Every delay layer
 lengthens the sequence by ``(K-1)//2`` steps. ``delays="none"`` replaces the delay layers by
 plain fully connected ones (the paper's no-delay baseline).
+
+While training, a hidden block's BatchNorm and LIF run as one step wherever the fused LIF
+kernels run (:mod:`snn_delays.bn_lif`: the same function, BatchNorm's input the only (T, B, C)
+tensor kept for the backward), and the dropout outputs the next layer saves are kept as bytes
+(:class:`SavedSpikes`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from snn_delays.bn_lif import batchnorm_lif, fusable
 from snn_delays.delays import DelayLayer, max_delay_steps
 from snn_delays.neurons import SpikingNeurons
 
@@ -172,6 +178,7 @@ class DelaySNN(nn.Module):
         )
 
     compact_saved_spikes = True  # SavedSpikes while training (False: float32, for comparisons)
+    fuse_batchnorm_lif = True  # snn_delays.bn_lif while training (False: two modules, for comparisons)
 
     def forward(self, x: Tensor, return_spikes: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """``x`` (T, B, n_inputs) -> membrane ``u`` (T + (L+1)(K-1)//2, B, n_classes)."""
@@ -184,14 +191,16 @@ class DelaySNN(nn.Module):
             else contextlib.nullcontext()
         )
         with hooks:
-            for block in self.blocks:
-                for module in block:
-                    if isinstance(module, TimeDropout):  # after the LIF: binary spikes in
-                        x, mask = module.masked(x)
-                        if mask is not None and store is not None:
-                            store.add(x, mask)
-                    else:
-                        x = module(x)
+            for synapses, bn, neurons, dropout in self.blocks:
+                x = synapses(x)
+                if training and self.fuse_batchnorm_lif and fusable(bn, neurons, x):
+                    x = batchnorm_lif(x, bn, neurons)
+                else:
+                    x = bn(x)  # one statement each: the delay output dies before the LIF runs
+                    x = neurons(x)
+                x, mask = dropout.masked(x)  # binary spikes in
+                if mask is not None and store is not None:
+                    store.add(x, mask)
                 if return_spikes:  # kept only when asked: the float outputs die with their layer
                     spikes.append(x)
             u = self.readout(x)

@@ -83,13 +83,28 @@ class SpikingNeurons(nn.Module):
             self.node = neuron.ParametricLIFNode(init_tau=tau, **common)
         self.readout, self.impl, self.alpha, self.threshold = readout, impl, alpha, threshold
 
-    def forward(self, current: Tensor) -> Tensor:
+    def kernels(self, current: Tensor) -> str:
+        """Which implementation runs on ``current``: ``c`` or ``torch`` (the fused CPU LIF, with
+        or without its compiled kernel), ``triton``, or ``spikingjelly``."""
         auto_lif = self.impl == "auto" and isinstance(self.node, neuron.LIFNode)
         if auto_lif and fast_neurons.usable(current):
-            return fast_neurons.lif_multi_step(
-                current, self.node.tau, self.threshold, self.alpha, return_v=self.readout
-            )
+            return "c" if fast_neurons.c_kernels_available() else "torch"
         if self.impl == "triton" or (auto_lif and triton_lif_usable(current)):
+            return "triton"
+        return "spikingjelly"
+
+    def forward(self, current: Tensor) -> Tensor:
+        kernels = self.kernels(current)
+        if kernels in ("c", "torch"):
+            return fast_neurons.lif_multi_step(
+                current,
+                self.node.tau,
+                self.threshold,
+                self.alpha,
+                return_v=self.readout,
+                use_c=kernels == "c",
+            )
+        if kernels == "triton":
             from snn_delays import triton_neurons  # triton is optional: imported on first use
 
             return triton_neurons.lif_multi_step(

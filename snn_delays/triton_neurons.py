@@ -29,17 +29,39 @@ BLOCK = 256  # neurons per program
 
 @triton.jit
 def _lif_fwd_kernel(
-    x, spk, h, v, T, M, tau, thr, WANT_H: tl.constexpr, WANT_V: tl.constexpr, BLOCK: tl.constexpr
+    x,
+    scale,
+    shift,
+    C,
+    spk,
+    h,
+    v,
+    T,
+    M,
+    tau,
+    thr,
+    AFFINE: tl.constexpr,
+    WANT_S: tl.constexpr,
+    WANT_H: tl.constexpr,
+    WANT_V: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < M
     off = cols.to(tl.int64)  # of step t: t M + cols, advanced by M (no 32-bit product)
     state = tl.zeros((BLOCK,), dtype=tl.float32)
+    if AFFINE:  # BatchNorm folded in: the current is x * scale[c] + shift[c], c = column % C
+        a = tl.load(scale + cols % C, mask=ok, other=1.0)
+        b = tl.load(shift + cols % C, mask=ok, other=0.0)
     for _ in range(T):
-        hh = state - tl.math.div_rn(state, tau) + tl.load(x + off, mask=ok, other=0.0)
+        cur = tl.load(x + off, mask=ok, other=0.0)
+        if AFFINE:
+            cur = cur * a + b
+        hh = state - tl.math.div_rn(state, tau) + cur
         fire = hh >= thr
         state = tl.where(fire, 0.0, hh)
-        tl.store(spk + off, tl.where(fire, 1.0, 0.0), mask=ok)
+        if WANT_S:
+            tl.store(spk + off, tl.where(fire, 1.0, 0.0), mask=ok)
         if WANT_H:
             tl.store(h + off, hh, mask=ok)
         if WANT_V:
@@ -87,23 +109,82 @@ def _device_of(x: Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
+def lif_forward(
+    x: Tensor,
+    tau: float,
+    thr: float,
+    want: tuple[bool, bool, bool],
+    affine: tuple[Tensor, Tensor] | None = None,
+) -> list[Tensor | None]:
+    """:func:`snn_delays.fast_neurons.lif_forward` in one Triton kernel (``affine`` folded in)."""
+    check_tensors("the Triton LIF kernels (SNN_DELAYS_NEURON_IMPL=triton)", x)
+    x = x.contiguous()
+    t_len, m = x.shape[0], math.prod(x.shape[1:])
+    outs = [torch.empty_like(x) if w else None for w in want]
+    scale, shift = (x, x) if affine is None else (t.contiguous() for t in affine)
+    placeholder = x  # for the outputs not wanted: the kernel does not write them
+    with _device_of(x):
+        if x.numel():  # Triton refuses an empty grid
+            _lif_fwd_kernel[(triton.cdiv(m, BLOCK),)](
+                x,
+                scale,
+                shift,
+                x.shape[-1],
+                *(placeholder if t is None else t for t in outs),
+                t_len,
+                m,
+                tau,
+                thr,
+                AFFINE=affine is not None,
+                WANT_S=want[0],
+                WANT_H=want[1],
+                WANT_V=want[2],
+                BLOCK=BLOCK,
+            )
+    return outs
+
+
+def lif_backward(
+    gs: Tensor | None,
+    gv: Tensor | None,
+    h: Tensor,
+    tau: float,
+    thr: float,
+    alpha: float,
+    over_h: bool = False,
+) -> Tensor:
+    """:func:`snn_delays.fast_neurons.lif_backward` in one Triton kernel (each element of ``h``
+    is loaded before dL/d(current) is stored there, so ``over_h`` is safe)."""
+    gx = h if over_h else torch.empty_like(h)
+    t_len, m = h.shape[0], math.prod(h.shape[1:])
+    if not h.numel():
+        return gx
+    with _device_of(h):
+        _lif_bwd_kernel[(triton.cdiv(m, BLOCK),)](
+            h if gs is None else gs.contiguous(),
+            h if gv is None else gv.contiguous(),
+            h,
+            gx,
+            t_len,
+            m,
+            tau,
+            thr,
+            alpha / 2,
+            math.pi / 2 * alpha,
+            HAS_GS=gs is not None,
+            HAS_GV=gv is not None,
+            BLOCK=BLOCK,
+        )
+    return gx
+
+
 class LIF(torch.autograd.Function):
     """(spikes, post-reset membrane or an empty tensor) from the current ``x`` (T, ...)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, tau: float, thr: float, alpha: float, want_v: bool):  # noqa: ANN001, ANN205
-        check_tensors("the Triton LIF kernels (SNN_DELAYS_NEURON_IMPL=triton)", x)
-        x = x.contiguous()
-        t_len, m = x.shape[0], math.prod(x.shape[1:])
         need_h = ctx.needs_input_grad[0]
-        s = torch.empty_like(x)
-        h = torch.empty_like(x) if need_h else s  # a placeholder the kernel does not write
-        v = torch.empty_like(x) if want_v else s
-        with _device_of(x):
-            if x.numel():  # Triton refuses an empty grid
-                _lif_fwd_kernel[(triton.cdiv(m, BLOCK),)](
-                    x, s, h, v, t_len, m, tau, thr, WANT_H=need_h, WANT_V=want_v, BLOCK=BLOCK
-                )
+        s, h, v = lif_forward(x, tau, thr, (True, need_h, want_v))
         ctx.args = (tau, thr, alpha)
         if need_h:
             ctx.save_for_backward(h)
@@ -112,30 +193,9 @@ class LIF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gs: Tensor | None, gv: Tensor | None):  # noqa: ANN205
         (h,) = ctx.saved_tensors
-        tau, thr, alpha = ctx.args
-        has_gs = gs is not None and gs.numel() > 0
-        has_gv = gv is not None and gv.numel() > 0
-        gx = torch.empty_like(h)
-        t_len, m = h.shape[0], math.prod(h.shape[1:])
-        if not h.numel():
-            return gx, None, None, None, None
-        with _device_of(h):
-            _lif_bwd_kernel[(triton.cdiv(m, BLOCK),)](
-                gs.contiguous() if has_gs else h,
-                gv.contiguous() if has_gv else h,
-                h,
-                gx,
-                t_len,
-                m,
-                tau,
-                thr,
-                alpha / 2,
-                math.pi / 2 * alpha,
-                HAS_GS=has_gs,
-                HAS_GV=has_gv,
-                BLOCK=BLOCK,
-            )
-        return gx, None, None, None, None
+        gs = None if gs is None or gs.numel() == 0 else gs
+        gv = None if gv is None or gv.numel() == 0 else gv
+        return lif_backward(gs, gv, h, *ctx.args), None, None, None, None
 
 
 def lif_multi_step(

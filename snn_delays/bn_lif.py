@@ -1,0 +1,115 @@
+r"""BatchNorm and LIF as one autograd step that keeps only BatchNorm's input for the backward.
+
+A hidden block computes ``s = LIF(BN(y))``. Run as two modules, autograd keeps two (T, B, C)
+float32 tensors per block until the backward: BatchNorm's input ``y`` and the LIF's pre-reset
+membrane ``h`` (28 MiB each on the SHD network at batch 256). Here the forward keeps ``y`` and
+BatchNorm's (C,) statistics only. BatchNorm is folded into the LIF kernel as a per-channel
+``y * scale + shift`` (``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``),
+so no current tensor is written either; the backward runs the same kernel again for ``h``
+(the same inputs, the same code: the same bits, so the surrogate sees exactly the membrane
+the spikes came from), then the LIF's backward, then BatchNorm's
+(``aten.native_batch_norm_backward`` from the saved mean and inverse deviation).
+
+The cost is one more LIF forward per hidden block in the backward (an elementwise pass over
+T); the saving is one (T, B, C) tensor per hidden block at every point after its forward.
+Training only, for the fused LIF kernels (:meth:`SpikingNeurons.kernels` ``c``, ``torch`` or
+``triton``) and BatchNorm with affine parameters and running statistics (the model's); the
+running statistics are updated as ``nn.BatchNorm1d`` updates them (unbiased variance,
+``momentum``, or the cumulative average where it is None). Spikes equal the unfused modules'
+except where the folded affine's rounding moves a membrane across the threshold (float32
+rounding: rare, and the gradients agree to float32 tolerance).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from snn_delays import fast_neurons
+from snn_delays.neurons import SpikingNeurons
+
+
+def fusable(bn: nn.Module, neurons: nn.Module, y: Tensor) -> bool:
+    """:func:`batchnorm_lif` computes ``neurons(bn(y))`` for a training step."""
+    return (
+        isinstance(bn, nn.BatchNorm1d)
+        and bn.training
+        and bn.affine
+        and bn.track_running_stats
+        and isinstance(neurons, SpikingNeurons)
+        and not neurons.readout
+        and y.dim() == 3
+        and y.shape[-1] == bn.num_features
+        and y.dtype == torch.float32
+        and neurons.kernels(y) != "spikingjelly"
+    )
+
+
+def batchnorm_lif(y: Tensor, bn: nn.BatchNorm1d, neurons: SpikingNeurons) -> Tensor:
+    """Spikes of ``neurons(bn(y))`` for ``y`` (T, B, C) in training mode, keeping only ``y``
+    (and (C,) statistics) for the backward; updates ``bn``'s running statistics."""
+    factor = 0.0
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    lif = (neurons.kernels(y), float(neurons.node.tau), float(neurons.threshold), float(neurons.alpha))
+    return _BatchNormLIF.apply(y, bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps, lif)
+
+
+def _forward(y: Tensor, affine: tuple[Tensor, Tensor], lif: tuple, want: tuple[bool, bool]) -> list:
+    kernels, tau, thr, _ = lif
+    if kernels == "triton":
+        from snn_delays import triton_neurons
+
+        return triton_neurons.lif_forward(y, tau, thr, (*want, False), affine)
+    return fast_neurons.lif_forward(y, tau, thr, (*want, False), kernels == "c", affine)
+
+
+class _BatchNormLIF(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, weight, bias, running_mean, running_var, factor, eps, lif):  # noqa: ANN001, ANN205
+        flat = y.reshape(-1, y.shape[-1])
+        # BatchNorm's own statistics and running update (the normalised copy it also makes is
+        # dropped at once: on the CPU this is ~8x faster than var_mean over the rows)
+        _, mean, invstd = torch.native_batch_norm(
+            flat, None, None, running_mean, running_var, True, factor, eps
+        )
+        scale = weight * invstd
+        shift = bias - mean * scale
+        spikes = _forward(y, (scale, shift), lif, (True, False))[0]
+        ctx.save_for_backward(y, weight, mean, invstd, scale, shift)
+        ctx.eps, ctx.lif = eps, lif
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad_spikes):  # noqa: ANN001, ANN205
+        y, weight, mean, invstd, scale, shift = ctx.saved_tensors
+        kernels, tau, thr, alpha = ctx.lif
+        h = _forward(y, (scale, shift), ctx.lif, (False, True))[1]  # the forward's membrane again
+        if kernels == "triton":  # dL/d(current) written over h, this backward's own tensor
+            from snn_delays import triton_neurons
+
+            grad_current = triton_neurons.lif_backward(grad_spikes, None, h, tau, thr, alpha, over_h=True)
+        else:
+            grad_current = fast_neurons.lif_backward(
+                grad_spikes, None, h, tau, thr, alpha, kernels == "c", over_h=True
+            )
+        del h
+        c = y.shape[-1]
+        flat_y, grad = y.reshape(-1, c), grad_current.reshape(-1, c)
+        _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad, flat_y, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True]
+        )
+        grad_y = None
+        if ctx.needs_input_grad[0]:  # BatchNorm's dL/dy, written over dL/d(current)
+            # dL/dy = k (g - sum(g)/n - (y - mean) invstd sum(g xhat)/n), k = gamma invstd,
+            # with sum(g) = dL/dbeta and sum(g xhat) = dL/dgamma: g a + y b + c per channel.
+            n = grad.shape[0]
+            a = weight * invstd
+            b = -a * invstd * grad_w / n
+            grad_y = torch.addcmul(-a * grad_b / n - mean * b, grad, a, out=grad)
+            grad_y.addcmul_(flat_y, b)
+            grad_y = grad_y.view(y.shape)
+        grad_w = grad_w if ctx.needs_input_grad[1] else None
+        grad_b = grad_b if ctx.needs_input_grad[2] else None
+        return grad_y, grad_w, grad_b, None, None, None, None, None

@@ -1,0 +1,127 @@
+"""BatchNorm + LIF as one autograd step (snn_delays.bn_lif): the function of the two modules,
+keeping only BatchNorm's input for the backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from snn_delays import fast_neurons
+from snn_delays.bn_lif import batchnorm_lif, fusable
+from snn_delays.memtrack import TensorMemory
+from snn_delays.model import DelaySNN, TimeBatchNorm
+from snn_delays.neurons import SpikingNeurons
+
+IMPLS = ["c", "torch", "triton"]  # the C kernel, the torch loop, Triton (interpreted here)
+
+
+def _pair(impl: str, request, monkeypatch, momentum: float | None = 0.1):  # noqa: ANN001, ANN202
+    if impl == "triton":
+        request.getfixturevalue("triton_interpreted")
+    if impl == "torch":
+        monkeypatch.setattr(fast_neurons, "_load_lib", lambda: None)
+    torch.manual_seed(0)
+    bn = TimeBatchNorm(64, momentum=momentum)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-0.5, 1.0)
+        bn.running_mean.uniform_(-1, 1)
+    neurons = SpikingNeurons(2.0, impl="triton" if impl == "triton" else None)
+    return bn, copy.deepcopy(bn), neurons
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_step_equals_batchnorm_then_lif(impl, momentum, request, monkeypatch):
+    """The same spikes, gradients for the input and BatchNorm's weight and bias to float32
+    rounding, and the same running statistics (momentum, or the cumulative average)."""
+    bn, bn_fused, neurons = _pair(impl, request, monkeypatch, momentum)
+    y = torch.randn(50, 8, 64, generator=torch.Generator().manual_seed(1)) * 2 + 0.3
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    assert fusable(bn_fused, neurons, y)
+    assert neurons.kernels(y) == impl
+    out = {}
+    for fused, module in ((False, bn), (True, bn_fused)):
+        for _ in range(2):  # two steps: the running statistics' update compounds
+            x = y.clone().requires_grad_()
+            spikes = batchnorm_lif(x, module, neurons) if fused else neurons(module(x))
+            module.zero_grad(set_to_none=True)
+            spikes.backward(grad)
+        out[fused] = (spikes.detach(), x.grad, module.weight.grad, module.bias.grad)
+    assert 0.1 < float(out[True][0].mean()) < 0.5  # spikes and silences both present
+    assert torch.equal(out[True][0], out[False][0])
+    for got, want in zip(out[True][1:], out[False][1:], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(bn_fused.running_mean, bn.running_mean)
+    torch.testing.assert_close(bn_fused.running_var, bn.running_var)
+    assert int(bn_fused.num_batches_tracked) == int(bn.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("impl", ["c", "torch"])
+def test_fused_step_keeps_no_membrane_for_the_backward(impl, request, monkeypatch):
+    """Between forward and backward the two modules keep the LIF's membrane (one (T, B, C)
+    tensor besides BatchNorm's input, the caller's); the fused step keeps (C,) statistics
+    only. Its backward holds one recomputed membrane, over which dL/dy is written: no more
+    than the two modules' backward."""
+    bn, bn_fused, neurons = _pair(impl, request, monkeypatch)
+    y = torch.randn(50, 8, 64, generator=torch.Generator().manual_seed(1)) + 0.5
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    kept, backward_extra = {}, {}
+    for fused, module in ((False, bn), (True, bn_fused)):
+        x = y.clone().requires_grad_()
+        with TensorMemory() as mem:
+            spikes = batchnorm_lif(x, module, neurons) if fused else neurons(module(x))
+            kept[fused] = mem.live_bytes - spikes.untyped_storage().nbytes()
+            mem.reset_peak()
+            spikes.backward(grad)
+            backward_extra[fused] = mem.peak_bytes - spikes.untyped_storage().nbytes() - kept[fused]
+    assert kept[False] >= y.nbytes
+    assert kept[True] <= 16 * 64 * 4, kept  # a few (C,) statistics
+    small = 64 * 64 * 4  # (C,) vectors, one time step's temporaries
+    assert backward_extra[True] <= min(y.nbytes, backward_extra[False]) + small, backward_extra
+
+
+def test_lif_forward_folds_the_affine_current_in():
+    """``lif_forward(x, affine=(scale, shift))`` is the LIF of ``x * scale + shift`` (a multiply,
+    then an add): the same spikes and membranes, in the C kernel and the torch loop."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(30, 4, 40, generator=g)
+    scale, shift = torch.rand(40, generator=g) + 0.5, torch.randn(40, generator=g)
+    want = fast_neurons.lif_forward(x * scale + shift, 1.5, 1.0, (True, True, True), use_c=False)
+    for use_c in (True, False):
+        got = fast_neurons.lif_forward(x, 1.5, 1.0, (True, True, True), use_c, (scale, shift))
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_model_trains_with_the_fused_step_and_evaluates_without_it(monkeypatch):
+    """The model's hidden blocks run the fused step while training (the same loss and gradients
+    as the two modules to float32 rounding) and BatchNorm then LIF in evaluation."""
+    calls = []
+    import snn_delays.model as model_module
+
+    real = model_module.batchnorm_lif
+    monkeypatch.setattr(model_module, "batchnorm_lif", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = DelaySNN(12, 3, n_hidden=24, n_layers=2, kernel_size=7, dropout=0.4)
+    model.set_sigma(1.0)
+    x = (torch.rand(30, 8, 12) < 0.3).float()
+    out = {}
+    for fuse in (False, True):
+        monkeypatch.setattr(DelaySNN, "fuse_batchnorm_lif", fuse)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks
+        loss = model(x).square().mean()
+        loss.backward()
+        out[fuse] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(calls) == 2  # two hidden blocks, fused once
+    torch.testing.assert_close(out[True][0], out[False][0])
+    assert len(out[True][1]) == len(out[False][1]) >= 8
+    for got, want in zip(out[True][1], out[False][1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == 2
