@@ -14,11 +14,15 @@ and differs only in which terms it visits and in what order it sums them:
 - **Taps** (CPU, ``dL/dx`` and dense inputs): only the ``J`` taps of each synapse whose
   Gaussian weight is above ``TAP_TOL`` relative to its peak are visited. The dropped taps
   carry less than ``TAP_TOL`` each (float32 rounding is ``6e-8``): see :func:`n_taps`.
-- **Spectral** (CPU, wide Gaussians and dense inputs): one complex product per frequency of
-  an ``rfft`` over time; every tap is used.
+- **Spectral** (CPU: wide Gaussians and dense inputs; CUDA: the default training path): one
+  complex product per frequency of a DFT over time; every tap is used. The transforms into
+  frequencies are direct sums: in C on the CPU, elsewhere float32 products with cached DFT
+  matrices (x, dL/dy, the kernel, and dL/dk's K rows back), so no zero-padded copy is made;
+  y and dL/dx come back through ``irfft``.
 - **Scatter** (CPU evaluation, sparse input): integer delays, one add per input spike and
   output channel.
-- **GEMM** (CUDA): the kernel unfolded over its taps, one matrix product per pass.
+- **GEMM** (CUDA evaluation, opt-in ``impl="gemm"``): the kernel unfolded over its taps, one
+  matrix product per pass, in time blocks.
 - **Triton** (CUDA, opt-in ``impl="triton"``): the same products as implicit GEMMs that read
   the shifted rows in place, without the unfold copy (:mod:`snn_delays.triton_delays`).
 - **Dense** (fallback, any device): the DCLS kernel and one ``conv1d``, as the reference.
@@ -892,15 +896,20 @@ def _idft_basis(n: int, rows: int) -> Tensor:
 
 
 def _rdft(x: Tensor, n: int, flip: bool = False) -> Tensor:
-    """``torch.fft.rfft(x, n, dim=0)`` (``flip``: of ``x.flip(0)``), as direct sums in C.
+    """``torch.fft.rfft(x, n, dim=0)`` (``flip``: of ``x.flip(0)``) as direct sums: in C on the
+    CPU, elsewhere one float32 product with the (L, 2F) DFT matrix.
 
     For the few hundred points here a direct sum runs at the FMA rate and beats the strided
-    transforms of pocketfft several times over."""
-    if not _use_c(x):
-        return torch.fft.rfft(x.flip(0) if flip else x, n=n, dim=0)
+    transforms of pocketfft several times over. The product needs no zero-padded (n, ...) copy
+    of x, which ``rfft`` makes (36 MiB for an SHD hidden layer, at its backward's peak); its
+    result has the frequencies innermost, as ``rfft``'s along dim 0."""
     length, rest = x.shape[0], x.shape[1:]
     cols = x[0].numel()
     series = x.reshape(length, cols)  # a view where the strides allow (the permuted kernel)
+    if not _use_c(x):
+        with _tf32(x.device, off=True):
+            pairs = torch.matmul(series.T, _dft_columns(n, length, flip, x.device))  # (C, 2F)
+        return torch.view_as_complex(pairs.view(cols, -1, 2)).T.view(-1, *rest)
     basis = _dft_basis(n, length, flip)
     out = torch.empty(basis.shape[1], *rest, 2, dtype=torch.float32)
     step_t, step_col = series.stride()
@@ -908,16 +917,10 @@ def _rdft(x: Tensor, n: int, flip: bool = False) -> Tensor:
     return torch.view_as_complex(out)
 
 
-def _rdft_dropping(box: list[Tensor], n: int) -> Tensor:
-    """:func:`_rdft` of the one tensor in ``box``, which is taken out and dropped as soon as it
-    is padded: where nothing else holds it (a saved tensor unpacked for this backward alone),
-    its memory is free before the transform runs. The same bits as ``_rdft``."""
-    x = box.pop()
-    if _use_c(x):
-        return _rdft(x, n)
-    padded = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, n - x.shape[0]))
-    del x
-    return torch.fft.rfft(padded, dim=0)
+@functools.lru_cache(maxsize=32)
+def _dft_columns(n: int, length: int, flip: bool, device: torch.device) -> Tensor:
+    """(L, 2F) float32 on ``device``: :func:`_dft_basis` with each frequency's (re, im) side by side."""
+    return _dft_basis(n, length, flip).reshape(length, -1).to(device)
 
 
 def _use_c_spectrum(spec: Tensor) -> bool:
@@ -946,16 +949,23 @@ def _dft_matrix(n: int, length: int, device: torch.device) -> Tensor:
 def _kernel_spectrum(kernel: Tensor, n: int) -> Tensor:
     """H (F, O, I): the DFT over n points of h[m] = k[K-1-m] (zero beyond K).
 
-    Off the C path, one complex product with the (F, K) DFT matrix in full float32: no
-    zero-padded (n, O, I) copy of the kernel for a transform, as ``rfft`` would make (36 MiB
-    for an SHD hidden layer, at its backward's peak)."""
+    Off the C path, complex products with the (F, K) DFT matrix in full float32, in
+    ``FREQ_CHUNKS`` blocks of (O I) columns: no zero-padded (n, O, I) copy of the kernel for a
+    transform, as ``rfft`` would make (36 MiB for an SHD hidden layer, at its backward's peak),
+    and a complex copy of one block of the kernel at a time. H is contiguous, frequencies
+    outermost: each frequency's (O, I) matrix is a product's operand as it lies."""
     if _use_c(kernel):
         return _rdft(kernel.permute(2, 0, 1), n, flip=True)
     n_out, n_in, ksize = kernel.shape
-    columns = kernel.detach().reshape(n_out * n_in, ksize).to(torch.complex64)  # (O I, K)
+    columns = kernel.detach().reshape(n_out * n_in, ksize)  # (O I, K)
     matrix = _dft_matrix(n, ksize, kernel.device)
+    spectrum = torch.empty(matrix.shape[0], n_out * n_in, dtype=matrix.dtype, device=kernel.device)
+    step = -(-columns.shape[0] // FREQ_CHUNKS)
     with _tf32(kernel.device, off=True):
-        spectrum = torch.matmul(matrix, columns.T)
+        for c0 in range(0, columns.shape[0], step):
+            block = columns[c0 : c0 + step].to(matrix.dtype)
+            torch.matmul(matrix, block.T, out=spectrum[:, c0 : c0 + step])
+            del block  # before the next one's
     return spectrum.view(-1, n_out, n_in)
 
 
@@ -1055,26 +1065,26 @@ def _fft_grad_kernel_spectrum(
 
 
 @functools.lru_cache(maxsize=32)
-def _idft_matrix(n: int, rows: int, device: torch.device) -> Tensor:
-    """(F, K) complex64 on ``device``: ``irfft``'s weights for the rows K-1, ..., 0 (reversed),
-    such that ``Re(S^T @ M)[c, k] = irfft(S, n)[K-1-k, c]`` for a spectrum S (F, C)."""
-    weights = torch.view_as_complex(_idft_basis(n, rows).flip(0).contiguous())  # (K, F)
-    return weights.T.conj().contiguous().to(device)
+def _idft_rows(n: int, rows: int, device: torch.device) -> Tensor:
+    """(2F, K) float32 on ``device``: ``irfft``'s weights for the rows K-1, ..., 0 (reversed),
+    such that ``P @ M = irfft(S, n)[K-1-k, c]`` for a spectrum S (F, C) as real pairs P (C, 2F)."""
+    return _idft_basis(n, rows).flip(0).reshape(rows, -1).T.contiguous().to(device)
 
 
 def _grad_kernel_from_spectrum(spec: Tensor, n: int, ksize: int) -> Tensor:
     """dL/dk (O, I, K) from the spectrum (F, O, I) of dL/dh, h[m] = k[K-1-m].
 
-    Off the C path, one complex product for the K rows needed, in full float32, instead of
-    an inverse transform over all n points (36 MiB for an SHD hidden layer, at its
-    backward's peak) of which K are kept."""
+    Off the C path, one real product for the K rows needed, in full float32, instead of an
+    inverse transform over all n points (36 MiB for an SHD hidden layer, at its backward's
+    peak) of which K are kept; with the frequencies innermost (a product written over x's
+    spectrum) the spectrum is its left operand as it lies, no copy."""
     if _use_c_spectrum(spec):
         gh = _irdft(spec, n, ksize)  # dL/dh (K, O, I)
         return gh.flip(0).permute(1, 2, 0)
     n_freq, n_out, n_in = spec.shape
+    pairs = torch.view_as_real(spec).permute(1, 2, 0, 3).reshape(n_out * n_in, 2 * n_freq)
     with _tf32(spec.device, off=True):
-        product = torch.matmul(spec.reshape(n_freq, n_out * n_in).T, _idft_matrix(n, ksize, spec.device))
-    return product.real.contiguous().view(n_out, n_in, ksize)
+        return torch.matmul(pairs, _idft_rows(n, ksize, spec.device)).view(n_out, n_in, ksize)
 
 
 def _fft_grad_kernel(x: Tensor, grad_y: Tensor, ksize: int, spectra: _Spectra | None = None) -> Tensor:
@@ -1265,10 +1275,9 @@ class _DelayConvFFT(torch.autograd.Function):
         with _tf32(x.device):
             if len(ctx.blocks) == 1:
                 if ctx.needs_input_grad[1]:  # first: X's spectrum is freed before dL/dx is made
+                    spectra.of_x(x)
+                    del x  # a saved tensor kept compactly (model.SavedSpikes): freed once transformed
                     spectra.of_g(grad_y)
-                    box = [x]
-                    del x  # a saved tensor kept compactly (model.SavedSpikes) is freed once padded
-                    spectra.x = _rdft_dropping(box, ctx.n)
                     spec_k = _fft_grad_kernel_spectrum(None, grad_y, spectra, free_x=True)
                     grad_k = _grad_kernel_from_spectrum(spec_k, ctx.n, kernel.shape[2])
                     del spec_k
@@ -1361,8 +1370,8 @@ def _shift_sum(p: Tensor, t_out: int, batch: int, ksize: int, ch: int) -> Tensor
 
 class _tf32:  # noqa: N801 - a context manager used like a function
     """TF32 matmuls on CUDA iff cuDNN convs may use TF32 (the reference's precision);
-    ``off=True``: full float32 matmuls on CUDA inside the block (the DFTs of the kernel and of
-    dL/dk: exact, and cheap)."""
+    ``off=True``: full float32 matmuls on CUDA inside the block (the DFT products: the
+    precision of a float32 FFT, where TF32 would round every input to 10 bits)."""
 
     def __init__(self, device: torch.device, off: bool = False) -> None:
         self.value = not off
@@ -1378,30 +1387,71 @@ class _tf32:  # noqa: N801 - a context manager used like a function
             torch.backends.cuda.matmul.allow_tf32 = self.old
 
 
-def _unfold_mm(src: Tensor, w: Tensor, t_out: int, ksize: int, budget: int | None = None) -> Tensor:
-    """``out[t] = sum_n src[t + n] @ w[n]`` with ``w`` (K C, N): (t_out, B, N), in time chunks
-    of at most ``budget`` unfolded floats (:func:`_chunks`)."""
+def _window(src: Tensor, t0: int, t1: int, lead: int) -> Tensor:
+    """Steps t0 .. t1-1 of ``src`` behind ``lead`` zero steps and followed by zeros: a view of
+    ``src`` where no zero falls inside, else a zero-padded copy of those steps only."""
+    lo, hi = t0 - lead, t1 - lead
+    if lo >= 0 and hi <= src.shape[0]:
+        return src[lo:hi]
+    part = src[max(lo, 0) : max(min(hi, src.shape[0]), 0)]
+    before = max(0, -lo)
+    return F.pad(part, (0, 0, 0, 0, before, (hi - lo) - before - part.shape[0]))
+
+
+def _unfold_mm(
+    src: Tensor, w: Tensor, t_out: int, ksize: int, budget: int | None = None, lead: int = 0
+) -> Tensor:
+    """``out[t] = sum_n s[t + n] @ w[n]`` with ``w`` (K C, N), ``s`` = ``src`` behind ``lead``
+    zero steps and followed by zeros: (t_out, B, N), in time chunks of at most ``budget``
+    unfolded floats (:func:`_chunks`). No padded copy of ``src``: only a chunk whose window
+    reaches a zero step unfolds from a padded copy of its own steps."""
     batch, ch = src.shape[1:]
     out = torch.empty(t_out, batch, w.shape[1], device=src.device, dtype=src.dtype)
     for t0, t1 in _chunks(t_out, batch * ksize * ch, budget):
-        torch.mm(_unfold(src, t0, t1, ksize), w, out=out[t0:t1].view(-1, w.shape[1]))
+        unfolded = _unfold(_window(src, t0, t1 + ksize - 1, lead), 0, t1 - t0, ksize)
+        torch.mm(unfolded, w, out=out[t0:t1].view(-1, w.shape[1]))
+        del unfolded  # before the next block's
     return out
+
+
+def _output_side_mm(x: Tensor, w: Tensor, t_out: int, ksize: int, budget: int | None = None) -> Tensor:
+    """The delay conv with the taps on the output side (O < I): ``p = s @ w`` as (I, K O) with
+    ``s`` = x padded as :func:`pad_time` pads it, ``y[t, b, o] = sum_n p[t + n, b, n, o]``, in
+    time chunks whose ``p`` (with its K-1 steps of overlap) holds at most ``budget`` floats. No
+    padded copy of x: the rows of ``p`` from zero steps are zeroed."""
+    t_len, batch, _ = x.shape
+    n_out = w.shape[1] // ksize
+    row = batch * ksize * n_out
+    step = max(1, (budget or gemm_chunk()) // row - (ksize - 1))
+    y = torch.empty(t_out, batch, n_out, device=x.device, dtype=x.dtype)
+    for t0 in range(0, t_out, step):
+        t1 = min(t_out, t0 + step)
+        p = torch.empty(t1 - t0 + ksize - 1, batch, ksize * n_out, device=x.device, dtype=x.dtype)
+        lo = t0 - (ksize - 1)  # the step of x at p's first row
+        first, last = max(lo, 0), min(t1, t_len)  # the steps of x inside this window
+        p[: first - lo].zero_()
+        p[max(last - lo, first - lo) :].zero_()
+        if last > first:
+            torch.mm(
+                x[first:last].reshape(-1, x.shape[2]), w, out=p[first - lo : last - lo].view(-1, w.shape[1])
+            )
+        y[t0:t1] = _shift_sum(p.view(-1, batch, ksize, n_out), t1 - t0, batch, ksize, n_out)
+        del p  # before the next block's
+    return y
 
 
 def gemm_conv(x: Tensor, kernel: Tensor, budget: int | None = None) -> Tensor:
     """``y`` (T + (K-1)//2, B, O) = the delay conv of ``x`` (T, B, I) with ``kernel`` (O, I, K);
     ``budget``: floats of one unfolded block (default :func:`gemm_chunk`)."""
     n_out, n_in, ksize = kernel.shape
-    t_len, batch, _ = x.shape
-    t_out = t_len + (ksize - 1) // 2
-    xp = pad_time(x, ksize).contiguous()
+    t_out = x.shape[0] + (ksize - 1) // 2
+    x = x.contiguous()
     with _tf32(x.device):
         if n_in <= n_out:
             w = kernel.permute(2, 1, 0).reshape(ksize * n_in, n_out)
-            return _unfold_mm(xp, w, t_out, ksize, budget)
+            return _unfold_mm(x, w, t_out, ksize, budget, lead=ksize - 1)
         w = kernel.permute(1, 2, 0).reshape(n_in, ksize * n_out)
-        p = xp.view(-1, n_in) @ w
-        return _shift_sum(p.view(-1, batch, ksize, n_out), t_out, batch, ksize, n_out)
+        return _output_side_mm(x, w, t_out, ksize, budget)
 
 
 def _gemm_grad_kernel(x: Tensor, grad_y: Tensor, ksize: int) -> Tensor:
@@ -1506,8 +1556,8 @@ def delay_conv(
     """Training path: ``y`` (T + (K-1)//2, B, out) from the DCLS Gaussian kernel.
 
     ``impl`` (default: ``$SNN_DELAYS_CONV_IMPL``, else ``auto``: ``c`` on the CPU, ``fft`` on
-    CUDA) forces a path: ``c``, ``fft`` (spectral for all three products, any device: cuFFT on
-    CUDA), ``gemm`` (unfolded GEMMs, any device), ``triton`` (implicit GEMMs without the unfold
+    CUDA) forces a path: ``c``, ``fft`` (spectral for all three products, any device: DFTs
+    as float32 products and cuFFT's inverse on CUDA), ``gemm`` (unfolded GEMMs, any device), ``triton`` (implicit GEMMs without the unfold
     copy: CUDA, or the Triton interpreter) or ``dense``.
     """
     path = _path(x, impl)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from snn_delays.fast_delays import delay_conv
@@ -129,6 +130,39 @@ def test_spectral_products_are_written_over_an_operand(monkeypatch):
         torch.testing.assert_close(results[1], results[0], msg=name)
 
 
+def test_spectral_transforms_are_products_without_padded_copies(monkeypatch):
+    """Off the C path, x's and dL/dy's transforms, the kernel's and dL/dk's inverse (its K
+    rows) are products with cached DFT matrices in full float32: torch.fft's values, without
+    rfft's zero-padded (n, ...) copy of the input, a complex copy of the whole kernel, or an
+    n-point inverse (and its complex product) of which K rows are kept."""
+    from snn_delays import fast_delays as fd
+
+    monkeypatch.setattr(fd, "_load_lib", lambda: None)
+    torch.manual_seed(4)
+    t, b, n_in, n_out, k = 40, 16, 24, 32, 9
+    n = fd._fft_len(t, k)
+    x, kernel = torch.randn(t, b, n_in), torch.randn(n_out, n_in, k)
+    spec = fd._rdft(torch.randn(t, n_out, n_in), n)  # a dL/dh spectrum, frequencies innermost
+    fd._rdft(x, n), fd._kernel_spectrum(kernel, n), fd._grad_kernel_from_spectrum(spec, n, k)  # constants
+
+    with TensorMemory() as mem:
+        xs = fd._rdft(x, n)
+    assert mem.peak_bytes == xs.untyped_storage().nbytes() == (n // 2 + 1) * b * n_in * 8
+    torch.testing.assert_close(xs, torch.fft.rfft(x, n=n, dim=0), rtol=1e-4, atol=1e-4)
+
+    with TensorMemory() as mem:
+        h = fd._kernel_spectrum(kernel, n)
+    assert mem.peak_bytes <= h.untyped_storage().nbytes() + kernel.nbytes * 2 // fd.FREQ_CHUNKS + 1024
+    want = torch.fft.rfft(kernel.flip(2).permute(2, 0, 1), n=n, dim=0)
+    torch.testing.assert_close(h, want, rtol=1e-4, atol=1e-4)
+
+    with TensorMemory() as mem:
+        gk = fd._grad_kernel_from_spectrum(spec, n, k)
+    assert mem.peak_bytes == gk.nbytes == kernel.nbytes
+    want = torch.fft.irfft(spec, n=n, dim=0)[:k].flip(0).permute(1, 2, 0)
+    torch.testing.assert_close(gk, want, rtol=1e-4, atol=1e-5)
+
+
 def test_spectral_readout_runs_in_batch_blocks(monkeypatch):
     """A readout-shaped layer (out << in, batch): CUDA's spectral path runs it in batch blocks
     by itself. The forward holds one block's padded input and spectrum at a time, not the
@@ -157,17 +191,20 @@ def test_spectral_readout_runs_in_batch_blocks(monkeypatch):
     assert mem.peak_bytes <= x.nbytes + (spectrum + padded) / 2, (mem.peak_bytes, x.nbytes, spectrum)
 
 
-def test_cuda_evaluation_path_unfolds_in_small_blocks(monkeypatch):
+@pytest.mark.parametrize(("n_in", "n_out"), [(30, 40), (40, 10)])
+def test_cuda_evaluation_path_unfolds_in_small_blocks(n_in, n_out, monkeypatch):
     """CUDA's integer-delay path (``fft`` without the C kernels: the GEMM path, no gradient)
-    needs y, the padded input, kernel-sized buffers and one unfolded block of at most
-    ``EVAL_CHUNK`` floats, never the K-times-wider unfolded input at once."""
+    needs y, kernel-sized buffers and one block of at most ``EVAL_CHUNK`` floats (the taps on
+    the input side, I <= O: an unfolded block and, at the ends, a padded copy of its own
+    steps; on the output side: ``x @ w``'s rows for the block, at least K of them), never
+    the K-times-wider unfolded input at once, nor a padded copy of the whole input."""
     from snn_delays import fast_delays
 
     monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)
     budget = 10_000  # floats
     monkeypatch.setattr(fast_delays, "EVAL_CHUNK", budget)
     torch.manual_seed(1)
-    t, b, n_in, n_out, k = 50, 8, 30, 40, 25
+    t, b, k = 1000, 8, 25
     x = torch.rand(t, b, n_in).round()
     weight = torch.randn(n_out, n_in)
     delays = torch.randint(0, k, (n_out, n_in))
@@ -176,9 +213,14 @@ def test_cuda_evaluation_path_unfolds_in_small_blocks(monkeypatch):
     t_out = t + (k - 1) // 2
     padded = (t_out + k - 1) * b * n_in * 4
     kernel = n_out * n_in * k * 4
-    unfolded = t_out * b * k * n_in * 4
+    if n_in <= n_out:
+        steps = max(1, budget // (b * k * n_in))
+        block = budget * 4 + (steps + k - 1) * b * n_in * 4  # unfolded, and an end's padded steps
+    else:
+        block = max(budget, k * b * k * n_out) * 4 + t_out * b * n_out * 4 // 8  # x @ w, a sum
     assert y.shape == (t_out, b, n_out)
-    assert mem.peak_bytes <= y.nbytes + padded + 3 * kernel + 2 * delays.nbytes + 4 * budget < unfolded
+    assert mem.peak_bytes <= y.nbytes + 3 * kernel + 2 * delays.nbytes + block < y.nbytes + padded
+    assert block < t_out * b * k * min(n_in, n_out) * 4  # the whole unfolded input
 
 
 def test_gaussian_kernel_of_the_cuda_paths_keeps_nothing_for_the_backward():
