@@ -1,4 +1,4 @@
-"""What is alive at the peak of one eager SHD training step (batch 256, 100 steps), counted.
+"""What is alive at the peak of one eager SHD training (``--eval``: evaluation) step (batch 256, 100 steps), counted.
 
     SNN_DELAYS_NO_C=fast_delays python experiments/cpu_results/2026-11-28-tensor-model/peak_breakdown.py
     SNN_DELAYS_NO_C=1 SNN_DELAYS_NEURON_IMPL=spikingjelly python .../peak_breakdown.py [--backend dcls]
@@ -9,7 +9,8 @@ backend runs the path ``--impl`` (default ``fft``, CUDA's default; ``SNN_DELAYS_
 peak (new tensors only: the input and parameters are not in it) with the operator at which it
 was reached, then every tensor of at least 1 MiB alive there: its size, the index of the
 operator that made it, the operator, the shape and dtype it was made with (a view of it may be
-what is seen). ``--timeline MIB`` also lists the other local maxima above MIB. ~20 s on a
+what is seen). ``--timeline MIB`` also lists the other local maxima above MIB, ``--ops A:B``
+every operator from #A to #B with the live MiB after it. ~20 s on a
 2-core CPU.
 """
 
@@ -73,17 +74,25 @@ def main() -> None:
         metavar="MIB",
         help="also list every local maximum of the live tensors above MIB (where else a peak is near)",
     )
+    parser.add_argument("--eval", action="store_true", help="an evaluation step (no gradients) instead")
+    parser.add_argument(
+        "--ops", metavar="A:B", help="also list operators #A to #B with the live MiB after each"
+    )
     args = parser.parse_args()
     os.environ["SNN_DELAYS_CONV_IMPL"] = args.impl
     n_in, *_, batch = bench.NETWORKS["shd"]
     model = bench.build_network("shd", args.backend)
     model.set_sigma(args.sigma)
-    model.train()
+    model.train(not args.eval)
     gen = torch.Generator().manual_seed(0)
     spikes = torch.rand(100, batch, n_in, generator=gen) < 0.05
     x = spikes.float() * torch.randint(1, 3, spikes.shape, generator=gen)
     with PeakSnapshot(args.at) as mem:
-        model(x).float().square().mean().backward()
+        if args.eval:
+            with torch.no_grad():
+                model(x)
+        else:
+            model(x).float().square().mean().backward()
     index, op = mem.peak_op
     print(f"peak {mem.peak_bytes / 2**20:.1f} MiB of new tensors, reached at operator #{index} {op}")
     alive = mem.at_peak
@@ -103,6 +112,10 @@ def main() -> None:
             after = line[k + 1][2] if k + 1 < len(line) else 0.0
             if live >= args.timeline and live >= before and live > after:
                 print(f"  #{i:<5d} {op:42s} {live:7.1f}  {shape}")
+    if args.ops:
+        first, last = (int(v) for v in args.ops.split(":"))
+        for i, op, live, shape in mem.timeline[max(first, 1) - 1 : last]:
+            print(f"  #{i:<5d} {op:42s} {live:7.1f}  {shape}")
 
 
 if __name__ == "__main__":
