@@ -1557,8 +1557,9 @@ def delay_conv(
 
     ``impl`` (default: ``$SNN_DELAYS_CONV_IMPL``, else ``auto``: ``c`` on the CPU, ``fft`` on
     CUDA) forces a path: ``c``, ``fft`` (spectral for all three products, any device: DFTs
-    as float32 products and cuFFT's inverse on CUDA), ``gemm`` (unfolded GEMMs, any device), ``triton`` (implicit GEMMs without the unfold
-    copy: CUDA, or the Triton interpreter) or ``dense``.
+    as float32 products and cuFFT's inverse on CUDA), ``gemm`` (unfolded GEMMs, any device),
+    ``triton`` (implicit GEMMs without the unfold copy: CUDA, or the Triton interpreter) or
+    ``dense``.
     """
     path = _path(x, impl)
     if path == "dense":
