@@ -1074,17 +1074,31 @@ def _idft_rows(n: int, rows: int, device: torch.device) -> Tensor:
 def _grad_kernel_from_spectrum(spec: Tensor, n: int, ksize: int) -> Tensor:
     """dL/dk (O, I, K) from the spectrum (F, O, I) of dL/dh, h[m] = k[K-1-m].
 
-    Off the C path, one real product for the K rows needed, in full float32, instead of an
+    Off the C path, a real product for the K rows needed, in full float32, instead of an
     inverse transform over all n points (36 MiB for an SHD hidden layer, at its backward's
-    peak) of which K are kept; with the frequencies innermost (a product written over x's
-    spectrum) the spectrum is its left operand as it lies, no copy."""
+    peak) of which K are kept. With the frequencies innermost (a product written over x's
+    spectrum) the spectrum is its left operand as it lies; else it is copied to that layout
+    a block of columns at a time."""
     if _use_c_spectrum(spec):
         gh = _irdft(spec, n, ksize)  # dL/dh (K, O, I)
         return gh.flip(0).permute(1, 2, 0)
     n_freq, n_out, n_in = spec.shape
-    pairs = torch.view_as_real(spec).permute(1, 2, 0, 3).reshape(n_out * n_in, 2 * n_freq)
+    cols = n_out * n_in
+    pairs = torch.view_as_real(spec).permute(1, 2, 0, 3)  # (O, I, F, 2)
+    rows = _idft_rows(n, ksize, spec.device)
     with _tf32(spec.device, off=True):
-        return torch.matmul(pairs, _idft_rows(n, ksize, spec.device)).view(n_out, n_in, ksize)
+        if pairs.is_contiguous():
+            return torch.matmul(pairs.view(cols, 2 * n_freq), rows).view(n_out, n_in, ksize)
+        # frequencies outermost (a product of its own, SSC's B != O): FREQ_CHUNKS blocks of
+        # columns, each a copy with its frequencies innermost, not a copy of the whole spectrum
+        pairs = pairs.reshape(cols, n_freq, 2)
+        out = torch.empty(cols, ksize, device=spec.device, dtype=rows.dtype)
+        step = -(-cols // FREQ_CHUNKS)
+        for c0 in range(0, cols, step):
+            block = pairs[c0 : c0 + step].reshape(-1, 2 * n_freq)
+            torch.matmul(block, rows, out=out[c0 : c0 + step])
+            del block  # before the next one's
+    return out.view(n_out, n_in, ksize)
 
 
 def _fft_grad_kernel(x: Tensor, grad_y: Tensor, ksize: int, spectra: _Spectra | None = None) -> Tensor:

@@ -134,7 +134,8 @@ def test_spectral_transforms_are_products_without_padded_copies(monkeypatch):
     """Off the C path, x's and dL/dy's transforms, the kernel's and dL/dk's inverse (its K
     rows) are products with cached DFT matrices in full float32: torch.fft's values, without
     rfft's zero-padded (n, ...) copy of the input, a complex copy of the whole kernel, or an
-    n-point inverse (and its complex product) of which K rows are kept."""
+    n-point inverse (and its complex product) of which K rows are kept; a dL/dk spectrum
+    with its frequencies outermost is copied a block of columns at a time, not whole."""
     from snn_delays import fast_delays as fd
 
     monkeypatch.setattr(fd, "_load_lib", lambda: None)
@@ -160,6 +161,11 @@ def test_spectral_transforms_are_products_without_padded_copies(monkeypatch):
         gk = fd._grad_kernel_from_spectrum(spec, n, k)
     assert mem.peak_bytes == gk.nbytes == kernel.nbytes
     want = torch.fft.irfft(spec, n=n, dim=0)[:k].flip(0).permute(1, 2, 0)
+    torch.testing.assert_close(gk, want, rtol=1e-4, atol=1e-5)
+    outermost = spec.contiguous()  # a product of its own (B != O): frequencies outermost
+    with TensorMemory() as mem:
+        gk = fd._grad_kernel_from_spectrum(outermost, n, k)
+    assert mem.peak_bytes <= gk.nbytes + outermost.nbytes // fd.FREQ_CHUNKS + 1024  # a block's copy
     torch.testing.assert_close(gk, want, rtol=1e-4, atol=1e-5)
 
 

@@ -65,6 +65,7 @@ class PeakSnapshot(TensorMemory):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", default="fast", choices=("fast", "dcls"))
+    parser.add_argument("--network", default="shd", choices=tuple(bench.NETWORKS))
     parser.add_argument("--sigma", type=float, default=0.23)
     parser.add_argument("--impl", default="fft", help="the fast backend's delay path")
     parser.add_argument("--at", type=int, metavar="OP", help="list what is alive after operator #OP instead")
@@ -80,8 +81,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     os.environ["SNN_DELAYS_CONV_IMPL"] = args.impl
-    n_in, *_, batch = bench.NETWORKS["shd"]
-    model = bench.build_network("shd", args.backend)
+    n_in, *_, batch = bench.NETWORKS[args.network]
+    model = bench.build_network(args.network, args.backend)
     model.set_sigma(args.sigma)
     model.train(not args.eval)
     gen = torch.Generator().manual_seed(0)
