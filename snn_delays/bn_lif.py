@@ -7,17 +7,19 @@ BatchNorm's (C,) statistics only. BatchNorm is folded into the LIF kernel as a p
 ``y * scale + shift`` (``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``),
 so no current tensor is written either; the backward runs the same kernel again for ``h``
 (the same inputs, the same code: the same bits, so the surrogate sees exactly the membrane
-the spikes came from), then the LIF's backward, then BatchNorm's
-(``aten.native_batch_norm_backward`` from the saved mean and inverse deviation).
+the spikes came from) and writes the LIF's dL/d(current) over it, then BatchNorm's dL/dy over
+that: dL/dgamma and dL/dbeta from ``aten.native_batch_norm_backward`` (the saved mean and
+inverse deviation), then ``dL/dy = g a + y b + c`` per channel in two in-place passes.
 
-The cost is one more LIF forward per hidden block in the backward (an elementwise pass over
-T); the saving is one (T, B, C) tensor per hidden block at every point after its forward.
+The cost is one more LIF forward per hidden block in the backward (a pass over T) and
+BatchNorm's normalised copy in the forward, dropped at once (its statistics and running
+update come from BatchNorm's own op, ``torch.native_batch_norm``, so the running statistics
+are those ``nn.BatchNorm1d`` keeps: momentum, or the cumulative average where it is None);
+the saving is one (T, B, C) tensor per hidden block at every point after its forward.
 Training only, for the fused LIF kernels (:meth:`SpikingNeurons.kernels` ``c``, ``torch`` or
-``triton``) and BatchNorm with affine parameters and running statistics (the model's); the
-running statistics are updated as ``nn.BatchNorm1d`` updates them (unbiased variance,
-``momentum``, or the cumulative average where it is None). Spikes equal the unfused modules'
-except where the folded affine's rounding moves a membrane across the threshold (float32
-rounding: rare, and the gradients agree to float32 tolerance).
+``triton``) and BatchNorm with affine parameters and running statistics (the model's).
+Spikes equal the two modules' except where the folded affine's rounding moves a membrane
+across the threshold (float32 rounding: rare; the gradients agree to float32 tolerance).
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ class _BatchNormLIF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, bias, running_mean, running_var, factor, eps, lif):  # noqa: ANN001, ANN205
         flat = y.reshape(-1, y.shape[-1])
-        # BatchNorm's own statistics and running update (the normalised copy it also makes is
-        # dropped at once: on the CPU this is ~8x faster than var_mean over the rows)
+        # BatchNorm's own statistics and running update; the normalised copy it also makes is
+        # dropped at once (on the CPU this is ~8x faster than var_mean over the rows)
         _, mean, invstd = torch.native_batch_norm(
             flat, None, None, running_mean, running_var, True, factor, eps
         )
