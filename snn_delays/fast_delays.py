@@ -917,7 +917,7 @@ def _rdft(x: Tensor, n: int, flip: bool = False) -> Tensor:
     return torch.view_as_complex(out)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.cache  # never evicted: a captured CUDA graph reads it by address
 def _dft_columns(n: int, length: int, flip: bool, device: torch.device) -> Tensor:
     """(L, 2F) float32 on ``device``: :func:`_dft_basis` with each frequency's (re, im) side by side."""
     return _dft_basis(n, length, flip).reshape(length, -1).to(device)
@@ -940,7 +940,7 @@ def _irdft(spec: Tensor, n: int, rows: int) -> Tensor:
     return out
 
 
-@functools.lru_cache(maxsize=32)
+@functools.cache  # never evicted: a captured CUDA graph reads it by address
 def _dft_matrix(n: int, length: int, device: torch.device) -> Tensor:
     """(F, L) complex64 on ``device``: row f is ``exp(-2 pi i f (L-1-r) / n)``, r < L."""
     return torch.view_as_complex(_dft_basis(n, length, flip=True)).T.contiguous().to(device)
@@ -1064,7 +1064,7 @@ def _fft_grad_kernel_spectrum(
     return torch.matmul(g.transpose(1, 2), xs.conj())
 
 
-@functools.lru_cache(maxsize=32)
+@functools.cache  # never evicted: a captured CUDA graph reads it by address
 def _idft_rows(n: int, rows: int, device: torch.device) -> Tensor:
     """(2F, K) float32 on ``device``: ``irfft``'s weights for the rows K-1, ..., 0 (reversed),
     such that ``P @ M = irfft(S, n)[K-1-k, c]`` for a spectrum S (F, C) as real pairs P (C, 2F)."""
