@@ -363,10 +363,15 @@ def compile_for(capability: int = 90, ksize: int = 25) -> list[dict]:
     from snn_delays import triton_neurons as tn
 
     pointers = ("src", "w", "dst", "g", "dw", "p", "k", "dk", "dp", "x", "spk", "h", "v", "gs", "gv", "gx")
-    ints = ("T_src", "T_dst", "T_g", "B", "C_in", "C_out", "shift", "split_rows", "S", "K", "T", "M")
+    pointers += ("bn_scale", "bn_shift")  # the LIF's folded BatchNorm
+    ints = ("T_src", "T_dst", "T_g", "B", "C_in", "C_out", "shift", "split_rows", "S", "K", "T", "M", "C")
     floats = ("c0", "s", "eps", "tau", "thr", "half_alpha", "slope")
     gauss = [triton.Config({"R": GAUSS_ROWS, "KP": triton.next_power_of_2(ksize)})]
-    lif_fwd = [triton.Config({"WANT_H": True, "WANT_V": True, "BLOCK": tn.BLOCK})]
+    lif_fwd = [  # the LIF module's forward, the fused BatchNorm + LIF's forward and its recompute
+        triton.Config({"AFFINE": False, "WANT_S": True, "WANT_H": True, "WANT_V": True, "BLOCK": tn.BLOCK}),
+        triton.Config({"AFFINE": True, "WANT_S": True, "WANT_H": False, "WANT_V": False, "BLOCK": tn.BLOCK}),
+        triton.Config({"AFFINE": True, "WANT_S": False, "WANT_H": True, "WANT_V": False, "BLOCK": tn.BLOCK}),
+    ]
     lif_bwd = [triton.Config({"HAS_GS": True, "HAS_GV": True, "BLOCK": tn.BLOCK})]
     kernels = [
         (_shift_mm_kernel.fn, _MM_CONFIGS, {"PREC": "tf32"}),  # .fn: under the autotuner

@@ -30,8 +30,8 @@ BLOCK = 256  # neurons per program
 @triton.jit
 def _lif_fwd_kernel(
     x,
-    scale,
-    shift,
+    bn_scale,
+    bn_shift,
     C,
     spk,
     h,
@@ -51,8 +51,8 @@ def _lif_fwd_kernel(
     off = cols.to(tl.int64)  # of step t: t M + cols, advanced by M (no 32-bit product)
     state = tl.zeros((BLOCK,), dtype=tl.float32)
     if AFFINE:  # BatchNorm folded in: the current is x * scale[c] + shift[c], c = column % C
-        a = tl.load(scale + cols % C, mask=ok, other=1.0)
-        b = tl.load(shift + cols % C, mask=ok, other=0.0)
+        a = tl.load(bn_scale + cols % C, mask=ok, other=1.0)
+        b = tl.load(bn_shift + cols % C, mask=ok, other=0.0)
     for _ in range(T):
         cur = tl.load(x + off, mask=ok, other=0.0)
         if AFFINE:

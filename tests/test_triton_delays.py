@@ -90,6 +90,8 @@ def test_kernels_compile_for_hopper_with_tensor_cores():
     kernels = {"_shift_mm_kernel", "_shift_grad_w_kernel", "_gauss_fwd_kernel", "_gauss_bwd_kernel"}
     kernels |= {"_lif_fwd_kernel", "_lif_bwd_kernel"}
     assert {r["kernel"] for r in rows} == kernels
+    lif_variants = {(r["AFFINE"], r["WANT_S"], r["WANT_H"]) for r in rows if r["kernel"] == "_lif_fwd_kernel"}
+    assert {(True, True, False), (True, False, True)} <= lif_variants  # fused BatchNorm + LIF, its recompute
     assert all(r["shared"] <= 227 * 1024 for r in rows)  # an H100/H200 SM's shared memory
     # tiles of at least 64 x 64 outputs: (BM, BN) of the products, (BI, BO) of dL/dk
     gemms = [r for r in rows if "BM" in r]
