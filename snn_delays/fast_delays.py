@@ -57,7 +57,7 @@ from torch import Tensor
 SIGMA_OFFSET = 0.27
 NORM_EPS = 1e-7
 TAP_TOL = 1e-8  # a dropped tap weighs less than this times its synapse's peak tap
-FREQ_CHUNKS = 4  # a spectral product written over one of its operands: this many frequency chunks
+FREQ_CHUNKS = 4  # spectrum-sized work in this many blocks (products written over an operand, copies)
 SCATTER_DENSITY_MAX = 0.1  # evaluation: scalar adds per input spike below this density, else taps
 
 # --------------------------------------------------------------------------------------
@@ -960,11 +960,10 @@ def _kernel_spectrum(kernel: Tensor, n: int) -> Tensor:
     columns = kernel.detach().reshape(n_out * n_in, ksize)  # (O I, K)
     matrix = _dft_matrix(n, ksize, kernel.device)
     spectrum = torch.empty(matrix.shape[0], n_out * n_in, dtype=matrix.dtype, device=kernel.device)
-    step = -(-columns.shape[0] // FREQ_CHUNKS)
     with _tf32(kernel.device, off=True):
-        for c0 in range(0, columns.shape[0], step):
-            block = columns[c0 : c0 + step].to(matrix.dtype)
-            torch.matmul(matrix, block.T, out=spectrum[:, c0 : c0 + step])
+        for cols in _blocks(columns.shape[0]):
+            block = columns[cols].to(matrix.dtype)
+            torch.matmul(matrix, block.T, out=spectrum[:, cols])
             del block  # before the next one's
     return spectrum.view(-1, n_out, n_in)
 
@@ -1001,14 +1000,18 @@ class _Spectra:
         return other
 
 
+def _blocks(count: int) -> list[slice]:
+    """``count`` items in ``FREQ_CHUNKS`` consecutive blocks (the last one shorter)."""
+    step = -(-count // FREQ_CHUNKS)
+    return [slice(c0, c0 + step) for c0 in range(0, count, step)]
+
+
 def _product_over(buf: Tensor, product: Callable[[slice], Tensor]) -> Tensor:
     """The spectrum ``product(f)`` of each frequency chunk ``f``, written over ``buf``, one
     of its operands, of the product's shape, which nothing needs afterwards: no third
     spectrum-sized buffer, one chunk's product at a time (each chunk of ``buf`` is read before
     it is written over; any layout: transforms along dim 0 return the frequencies innermost)."""
-    step = -(-buf.shape[0] // FREQ_CHUNKS)
-    for f0 in range(0, buf.shape[0], step):
-        chunk = slice(f0, f0 + step)
+    for chunk in _blocks(buf.shape[0]):
         buf[chunk] = product(chunk)
     return buf
 
@@ -1093,10 +1096,9 @@ def _grad_kernel_from_spectrum(spec: Tensor, n: int, ksize: int) -> Tensor:
         # columns, each a copy with its frequencies innermost, not a copy of the whole spectrum
         pairs = pairs.reshape(cols, n_freq, 2)
         out = torch.empty(cols, ksize, device=spec.device, dtype=rows.dtype)
-        step = -(-cols // FREQ_CHUNKS)
-        for c0 in range(0, cols, step):
-            block = pairs[c0 : c0 + step].reshape(-1, 2 * n_freq)
-            torch.matmul(block, rows, out=out[c0 : c0 + step])
+        for part in _blocks(cols):
+            block = pairs[part].reshape(-1, 2 * n_freq)
+            torch.matmul(block, rows, out=out[part])
             del block  # before the next one's
     return out.view(n_out, n_in, ksize)
 
@@ -1436,10 +1438,9 @@ def _output_side_mm(x: Tensor, w: Tensor, t_out: int, ksize: int, budget: int | 
     t_len, batch, _ = x.shape
     n_out = w.shape[1] // ksize
     row = batch * ksize * n_out
-    step = max(1, (budget or gemm_chunk()) // row - (ksize - 1))
+    budget = max(row, (budget or gemm_chunk()) - (ksize - 1) * row)  # the overlap's rows held back
     y = torch.empty(t_out, batch, n_out, device=x.device, dtype=x.dtype)
-    for t0 in range(0, t_out, step):
-        t1 = min(t_out, t0 + step)
+    for t0, t1 in _chunks(t_out, row, budget):
         p = torch.empty(t1 - t0 + ksize - 1, batch, ksize * n_out, device=x.device, dtype=x.dtype)
         lo = t0 - (ksize - 1)  # the step of x at p's first row
         first, last = max(lo, 0), min(t1, t_len)  # the steps of x inside this window
