@@ -24,6 +24,9 @@ across the threshold (float32 rounding: rare; the gradients agree to float32 tol
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -58,13 +61,18 @@ def batchnorm_lif(y: Tensor, bn: nn.BatchNorm1d, neurons: SpikingNeurons) -> Ten
     return _BatchNormLIF.apply(y, bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps, lif)
 
 
-def _forward(y: Tensor, affine: tuple[Tensor, Tensor], lif: tuple, want: tuple[bool, bool]) -> list:
-    kernels, tau, thr, _ = lif
+def _lif_kernels(kernels: str) -> tuple[Callable, Callable]:
+    """``(lif_forward, lif_backward)`` of the fused LIF ``kernels`` (``c``, ``torch`` or
+    ``triton``), with the signatures of :mod:`snn_delays.triton_neurons`' pair."""
     if kernels == "triton":
-        from snn_delays import triton_neurons
+        from snn_delays import triton_neurons  # triton is optional: imported on first use
 
-        return triton_neurons.lif_forward(y, tau, thr, (*want, False), affine)
-    return fast_neurons.lif_forward(y, tau, thr, (*want, False), kernels == "c", affine)
+        return triton_neurons.lif_forward, triton_neurons.lif_backward
+    use_c = kernels == "c"
+    return (
+        functools.partial(fast_neurons.lif_forward, use_c=use_c),
+        functools.partial(fast_neurons.lif_backward, use_c=use_c),
+    )
 
 
 class _BatchNormLIF(torch.autograd.Function):
@@ -78,7 +86,9 @@ class _BatchNormLIF(torch.autograd.Function):
         )
         scale = weight * invstd
         shift = bias - mean * scale
-        spikes = _forward(y, (scale, shift), lif, (True, False))[0]
+        kernels, tau, thr, _ = lif
+        lif_forward, _ = _lif_kernels(kernels)
+        spikes = lif_forward(y, tau, thr, (True, False, False), affine=(scale, shift))[0]
         ctx.save_for_backward(y, weight, mean, invstd, scale, shift)
         ctx.eps, ctx.lif = eps, lif
         return spikes
@@ -87,15 +97,10 @@ class _BatchNormLIF(torch.autograd.Function):
     def backward(ctx, grad_spikes):  # noqa: ANN001, ANN205
         y, weight, mean, invstd, scale, shift = ctx.saved_tensors
         kernels, tau, thr, alpha = ctx.lif
-        h = _forward(y, (scale, shift), ctx.lif, (False, True))[1]  # the forward's membrane again
-        if kernels == "triton":  # dL/d(current) written over h, this backward's own tensor
-            from snn_delays import triton_neurons
-
-            grad_current = triton_neurons.lif_backward(grad_spikes, None, h, tau, thr, alpha, over_h=True)
-        else:
-            grad_current = fast_neurons.lif_backward(
-                grad_spikes, None, h, tau, thr, alpha, kernels == "c", over_h=True
-            )
+        lif_forward, lif_backward = _lif_kernels(kernels)
+        h = lif_forward(y, tau, thr, (False, True, False), affine=(scale, shift))[1]  # the forward's again
+        # dL/d(current) written over h, this backward's own tensor
+        grad_current = lif_backward(grad_spikes, None, h, tau, thr, alpha, over_h=True)
         del h
         c = y.shape[-1]
         flat_y, grad = y.reshape(-1, c), grad_current.reshape(-1, c)
