@@ -21,8 +21,8 @@ process leaves a reference cycle (the frames of a lazy import inside it: ~210 Mi
 reference's last activations at SHD batch 256, beyond the shared input), and uncollected it was
 counted in every later row's peak. ``--tensor-memory`` adds, on any device, the peak of the live tensors of one eager
 step (:class:`snn_delays.memtrack.TensorMemory`, plus the input and parameters): with
-``SNN_DELAYS_NO_C=fast_delays`` the CPU runs CUDA's delay operators (torch.fft, batched
-matmuls) beside the fused C LIF, which keeps the tensors that ``auto``'s Triton LIF keeps on
+``SNN_DELAYS_NO_C=fast_delays`` the CPU runs CUDA's delay operators (DFT products, batched
+matmuls, torch.fft's inverse) beside the fused C LIF, which keeps the tensors that ``auto``'s Triton LIF keeps on
 CUDA (``+sj-lif`` rows: spikingjelly's), so its columns estimate CUDA's peaks without
 workspaces (cuDNN, cuBLAS, cuFFT) or CUDA graphs.
 """

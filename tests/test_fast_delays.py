@@ -37,7 +37,7 @@ def _input(t: int, b: int, n_in: int, density: float) -> torch.Tensor:
     "impl", ["c", "no-compiler", "gemm", "triton", "fft", "fft-no-compiler", "fft-blocks-no-compiler"]
 )
 def test_training_path_equals_dcls(case, sigma, impl, monkeypatch, request):
-    """``fft-no-compiler`` is the spectral path on torch.fft: what runs on CUDA; ``fft-blocks``
+    """``fft-no-compiler`` is the spectral path without the C kernels: what runs on CUDA; ``fft-blocks``
     runs it in batch blocks of 2 samples (``SNN_DELAYS_FFT_BATCH``)."""
     t, b, n_in, n_out, k, density = case
     sigma = k // 2 if sigma == "K//2" else sigma

@@ -57,7 +57,7 @@ def test_reset_peak_starts_from_what_is_alive():
 
 def test_spectral_step_keeps_nothing_spectral_for_the_backward(monkeypatch):
     """A memory regression guard for CUDA's default training path, run on the CPU with the same
-    operators (torch.fft): between forward and backward it keeps what the GEMM path keeps (x
+    operators (DFT products): between forward and backward it keeps what the GEMM path keeps (x
     and the kernel), no spectra; those are made again by the backward. (Constants cached once
     per shape, such as the kernel's DFT matrix, are made before counting.)"""
     from snn_delays import fast_delays
