@@ -8,7 +8,10 @@ A backend is ``dcls`` or ``fast``, the latter optionally with a delay path (``fa
 ``SNN_DELAYS_CONV_IMPL``: gemm, triton, fft, dense, c), ``+graphs`` (CUDA: both steps
 replayed from CUDA graphs, as ``trainer.cuda_graphs=true`` runs them), ``+triton-lif``
 (CUDA: the LIF of ``SNN_DELAYS_NEURON_IMPL=triton``, what ``auto`` runs there) and ``+sj-lif``
-(spikingjelly's LIF, ``SNN_DELAYS_NEURON_IMPL=spikingjelly``: CUDA's default before the Triton LIF). A training step is forward + backward of the whole network (no optimizer); an evaluation step
+(spikingjelly's LIF, ``SNN_DELAYS_NEURON_IMPL=spikingjelly``: CUDA's default before the Triton LIF),
+``+torch-fft`` (the spectral path off the C kernels transforms x and dL/dy with
+``torch.fft.rfft``, ``SNN_DELAYS_DFT=fft``, instead of its DFT products). A training step is
+forward + backward of the whole network (no optimizer); an evaluation step
 is ``model.eval()`` under ``no_grad`` (integer delays). Inputs are seeded random spike counts.
 The ``dcls`` reference runs spikingjelly's neurons (the published code path; ``--ref-neurons
 auto`` gives it the fused CPU LIF too), the ``fast`` backend those of ``--neurons`` (default
@@ -114,11 +117,12 @@ def build_network(net: str, backend: str, delays: str = "learned") -> DelaySNN:
     )
 
 
-MODIFIERS = ("graphs", "triton-lif", "sj-lif")
+MODIFIERS = ("graphs", "triton-lif", "sj-lif", "torch-fft")
 
 
 def parse_backend(spec: str, device: str) -> tuple[str, str | None, set[str]]:
-    """``dcls`` | ``fast[:IMPL][+graphs][+triton-lif|+sj-lif]`` -> (backend, conv impl or None, modifiers)."""
+    """``dcls`` | ``fast[:IMPL][+graphs][+triton-lif|+sj-lif][+torch-fft]`` -> (backend, conv impl or None,
+    modifiers)."""
     name, *mods = spec.split("+")
     backend, _, impl = name.partition(":")
     bad_impl = impl and (backend == "dcls" or impl not in IMPLS)
@@ -195,7 +199,10 @@ def bench_one(net: str, spec: str, sigma: float, args: argparse.Namespace, x: to
         run_eval(x, no_target)
 
     tensors = {}
-    with _env("SNN_DELAYS_CONV_IMPL", conv_impl):
+    with (
+        _env("SNN_DELAYS_CONV_IMPL", conv_impl),
+        _env("SNN_DELAYS_DFT", "fft" if "torch-fft" in mods else None),
+    ):
         _reset_peak(device)
         train = _time(train_step, device, args.steps, args.repeats)
         peak = peak_mib(device)
@@ -246,7 +253,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--backends",
         default="dcls,fast",
-        help="dcls, fast[:IMPL][+graphs][+triton-lif|+sj-lif]; the first is the reference",
+        help="dcls, fast[:IMPL][+graphs][+triton-lif|+sj-lif][+torch-fft]; the first is the reference",
     )
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--ref-neurons", default="spikingjelly", help="neuron impl of the dcls rows")

@@ -83,9 +83,10 @@ PY
 # 2. the issue's benchmark: dcls vs each fast variant on the same inputs, SHD and SSC, both sigmas
 #    (train / eval peaks from the allocator, and --tensor-memory: the live tensors of one eager
 #    step, as counted on the CPU; the difference is workspaces and the graphs' pools). The fast rows
-#    run auto's Triton LIF; +sj-lif spikingjelly's (CUDA's default before), the dcls rows spikingjelly's
+#    run auto's Triton LIF; +sj-lif spikingjelly's (CUDA's default before), the dcls rows spikingjelly's;
+#    +torch-fft transforms x and dL/dy with cuFFT (SNN_DELAYS_DFT=fft) instead of the DFT products
 part 2 && timeout 270 python3 experiments/bench.py --device cuda --networks shd,ssc --tensor-memory \
-    --backends dcls,fast+graphs,fast,fast+graphs+sj-lif,fast:gemm+graphs,fast:triton+graphs --json "$OUT/bench_gpu.json" 2>&1 \
+    --backends dcls,fast+graphs,fast,fast+graphs+sj-lif,fast+graphs+torch-fft,fast:triton+graphs --json "$OUT/bench_gpu.json" 2>&1 \
     | grep -v Warning | tee "$OUT/bench_gpu.txt"
 
 # 3. where the step goes: the trainer's steps (with Adam) of every variant, published setting,

@@ -18,7 +18,8 @@ and differs only in which terms it visits and in what order it sums them:
   complex product per frequency of a DFT over time; every tap is used. The transforms into
   frequencies are direct sums: in C on the CPU, elsewhere float32 products with cached DFT
   matrices (x, dL/dy, the kernel, and dL/dk's K rows back), so no zero-padded copy is made;
-  y and dL/dx come back through ``irfft``.
+  y and dL/dx come back through ``irfft`` (``SNN_DELAYS_DFT=fft``: x and dL/dy go in through
+  ``rfft`` too, see :func:`dft_impl`).
 - **Scatter** (CPU evaluation, sparse input): integer delays, one add per input spike and
   output channel.
 - **GEMM** (CUDA evaluation, opt-in ``impl="gemm"``): the kernel unfolded over its taps, one
@@ -895,14 +896,29 @@ def _idft_basis(n: int, rows: int) -> Tensor:
     return torch.stack([weight * torch.cos(angle), -weight * torch.sin(angle)], -1).float().contiguous()
 
 
+DFT_IMPLS = ("matmul", "fft")
+
+
+def dft_impl() -> str:
+    """How the spectral path off the C kernels transforms x and dL/dy into frequencies:
+    ``SNN_DELAYS_DFT=matmul`` (the default: a float32 product with the DFT matrix, no padded
+    copy) or ``fft`` (``torch.fft.rfft``: cuFFT on CUDA, a zero-padded copy of its input)."""
+    value = os.environ.get("SNN_DELAYS_DFT", "").strip() or "matmul"
+    if value not in DFT_IMPLS:
+        raise ValueError(f"SNN_DELAYS_DFT must be one of {', '.join(DFT_IMPLS)}, got {value!r}")
+    return value
+
+
 def _rdft(x: Tensor, n: int, flip: bool = False) -> Tensor:
     """``torch.fft.rfft(x, n, dim=0)`` (``flip``: of ``x.flip(0)``) as direct sums: in C on the
-    CPU, elsewhere one float32 product with the (L, 2F) DFT matrix.
+    CPU, elsewhere one float32 product with the (L, 2F) DFT matrix (:func:`dft_impl`).
 
     For the few hundred points here a direct sum runs at the FMA rate and beats the strided
     transforms of pocketfft several times over. The product needs no zero-padded (n, ...) copy
     of x, which ``rfft`` makes (36 MiB for an SHD hidden layer, at its backward's peak); its
     result has the frequencies innermost, as ``rfft``'s along dim 0."""
+    if not _use_c(x) and dft_impl() == "fft":
+        return torch.fft.rfft(x.flip(0) if flip else x, n=n, dim=0)
     length, rest = x.shape[0], x.shape[1:]
     cols = x[0].numel()
     series = x.reshape(length, cols)  # a view where the strides allow (the permuted kernel)

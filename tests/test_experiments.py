@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from spike_files import make_shd_root, make_ssc_root
 from torch import Tensor
 
+from snn_delays import fast_delays
 from snn_delays.augment import Augment
 from snn_delays.config import TrainerConfig, register_configs
 from snn_delays.data.base import batches
@@ -256,6 +258,28 @@ def test_bench_compares_both_backends_on_the_same_inputs(tmp_path):
         bench.main([*small, "--backends", "dcls,fast+graphs"])
     with pytest.raises(SystemExit, match="unknown entry 'fast:nope'"):
         bench.main([*small, "--backends", "dcls,fast:nope"])
+
+
+def test_bench_torch_fft_rows_transform_with_rfft(monkeypatch):
+    """``+torch-fft`` (``SNN_DELAYS_DFT=fft`` for that row alone): the spectral path off the C
+    kernels transforms with ``torch.fft.rfft``; the default row with its DFT products."""
+    bench = _load_experiment("bench")
+    monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)  # the spectral path as on CUDA
+    monkeypatch.delenv("SNN_DELAYS_DFT", raising=False)
+    calls = {}
+    real_rfft = torch.fft.rfft
+
+    def counting_rfft(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls[os.environ.get("SNN_DELAYS_DFT")] = calls.get(os.environ.get("SNN_DELAYS_DFT"), 0) + 1
+        return real_rfft(*args, **kwargs)
+
+    monkeypatch.setattr(torch.fft, "rfft", counting_rfft)
+    small = ["--batch", "3", "--time-steps", "8", "--sigma", "0.23", "--repeats", "1"]
+    rows = bench.main([*small, "--backends", "fast:fft,fast:fft+torch-fft"])
+    assert [r["backend"] for r in rows] == ["fast:fft", "fast:fft+torch-fft"]
+    assert set(calls) == {"fft"} and calls["fft"] >= 3
+    assert "SNN_DELAYS_DFT" not in os.environ
+    torch.testing.assert_close(torch.tensor(rows[1]["spike_density"]), torch.tensor(rows[0]["spike_density"]))
 
 
 def test_bench_keeps_its_timings_when_a_step_cannot_be_counted(monkeypatch, capsys):

@@ -34,19 +34,35 @@ def _input(t: int, b: int, n_in: int, density: float) -> torch.Tensor:
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("sigma", [0.23, 1.0, "K//2"])
 @pytest.mark.parametrize(
-    "impl", ["c", "no-compiler", "gemm", "triton", "fft", "fft-no-compiler", "fft-blocks-no-compiler"]
+    "impl",
+    [
+        "c",
+        "no-compiler",
+        "gemm",
+        "triton",
+        "fft",
+        "fft-no-compiler",
+        "fft-blocks-no-compiler",
+        "fft-rfft-no-compiler",
+    ],
 )
 def test_training_path_equals_dcls(case, sigma, impl, monkeypatch, request):
     """``fft-no-compiler`` is the spectral path without the C kernels: what runs on CUDA; ``fft-blocks``
-    runs it in batch blocks of 2 samples (``SNN_DELAYS_FFT_BATCH``)."""
+    runs it in batch blocks of 2 samples (``SNN_DELAYS_FFT_BATCH``), ``fft-rfft`` with x and
+    dL/dy transformed by ``torch.fft.rfft`` (``SNN_DELAYS_DFT=fft``)."""
     t, b, n_in, n_out, k, density = case
     sigma = k // 2 if sigma == "K//2" else sigma
+    rfft_calls = []
     if impl == "triton":
         request.getfixturevalue("triton_interpreted")
     if impl.endswith("no-compiler"):
         monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)
     if "blocks" in impl:
         monkeypatch.setenv("SNN_DELAYS_FFT_BATCH", "2")
+    if "rfft" in impl:
+        monkeypatch.setenv("SNN_DELAYS_DFT", "fft")
+        real_rfft = torch.fft.rfft
+        monkeypatch.setattr(torch.fft, "rfft", lambda *a, **kw: rfft_calls.append(1) or real_rfft(*a, **kw))
     conv_impl = "fft" if impl.startswith("fft") else "auto" if impl == "no-compiler" else impl
     monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", conv_impl)
     torch.manual_seed(0)
@@ -64,6 +80,18 @@ def test_training_path_equals_dcls(case, sigma, impl, monkeypatch, request):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     for got, want in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    if "rfft" in impl:  # x in the forward; x and dL/dy in the backward (of every batch block)
+        assert len(rfft_calls) >= 3
+
+
+def test_dft_setting(monkeypatch):
+    monkeypatch.delenv("SNN_DELAYS_DFT", raising=False)
+    assert fast_delays.dft_impl() == "matmul"
+    monkeypatch.setenv("SNN_DELAYS_DFT", "fft")
+    assert fast_delays.dft_impl() == "fft"
+    monkeypatch.setenv("SNN_DELAYS_DFT", "cufft")
+    with pytest.raises(ValueError, match="SNN_DELAYS_DFT must be one of matmul, fft, got 'cufft'"):
+        fast_delays.dft_impl()
 
 
 @pytest.mark.parametrize("case", CASES)
