@@ -876,16 +876,16 @@ def _fft_len(t_len: int, ksize: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _dft_basis(n: int, length: int, flip: bool = False) -> Tensor:
+def _dft_basis(n: int, length: int, flip: bool = False, dtype: torch.dtype = torch.float32) -> Tensor:
     """(L, F, 2): ``exp(-2 pi i f m / n)`` (re, im) at row r, m = r (``flip``: m = L-1-r)."""
     f = torch.arange(n // 2 + 1, dtype=torch.float64)
     m = torch.arange(length, dtype=torch.float64)
     angle = 2 * math.pi * torch.outer(m.flip(0) if flip else m, f) / n
-    return torch.stack([torch.cos(angle), -torch.sin(angle)], -1).float().contiguous()
+    return torch.stack([torch.cos(angle), -torch.sin(angle)], -1).to(dtype).contiguous()
 
 
 @functools.lru_cache(maxsize=32)
-def _idft_basis(n: int, rows: int) -> Tensor:
+def _idft_basis(n: int, rows: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """(T, F, 2): the weights of ``irfft`` (1/n, twice for the frequencies with a mirror)."""
     f = torch.arange(n // 2 + 1, dtype=torch.float64)
     weight = torch.full_like(f, 2.0 / n)
@@ -893,7 +893,7 @@ def _idft_basis(n: int, rows: int) -> Tensor:
     if n % 2 == 0:
         weight[-1] = 1.0 / n
     angle = 2 * math.pi * torch.outer(torch.arange(rows, dtype=torch.float64), f) / n
-    return torch.stack([weight * torch.cos(angle), -weight * torch.sin(angle)], -1).float().contiguous()
+    return torch.stack([weight * torch.cos(angle), -weight * torch.sin(angle)], -1).to(dtype).contiguous()
 
 
 DFT_IMPLS = ("matmul", "fft")
@@ -924,7 +924,7 @@ def _rdft(x: Tensor, n: int, flip: bool = False) -> Tensor:
     series = x.reshape(length, cols)  # a view where the strides allow (the permuted kernel)
     if not _use_c(x):
         with _tf32(x.device, off=True):
-            pairs = torch.matmul(series.T, _dft_columns(n, length, flip, x.device))  # (C, 2F)
+            pairs = torch.matmul(series.T, _dft_columns(n, length, flip, x.device, x.dtype))  # (C, 2F)
         return torch.view_as_complex(pairs.view(cols, -1, 2)).T.view(-1, *rest)
     basis = _dft_basis(n, length, flip)
     out = torch.empty(basis.shape[1], *rest, 2, dtype=torch.float32)
@@ -934,9 +934,10 @@ def _rdft(x: Tensor, n: int, flip: bool = False) -> Tensor:
 
 
 @functools.cache  # never evicted: a captured CUDA graph reads it by address
-def _dft_columns(n: int, length: int, flip: bool, device: torch.device) -> Tensor:
-    """(L, 2F) float32 on ``device``: :func:`_dft_basis` with each frequency's (re, im) side by side."""
-    return _dft_basis(n, length, flip).reshape(length, -1).to(device)
+def _dft_columns(n: int, length: int, flip: bool, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(L, 2F) ``dtype`` (float32 or float64) on ``device``: :func:`_dft_basis` with each
+    frequency's (re, im) side by side."""
+    return _dft_basis(n, length, flip, dtype).reshape(length, -1).to(device)
 
 
 def _use_c_spectrum(spec: Tensor) -> bool:
@@ -957,9 +958,10 @@ def _irdft(spec: Tensor, n: int, rows: int) -> Tensor:
 
 
 @functools.cache  # never evicted: a captured CUDA graph reads it by address
-def _dft_matrix(n: int, length: int, device: torch.device) -> Tensor:
-    """(F, L) complex64 on ``device``: row f is ``exp(-2 pi i f (L-1-r) / n)``, r < L."""
-    return torch.view_as_complex(_dft_basis(n, length, flip=True)).T.contiguous().to(device)
+def _dft_matrix(n: int, length: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(F, L) complex64 (complex128 for a float64 ``dtype``) on ``device``: row f is
+    ``exp(-2 pi i f (L-1-r) / n)``, r < L."""
+    return torch.view_as_complex(_dft_basis(n, length, True, dtype)).T.contiguous().to(device)
 
 
 def _kernel_spectrum(kernel: Tensor, n: int) -> Tensor:
@@ -974,7 +976,7 @@ def _kernel_spectrum(kernel: Tensor, n: int) -> Tensor:
         return _rdft(kernel.permute(2, 0, 1), n, flip=True)
     n_out, n_in, ksize = kernel.shape
     columns = kernel.detach().reshape(n_out * n_in, ksize)  # (O I, K)
-    matrix = _dft_matrix(n, ksize, kernel.device)
+    matrix = _dft_matrix(n, ksize, kernel.device, kernel.dtype)
     spectrum = torch.empty(matrix.shape[0], n_out * n_in, dtype=matrix.dtype, device=kernel.device)
     with _tf32(kernel.device, off=True):
         for cols in _blocks(columns.shape[0]):
@@ -1084,10 +1086,11 @@ def _fft_grad_kernel_spectrum(
 
 
 @functools.cache  # never evicted: a captured CUDA graph reads it by address
-def _idft_rows(n: int, rows: int, device: torch.device) -> Tensor:
-    """(2F, K) float32 on ``device``: ``irfft``'s weights for the rows K-1, ..., 0 (reversed),
-    such that ``P @ M = irfft(S, n)[K-1-k, c]`` for a spectrum S (F, C) as real pairs P (C, 2F)."""
-    return _idft_basis(n, rows).flip(0).reshape(rows, -1).T.contiguous().to(device)
+def _idft_rows(n: int, rows: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(2F, K) ``dtype`` (float32 or float64) on ``device``: ``irfft``'s weights for the rows
+    K-1, ..., 0 (reversed), such that ``P @ M = irfft(S, n)[K-1-k, c]`` for a spectrum S (F, C)
+    as real pairs P (C, 2F)."""
+    return _idft_basis(n, rows, dtype).flip(0).reshape(rows, -1).T.contiguous().to(device)
 
 
 def _grad_kernel_from_spectrum(spec: Tensor, n: int, ksize: int) -> Tensor:
@@ -1104,7 +1107,7 @@ def _grad_kernel_from_spectrum(spec: Tensor, n: int, ksize: int) -> Tensor:
     n_freq, n_out, n_in = spec.shape
     cols = n_out * n_in
     pairs = torch.view_as_real(spec).permute(1, 2, 0, 3)  # (O, I, F, 2)
-    rows = _idft_rows(n, ksize, spec.device)
+    rows = _idft_rows(n, ksize, spec.device, pairs.dtype)
     with _tf32(spec.device, off=True):
         if pairs.is_contiguous():
             return torch.matmul(pairs.view(cols, 2 * n_freq), rows).view(n_out, n_in, ksize)
@@ -1560,13 +1563,18 @@ def _triton():  # noqa: ANN202 - the module, imported on first use (triton is op
         ) from err
 
 
+SPECTRAL_DTYPES = (torch.float32, torch.float64)  # the spectral path's own precisions
+
+
 def _path(x: Tensor, impl: str | None) -> str:
     """``c`` (CPU kernels), ``fft`` (CUDA default), ``gemm``, ``triton`` (CUDA) or ``dense``."""
     impl = impl or os.environ.get("SNN_DELAYS_CONV_IMPL") or "auto"
     if impl == "auto":
         if _use_c(x):
             return "c"
-        return "fft" if x.device.type == "cuda" else "dense"
+        if x.device.type != "cuda":
+            return "dense"
+        return "fft" if x.dtype in SPECTRAL_DTYPES else "gemm"  # half types: tensor-core GEMMs
     if impl not in IMPLS:
         raise ValueError(f"delay conv impl (SNN_DELAYS_CONV_IMPL) must be one of {IMPLS}, got {impl!r}")
     if impl == "c" and not _use_c(x):
@@ -1586,11 +1594,12 @@ def delay_conv(
 ) -> Tensor:
     """Training path: ``y`` (T + (K-1)//2, B, out) from the DCLS Gaussian kernel.
 
-    ``impl`` (default: ``$SNN_DELAYS_CONV_IMPL``, else ``auto``: ``c`` on the CPU, ``fft`` on
-    CUDA) forces a path: ``c``, ``fft`` (spectral for all three products, any device: DFTs
-    as float32 products and cuFFT's inverse on CUDA), ``gemm`` (unfolded GEMMs, any device),
-    ``triton`` (implicit GEMMs without the unfold copy: CUDA, or the Triton interpreter) or
-    ``dense``.
+    ``impl`` (default: ``$SNN_DELAYS_CONV_IMPL``, else ``auto``: ``c`` for CPU float32, ``fft``
+    on CUDA, ``gemm`` there for float16 / bfloat16, ``dense`` otherwise) forces a path: ``c``,
+    ``fft`` (spectral for all three products, any device: DFTs as products with DFT matrices
+    in x's precision, float32 for float16 / bfloat16 inputs, and cuFFT's inverse on CUDA),
+    ``gemm`` (unfolded GEMMs, any device), ``triton`` (implicit GEMMs without the unfold copy:
+    CUDA, or the Triton interpreter) or ``dense``.
     """
     path = _path(x, impl)
     if path == "dense":
@@ -1601,7 +1610,11 @@ def delay_conv(
         td = _triton()
         return td.DelayConv.apply(x, td.gaussian_kernel(weight, pos, sigma, kernel_size))
     if path == "fft":
-        return _DelayConvFFT.apply(x, recomputed_gaussian_kernel(weight, pos, sigma, kernel_size))
+        kernel = recomputed_gaussian_kernel(weight, pos, sigma, kernel_size)
+        if x.dtype in SPECTRAL_DTYPES:
+            return _DelayConvFFT.apply(x, kernel)
+        # float16 / bfloat16 (no complex products for them): the spectra in float32
+        return _DelayConvFFT.apply(x.float(), kernel.float()).to(x.dtype)
     kernel = _GaussKernelCPU.apply(weight, pos, sigma, kernel_size)
     start, j = tap_window(pos, sigma, kernel_size)
     return _DelayConvCPU.apply(x, kernel, start, j)

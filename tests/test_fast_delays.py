@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -174,6 +176,50 @@ def test_gemm_path_gradients_match_dense(shape, chunk, monkeypatch):
     ref = torch.autograd.grad(want, (x, kernel), g)
     for a, r in zip(got, ref, strict=True):
         torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.float64, 1e-12), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)]
+)
+def test_spectral_path_in_other_precisions(dtype, tol, monkeypatch):
+    """CUDA's default path off the C kernels for a model cast with ``.double()`` / ``.half()``:
+    float64 spectra for float64 (the DFT matrices in that precision), float32 spectra for the
+    half types (no complex products for them); outputs and gradients in the input's dtype.
+    Against the reference in float64 on the same (rounded) parameters and inputs, each within
+    ``tol`` of the largest value or no further off than the reference run in ``dtype``."""
+    monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)
+    monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", "fft")
+    torch.manual_seed(4)
+    for n_in, n_out in ((6, 7), (9, 4), (6, 6)):
+        ref, fast = _pair(n_in, n_out, 7, 1.0)
+        fast.to(dtype)
+        ref.to(dtype).load_state_dict(fast.state_dict())
+        truth = copy.deepcopy(ref).double()
+        x = _input(16, 5, n_in, 0.3).to(dtype)
+        results = []
+        for layer, xl in ((truth, x.double()), (ref, x), (fast, x)):
+            xi = xl.clone().requires_grad_()
+            y = layer(xi)
+            y.backward(torch.ones_like(y))
+            results.append([y.detach(), xi.grad, layer.dcls.weight.grad, layer.dcls.P.grad])
+        want, ref_in_dtype, got = results
+        assert all(v.dtype == dtype for v in got)
+        for w, r, g in zip(want, ref_in_dtype, got, strict=True):
+            ref_err = (r.double() - w).abs().max().item()
+            assert (g.double() - w).abs().max().item() <= max(tol * w.abs().max().item(), 2 * ref_err)
+
+
+def test_auto_path_by_device_and_dtype():
+    """``auto`` off the CPU kernels: the spectral path on CUDA for float32 and float64, GEMMs for
+    the half types (tensor cores, no complex products), the dense convolution elsewhere."""
+    from types import SimpleNamespace
+
+    def on(device: str, dtype: torch.dtype) -> str:
+        return fast_delays._path(SimpleNamespace(device=torch.device(device), dtype=dtype), "auto")
+
+    assert on("cuda", torch.float32) == on("cuda", torch.float64) == "fft"
+    assert on("cuda", torch.float16) == on("cuda", torch.bfloat16) == "gemm"
+    assert on("cpu", torch.float64) == on("meta", torch.float32) == "dense"
 
 
 def test_fft_batch_blocks_setting(monkeypatch):
