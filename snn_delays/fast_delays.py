@@ -1352,9 +1352,9 @@ class _DelayConvFFT(torch.autograd.Function):
 # - output side (O < I): P = xp @ k as (I, K*O), y[t,b,o] = sum_n P[t+n, b, n, o].
 # The copy is K x min(I, O) channels wide; no cuDNN algorithm choice, no workspace. dL/dk is
 # the transposed product with the same unfolding, dL/dx the forward of dL/dy (padded) with
-# the flipped, transposed kernel. On CUDA the products run in TF32 when
-# ``torch.backends.cudnn.allow_tf32`` is set (the precision of the reference's cuDNN conv,
-# on by default), in full float32 otherwise.
+# the flipped, transposed kernel. On CUDA the products run in TF32 when cuDNN's convolutions
+# may (:func:`conv_allows_tf32`: the precision of the reference's cuDNN conv, on by default),
+# in full float32 otherwise.
 
 
 GEMM_CHUNK = 1 << 28  # floats of one unfolded block (1 GiB): bounds the extra memory
@@ -1403,23 +1403,64 @@ def _shift_sum(p: Tensor, t_out: int, batch: int, ksize: int, ch: int) -> Tensor
     return view.sum(-1)
 
 
+def _new_precision_api() -> bool:
+    """torch >= 2.9: the ``fp32_precision`` settings, whose users' flags the legacy getters
+    (``allow_tf32``, ``get_float32_matmul_precision``) refuse to read ("mix of the legacy and
+    new APIs"): read them instead wherever they exist."""
+    return hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
+
+
+def conv_allows_tf32() -> bool:
+    """Whether cuDNN's float32 convolutions (the reference's) may use TF32: the most specific
+    of ``torch.backends.cudnn.conv.fp32_precision``, ``torch.backends.cudnn.fp32_precision``
+    and ``torch.backends.fp32_precision`` that is not ``none`` (``conv`` is ``tf32`` by
+    default; ``cudnn.allow_tf32 = False`` sets it to ``none``); ``cudnn.allow_tf32`` on an
+    older torch."""
+    if not _new_precision_api():
+        return bool(torch.backends.cudnn.allow_tf32)
+    b = torch.backends
+    for value in (b.cudnn.conv.fp32_precision, b.cudnn.fp32_precision, b.fp32_precision):
+        if value != "none":
+            return value == "tf32"
+    return False
+
+
 class _tf32:  # noqa: N801 - a context manager used like a function
-    """TF32 matmuls on CUDA iff cuDNN convs may use TF32 (the reference's precision);
-    ``off=True``: full float32 matmuls on CUDA inside the block (the DFT products: the
-    precision of a float32 FFT, where TF32 would round every input to 10 bits)."""
+    """TF32 matmuls on CUDA iff cuDNN convs may use TF32 (the reference's precision,
+    :func:`conv_allows_tf32`); ``off=True``: full float32 matmuls on CUDA inside the block (the
+    DFT products: the precision of a float32 FFT, where TF32 would round every input to 10 bits).
+
+    The flag is changed only where it differs, through the legacy setter (which sets the legacy
+    and the new state alike, so neither API's readers see a mix), and put back on exit; with the
+    ``fp32_precision`` API the user's own string (``none``, ``ieee``, ``tf32``, ...) is restored."""
 
     def __init__(self, device: torch.device, off: bool = False) -> None:
-        self.value = not off
-        self.on = device.type == "cuda" and (off or torch.backends.cudnn.allow_tf32)
+        self.on = device.type == "cuda"
+        self.value = False if off else (self.on and conv_allows_tf32())
 
     def __enter__(self) -> None:
-        if self.on:
-            self.old = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = self.value
+        self.restore = None
+        if not self.on:
+            return
+        matmul = torch.backends.cuda.matmul
+        if _new_precision_api():
+            old = matmul.fp32_precision
+            if (old == "tf32") != self.value:
+                self.restore = old
+                matmul.allow_tf32 = self.value
+        elif bool(matmul.allow_tf32) != self.value:
+            self.restore = not self.value
+            matmul.allow_tf32 = self.value
 
     def __exit__(self, *exc: object) -> None:
-        if self.on:
-            torch.backends.cuda.matmul.allow_tf32 = self.old
+        if self.restore is None:
+            return
+        matmul = torch.backends.cuda.matmul
+        if isinstance(self.restore, str):
+            matmul.allow_tf32 = self.restore == "tf32"
+            matmul.fp32_precision = self.restore
+        else:
+            matmul.allow_tf32 = self.restore
 
 
 def _window(src: Tensor, t0: int, t1: int, lead: int) -> Tensor:

@@ -13,8 +13,8 @@ matrix, read straight from global memory (rows outside ``[0, T_src)`` are the ze
   kernel's gradient, split over row blocks (one partial sum each, added by ``torch.sum``:
   deterministic, no atomics) when ``K x tiles`` alone would leave SMs idle.
 
-Precision follows the reference's convolutions: TF32 tensor-core products iff
-``torch.backends.cudnn.allow_tf32`` (cuDNN's default), else IEEE float32. On a CUDA device the
+Precision follows the reference's convolutions: TF32 tensor-core products iff cuDNN's may use
+TF32 (:func:`snn_delays.fast_delays.conv_allows_tf32`, cuDNN's default), else IEEE float32. On a CUDA device the
 block sizes are autotuned per shape on the first call. With ``TRITON_INTERPRET=1`` (set before
 this module is imported) the kernels run in Triton's interpreter on CPU tensors, with fixed
 blocks: that is how the tests hold them to the reference without a GPU.
@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from snn_delays.fast_delays import NORM_EPS, SIGMA_OFFSET, products_function
+from snn_delays.fast_delays import NORM_EPS, SIGMA_OFFSET, conv_allows_tf32, products_function
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SPLIT_ROWS = 4096  # rows (t, b) per partial sum of dL/dk
@@ -204,7 +204,7 @@ def _gauss_bwd_kernel(w, p, dk, dw, dp, S, K, c0, s, eps, R: tl.constexpr, KP: t
 
 
 def _precision(device: torch.device) -> str:
-    return "tf32" if device.type == "cuda" and torch.backends.cudnn.allow_tf32 else "ieee"
+    return "tf32" if device.type == "cuda" and conv_allows_tf32() else "ieee"
 
 
 def check_tensors(what: str, *tensors: Tensor) -> None:

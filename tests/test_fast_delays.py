@@ -381,3 +381,46 @@ def test_no_c_names_the_libraries_it_turns_off(monkeypatch, value, off):
     assert {n for n in ("fast_delays", "fast_neurons") if fast_delays.c_disabled(n)} == off
     if "fast_delays" in off:
         assert fast_delays.compile_c("fast_delays", "int f(void) { return 1; }") is None
+
+
+_TF32_PROBE = """
+import sys, torch
+from snn_delays import fast_delays
+exec(sys.argv[1])
+b = torch.backends
+def strings():
+    return (b.fp32_precision, b.cuda.matmul.fp32_precision, b.cudnn.fp32_precision, b.cudnn.conv.fp32_precision)
+before = strings()
+seen = [fast_delays.conv_allows_tf32()]
+for off in (True, False):
+    with fast_delays._tf32(torch.device("cuda"), off=off):  # flags only: no GPU needed
+        seen.append(b.cuda.matmul.fp32_precision == "tf32")
+print(seen, before == strings())
+"""
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9")
+@pytest.mark.parametrize(
+    ("setup", "conv_tf32"),
+    [
+        ("pass", True),  # cuDNN's default: TF32 convolutions
+        ("torch.backends.cuda.matmul.allow_tf32 = True", True),  # the legacy API
+        ("torch.backends.cudnn.allow_tf32 = False", False),
+        ("torch.backends.fp32_precision = 'tf32'", True),  # the new API, which the legacy getters refuse
+        ("torch.backends.fp32_precision = 'ieee'", False),
+        ("torch.backends.cudnn.conv.fp32_precision = 'ieee'", False),
+    ],
+)
+def test_tf32_follows_the_convolutions_under_either_precision_api(setup, conv_tf32):
+    """The CUDA products' TF32 switch (``_tf32``) reads the user's flags set through either API
+    (the legacy getters raise "mix of the legacy and new APIs" after a new-API setting), gives
+    full float32 to the DFT products and the convolutions' precision to the others, and leaves
+    every ``fp32_precision`` string as it found it. Its own process: the flags are global."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", _TF32_PROBE, setup], capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[-2] == f"{[conv_tf32, False, conv_tf32]} True"
