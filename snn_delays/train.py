@@ -49,11 +49,20 @@ register_configs()
 
 
 def pick_device(name: str) -> torch.device:
+    """``trainer.device``; a numbered GPU (``cuda:1``) also becomes the current device, which
+    Triton's launches, the CUDA graphs' stream and the memory counters follow."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"trainer.device={name} but CUDA is not available; use trainer.device=cpu or auto")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ValueError(
+                f"trainer.device={name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+        torch.cuda.set_device(device)
     return device
 
 

@@ -25,6 +25,7 @@ Not timed yet on a GPU (see ``experiments/FAST_DELAYS.md``): selected only by
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -220,6 +221,12 @@ def check_tensors(what: str, *tensors: Tensor) -> None:
             )
 
 
+def device_of(x: Tensor) -> contextlib.AbstractContextManager:
+    """Launch on ``x``'s GPU: Triton launches on the current device, which need not be x's (a
+    model moved to ``cuda:1`` in a process whose current device is ``cuda:0``)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _check(*tensors: Tensor) -> None:
     check_tensors("the Triton delay kernels", *tensors)
 
@@ -238,9 +245,10 @@ def shift_mm(src: Tensor, w: Tensor, t_dst: int, shift: int) -> Tensor:
     def grid(m: dict) -> tuple[int, int]:
         return triton.cdiv(t_dst * batch, m["BM"]), triton.cdiv(c_out, m["BN"])
 
-    _shift_mm_kernel[grid](
-        src, w, dst, t_src, t_dst, batch, c_in, c_out, shift, K=ksize, PREC=_precision(src.device), **meta
-    )
+    with device_of(src):
+        _shift_mm_kernel[grid](
+            src, w, dst, t_src, t_dst, batch, c_in, c_out, shift, K=ksize, PREC=_precision(src.device), **meta
+        )
     return dst
 
 
@@ -264,21 +272,22 @@ def shift_grad_w(src: Tensor, g: Tensor, ksize: int, shift: int) -> Tensor:
     def grid(m: dict) -> tuple[int, int, int]:
         return ksize, triton.cdiv(c_in, m["BI"]) * triton.cdiv(c_out, m["BO"]), split
 
-    _shift_grad_w_kernel[grid](
-        src,
-        g,
-        dw,
-        t_src,
-        t_g,
-        batch,
-        c_in,
-        c_out,
-        shift,
-        split_rows,
-        K=ksize,
-        PREC=_precision(src.device),
-        **meta,
-    )
+    with device_of(src):
+        _shift_grad_w_kernel[grid](
+            src,
+            g,
+            dw,
+            t_src,
+            t_g,
+            batch,
+            c_in,
+            c_out,
+            shift,
+            split_rows,
+            K=ksize,
+            PREC=_precision(src.device),
+            **meta,
+        )
     return dw[0] if split == 1 else dw.sum(0)
 
 
@@ -295,9 +304,10 @@ class GaussKernel(torch.autograd.Function):
         _check(w, p)
         kernel = torch.empty(*w.shape, ksize, device=w.device, dtype=torch.float32)
         ctx.args = (ksize, float(ksize // 2), abs(float(sigma)) + SIGMA_OFFSET, NORM_EPS)
-        _gauss_fwd_kernel[(triton.cdiv(w.numel(), GAUSS_ROWS),)](
-            w, p, kernel, w.numel(), *ctx.args, R=GAUSS_ROWS, KP=triton.next_power_of_2(ksize)
-        )
+        with device_of(w):
+            _gauss_fwd_kernel[(triton.cdiv(w.numel(), GAUSS_ROWS),)](
+                w, p, kernel, w.numel(), *ctx.args, R=GAUSS_ROWS, KP=triton.next_power_of_2(ksize)
+            )
         ctx.save_for_backward(w, p)
         return kernel
 
@@ -306,17 +316,18 @@ class GaussKernel(torch.autograd.Function):
         w, p = ctx.saved_tensors
         dw, dp = torch.empty_like(w), torch.empty_like(p)
         ksize = ctx.args[0]
-        _gauss_bwd_kernel[(triton.cdiv(w.numel(), GAUSS_ROWS),)](
-            w,
-            p,
-            grad_k.contiguous(),
-            dw,
-            dp,
-            w.numel(),
-            *ctx.args,
-            R=GAUSS_ROWS,
-            KP=triton.next_power_of_2(ksize),
-        )
+        with device_of(w):
+            _gauss_bwd_kernel[(triton.cdiv(w.numel(), GAUSS_ROWS),)](
+                w,
+                p,
+                grad_k.contiguous(),
+                dw,
+                dp,
+                w.numel(),
+                *ctx.args,
+                R=GAUSS_ROWS,
+                KP=triton.next_power_of_2(ksize),
+            )
         return dw, dp, None, None
 
 

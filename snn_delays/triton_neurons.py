@@ -14,7 +14,6 @@ check them.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -22,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from snn_delays.triton_delays import check_tensors
+from snn_delays.triton_delays import check_tensors, device_of
 
 BLOCK = 256  # neurons per program
 
@@ -104,11 +103,6 @@ def _lif_bwd_kernel(
         off -= M
 
 
-def _device_of(x: Tensor) -> contextlib.AbstractContextManager:
-    """Launch on ``x``'s GPU: Triton launches on the current device, which need not be x's."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def lif_forward(
     x: Tensor,
     tau: float,
@@ -123,7 +117,7 @@ def lif_forward(
     outs = [torch.empty_like(x) if w else None for w in want]
     scale, shift = (x, x) if affine is None else (t.contiguous() for t in affine)
     placeholder = x  # for the outputs not wanted: the kernel does not write them
-    with _device_of(x):
+    with device_of(x):
         if x.numel():  # Triton refuses an empty grid
             _lif_fwd_kernel[(triton.cdiv(m, BLOCK),)](
                 x,
@@ -159,7 +153,7 @@ def lif_backward(
     t_len, m = h.shape[0], math.prod(h.shape[1:])
     if not h.numel():
         return gx
-    with _device_of(h):
+    with device_of(h):
         _lif_bwd_kernel[(triton.cdiv(m, BLOCK),)](
             h if gs is None else gs.contiguous(),
             h if gv is None else gv.contiguous(),

@@ -140,3 +140,20 @@ def test_fast_and_dcls_backends_train_to_the_same_accuracy(tmp_path):
     }
     assert metrics["fast"]["test_acc"] >= 0.9 and metrics["dcls"]["test_acc"] >= 0.9, metrics
     assert abs(metrics["fast"]["test_acc"] - metrics["dcls"]["test_acc"]) <= 0.05, metrics
+
+
+def test_numbered_gpu_becomes_the_current_device(monkeypatch):
+    """``trainer.device=cuda:1``: Triton launches on the current device (and the CUDA graphs'
+    stream and memory counters read it), so the trainer makes that GPU current; an index the
+    machine lacks is refused naming the key. (No GPU here: CUDA's answers are stood in.)"""
+    from snn_delays import train
+
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    assert train.pick_device("cuda:1") == torch.device("cuda", 1)
+    assert made_current == [torch.device("cuda", 1)]
+    assert train.pick_device("cuda") == torch.device("cuda") and len(made_current) == 1
+    with pytest.raises(ValueError, match=r"trainer.device=cuda:2: this machine has 2 CUDA device\(s\)"):
+        train.pick_device("cuda:2")

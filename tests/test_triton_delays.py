@@ -120,3 +120,32 @@ def test_gaussian_kernel_and_its_gradients(ksize, sigma, triton_interpreted):
     torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dw.double(), want_dw, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(dp.double(), want_dp, rtol=1e-4, atol=1e-5 * want_dp.abs().max().item())
+
+
+def test_every_launch_runs_on_its_tensors_device(triton_interpreted, monkeypatch):
+    """Triton launches on the current device, not the tensors': every delay and LIF kernel is
+    launched inside ``device_of`` its input (``torch.cuda.device``, so a model on ``cuda:1``
+    in a process whose current device is ``cuda:0`` runs there)."""
+    from types import SimpleNamespace
+
+    from snn_delays import triton_neurons
+
+    gpu = triton_interpreted.device_of(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1)))
+    assert isinstance(gpu, torch.cuda.device) and gpu.idx == 1
+    launched = []
+    real = triton_interpreted.device_of
+
+    def recording(x):  # noqa: ANN001, ANN202
+        launched.append(x.shape)
+        return real(x)
+
+    monkeypatch.setattr(triton_interpreted, "device_of", recording)
+    monkeypatch.setattr(triton_neurons, "device_of", recording)
+    x = torch.rand(6, 2, 3, requires_grad=True)
+    w, p = torch.rand(4, 3, requires_grad=True), torch.rand(4, 3, requires_grad=True)
+    kernel = triton_interpreted.gaussian_kernel(w, p, 1.0, 5)
+    triton_interpreted.DelayConv.apply(x, kernel).sum().backward()
+    assert len(launched) == 5  # Gaussian forward and backward, conv, dL/dx, dL/dk
+    launched.clear()
+    triton_neurons.lif_multi_step(x.detach().requires_grad_(), 2.0, 1.0, 5.0).sum().backward()
+    assert len(launched) == 2  # LIF forward and backward
