@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     gpu = args.device.startswith("cuda")
     args.steps = args.steps or (20 if gpu else 1)
     device = torch.device(args.device)
+    if gpu and device.index is not None:  # cuda:N: the graphs' stream and Triton follow the current device
+        torch.cuda.set_device(device)
     results = []
     for net in args.networks.split(","):
         n_in, *_, k, _, _, batch = NETWORKS[net]
