@@ -11,7 +11,8 @@ What a graph bakes in: sigma (the Gaussian kernel's width and the taps each path
 learning rates and Adam betas of the epoch (the schedulers step once per epoch), and the
 batch's shape. So :class:`GraphedSteps` captures anew at the start of every epoch (the first
 batch of an epoch runs eagerly, on a side stream, which also warms up lazily initialised
-state, then the second batch is captured and run), and a batch of another shape (the last,
+state, then the next batch of the same shape is captured and run; a batch of another shape
+before the capture is a new warm-up), and a batch of another shape than the graph's (the last,
 smaller batch) runs eagerly. The optimizers run with ``capturable=True`` (their step counts
 live on the GPU; :func:`set_capturable`). The evaluation step bakes in nothing that changes (parameters and BatchNorm
 statistics are read from their memory at each replay; the integer delays are computed from
@@ -117,7 +118,7 @@ class GraphedSteps:
         self._replay: Callable[[], None] | None = None
         self._inputs: tuple[Tensor, Tensor] | None = None
         self._outputs: tuple[Tensor, ...] = ()
-        self._warm = False
+        self._warm: tuple | None = None  # the layout of the last eager warm-up's batch
 
     def __call__(self, x: Tensor, target: Tensor) -> tuple[Tensor, ...]:
         if self.failed:
@@ -131,8 +132,11 @@ class GraphedSteps:
                 self.replays += 1
                 return self._outputs
             return self.body(x, target)  # another shape: the epoch's last, smaller batch
-        if not self._warm:  # the first batch of the epoch: eager, off the capturing stream
-            self._warm = True
+        if self._warm != (_layout(x), _layout(target)):
+            # the first batch of the epoch, or one of a shape not run since: eager, off the
+            # capturing stream. A capture only records a shape whose lazy state (DFT matrices,
+            # Triton autotuning, cuFFT plans) a warm-up made: made inside a capture, it fails.
+            self._warm = (_layout(x), _layout(target))
             with self._side():
                 return self.body(x, target)
         self._inputs = (x.clone(), target.clone())
@@ -158,5 +162,9 @@ class GraphedSteps:
         torch.cuda.current_stream().wait_stream(stream)
 
 
+def _layout(t: Tensor) -> tuple:
+    return t.shape, t.dtype, t.device
+
+
 def _same_layout(a: Tensor, b: Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+    return _layout(a) == _layout(b)

@@ -91,6 +91,28 @@ def test_a_replay_reads_the_new_batch():
     assert float(steps(torch.ones(1, 3), torch.zeros(1))[0]) == 3.0  # another shape: eager
 
 
+def test_a_capture_records_only_a_shape_a_warm_up_ran():
+    """Batches padded to their longest sample change shape: a batch of a shape not run eagerly
+    since the warm-up is a new warm-up, not a capture (whose lazily made state, such as DFT
+    matrices for a new length, would be made inside the capture and fail it)."""
+    captured = []
+
+    def capture(body):  # noqa: ANN001, ANN202
+        replay, outputs = eager_capture(body)
+        captured.append(int(outputs[1]))  # the captured batch's length
+        return replay, outputs
+
+    steps = GraphedSteps(lambda x, t: (x.sum(), torch.tensor(x.shape[0])), capture, side_stream=False)
+    lengths = [100, 97, 97, 97, 100, 97]
+    sums = [float(steps(torch.ones(t, 3), torch.zeros(3))[0]) for t in lengths]
+    assert sums == [3.0 * t for t in lengths]
+    assert captured == [97] and (steps.captures, steps.replays) == (1, 2)
+    steps.new_epoch()  # a new epoch warms up again before it captures
+    for t in (100, 100):
+        steps(torch.ones(t, 3), torch.zeros(3))
+    assert captured == [97, 100]
+
+
 def test_every_warm_up_and_capture_uses_one_side_stream(monkeypatch):
     """A fresh stream per epoch would keep one more cuBLAS workspace per epoch (graph_stream)."""
     made, used = [], []
