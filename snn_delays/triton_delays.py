@@ -15,9 +15,10 @@ matrix, read straight from global memory (rows outside ``[0, T_src)`` are the ze
 
 Precision follows the reference's convolutions: TF32 tensor-core products iff cuDNN's may use
 TF32 (:func:`snn_delays.fast_delays.conv_allows_tf32`, cuDNN's default), else IEEE float32. On
-a CUDA device the block sizes are autotuned per shape on the first call. With ``TRITON_INTERPRET=1`` (set before
-this module is imported) the kernels run in Triton's interpreter on CPU tensors, with fixed
-blocks: that is how the tests hold them to the reference without a GPU.
+a CUDA device the block sizes are autotuned per shape on the first call. With
+``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run in Triton's
+interpreter on CPU tensors, with fixed blocks: that is how the tests hold them to the
+reference without a GPU.
 
 Not timed yet on a GPU (see ``experiments/FAST_DELAYS.md``): selected only by
 ``SNN_DELAYS_CONV_IMPL=triton`` / ``impl="triton"``.
