@@ -917,12 +917,13 @@ def _rdft(x: Tensor, n: int, flip: bool = False) -> Tensor:
     transforms of pocketfft several times over. The product needs no zero-padded (n, ...) copy
     of x, which ``rfft`` makes (36 MiB for an SHD hidden layer, at its backward's peak); its
     result has the frequencies innermost, as ``rfft``'s along dim 0."""
-    if not _use_c(x) and dft_impl() == "fft":
+    use_c = _use_c(x)
+    if not use_c and dft_impl() == "fft":
         return torch.fft.rfft(x.flip(0) if flip else x, n=n, dim=0)
     length, rest = x.shape[0], x.shape[1:]
     cols = x[0].numel()
     series = x.reshape(length, cols)  # a view where the strides allow (the permuted kernel)
-    if not _use_c(x):
+    if not use_c:
         with _tf32(x.device, off=True):
             pairs = torch.matmul(series.T, _dft_columns(n, length, flip, x.device, x.dtype))  # (C, 2F)
         return torch.view_as_complex(pairs.view(cols, -1, 2)).T.view(-1, *rest)
@@ -1403,11 +1404,12 @@ def _shift_sum(p: Tensor, t_out: int, batch: int, ksize: int, ch: int) -> Tensor
     return view.sum(-1)
 
 
-def _new_precision_api() -> bool:
-    """torch >= 2.9: the ``fp32_precision`` settings, whose users' flags the legacy getters
-    (``allow_tf32``, ``get_float32_matmul_precision``) refuse to read ("mix of the legacy and
-    new APIs"): read them instead wherever they exist."""
-    return hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
+# torch >= 2.9: the ``fp32_precision`` settings, whose users' flags the legacy getters
+# (``allow_tf32``, ``get_float32_matmul_precision``) refuse to read ("mix of the legacy and new
+# APIs"): read them instead wherever they exist. Fixed for the process: checked once.
+_NEW_PRECISION_API = hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(
+    torch.backends.cudnn, "conv"
+)
 
 
 def conv_allows_tf32() -> bool:
@@ -1416,7 +1418,7 @@ def conv_allows_tf32() -> bool:
     and ``torch.backends.fp32_precision`` that is not ``none`` (``conv`` is ``tf32`` by
     default; ``cudnn.allow_tf32 = False`` sets it to ``none``); ``cudnn.allow_tf32`` on an
     older torch."""
-    if not _new_precision_api():
+    if not _NEW_PRECISION_API:
         return bool(torch.backends.cudnn.allow_tf32)
     b = torch.backends
     for value in (b.cudnn.conv.fp32_precision, b.cudnn.fp32_precision, b.fp32_precision):
@@ -1443,7 +1445,7 @@ class _tf32:  # noqa: N801 - a context manager used like a function
         if not self.on:
             return
         matmul = torch.backends.cuda.matmul
-        if _new_precision_api():
+        if _NEW_PRECISION_API:
             old = matmul.fp32_precision
             if (old == "tf32") != self.value:
                 self.restore = old
