@@ -9,6 +9,7 @@ rank 0 logs and writes.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -16,7 +17,7 @@ import math
 import os
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,19 +96,39 @@ def build_optimization(cfg: DictConfig, model: DelaySNN, epochs: int) -> Optimiz
     return opt
 
 
-def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
-    """Join the process group when started by torchrun (NCCL on GPU, gloo on CPU)."""
+@contextlib.contextmanager
+def distributed(device_name: str) -> Iterator[tuple[Distributed, torch.device]]:
+    """Join the process group when started by torchrun (NCCL on GPU, gloo on CPU).
+
+    On the way out the ranks meet at a barrier, then a group this made is destroyed (error or
+    not; a group the caller had made is left to the caller). The barrier is what keeps the job
+    alive: gloo's worker threads drop their last reference to a finished collective a moment
+    after the caller has seen it finish, and dropping it takes the GIL. A rank that reaches
+    interpreter teardown first aborts in that thread (SIGABRT, "terminate called without an
+    active exception", about one torchrun test in twenty here), and torchrun fails the whole
+    job. Waiting at the barrier releases the GIL until every rank is done, so those threads
+    finish their work first. Destroying the group alone would not do: it joins those threads
+    only when nothing else holds the group, and DistributedDataParallel's constructor leaves
+    references to it behind (torch 2.13).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Distributed(), pick_device(device_name)
+        yield Distributed(), pick_device(device_name)
+        return
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
+    made = not torch.distributed.is_initialized()
+    if made:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world), device
+    try:
+        yield Distributed(rank, world), device
+        torch.distributed.barrier()
+    finally:
+        if made and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def write_outputs(run_dir: Path, state: TrainState, n_params: int) -> dict[str, Any]:
@@ -138,7 +159,11 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train as ``cfg`` says, writing into ``run_dir``; returns the metrics of metrics.json."""
-    dist, device = setup_distributed(cfg.trainer.device)
+    with distributed(cfg.trainer.device) as (dist, device):
+        return _train(cfg, run_dir, dist, device)
+
+
+def _train(cfg: DictConfig, run_dir: Path, dist: Distributed, device: torch.device) -> dict[str, Any]:
     if device.type == "cpu":
         fast_delays.keep_freed_memory()  # activations reused, not re-faulted every step
     seed_everything(cfg.seed + dist.rank)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
@@ -126,3 +127,57 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
     rows = list(csv.DictReader(open(out / "logs" / "metrics.csv")))
     assert len(rows) == 2  # one logger (rank 0), one row per epoch
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+
+
+class _FakeGroup:
+    """Stands in for torch.distributed's group calls, recording what the trainer does with them."""
+
+    def __init__(self, initialized: bool = False) -> None:
+        self.initialized, self.calls = initialized, []
+
+    def install(self, monkeypatch) -> None:
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: self.initialized)
+        monkeypatch.setattr(torch.distributed, "init_process_group", self.init)
+        monkeypatch.setattr(torch.distributed, "destroy_process_group", self.destroy)
+        monkeypatch.setattr(torch.distributed, "barrier", lambda: self.calls.append("barrier"))
+
+    def init(self, backend: str) -> None:
+        self.initialized = True
+        self.calls.append(f"init {backend}")
+
+    def destroy(self) -> None:
+        self.initialized = False
+        self.calls.append("destroy")
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["returns", "raises"])
+def test_a_rank_waits_for_the_others_and_destroys_its_group_before_it_exits(monkeypatch, fails):
+    # A rank that reaches interpreter teardown while gloo's threads still drop a finished
+    # collective aborts (SIGABRT) and torchrun fails the job: the ranks meet at a barrier first.
+    # After an error there is no barrier (the other ranks may never reach it), only the cleanup.
+    from snn_delays.train import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    group = _FakeGroup()
+    group.install(monkeypatch)
+    with pytest.raises(RuntimeError, match="in training") if fails else contextlib.nullcontext():
+        with distributed("cpu") as (dist, device):
+            assert (dist.rank, dist.world_size, device.type) == (1, 2, "cpu")
+            assert group.calls == ["init gloo"]
+            if fails:
+                raise RuntimeError("in training")
+    assert group.calls == ["init gloo", "destroy"] if fails else ["init gloo", "barrier", "destroy"]
+
+
+def test_a_group_made_by_the_caller_is_left_to_the_caller(monkeypatch):
+    from snn_delays.train import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    group = _FakeGroup(initialized=True)
+    group.install(monkeypatch)
+    with distributed("cpu") as (dist, _):
+        assert dist.is_main
+    assert group.calls == ["barrier"] and group.initialized
