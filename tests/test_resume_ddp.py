@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import ROOT, read_metrics, run_cli
 
+from snn_delays.train import distributed
+
 RUN = ["experiment=synthetic", "trainer.epochs=12", "logger=none", "trainer.progress=false", "seed=4"]
 
 
@@ -155,8 +157,6 @@ def test_a_rank_waits_for_the_others_and_destroys_its_group_before_it_exits(monk
     # A rank that reaches interpreter teardown while gloo's threads still drop a finished
     # collective aborts (SIGABRT) and torchrun fails the job: the ranks meet at a barrier first.
     # After an error there is no barrier (the other ranks may never reach it), only the cleanup.
-    from snn_delays.train import distributed
-
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -172,8 +172,6 @@ def test_a_rank_waits_for_the_others_and_destroys_its_group_before_it_exits(monk
 
 
 def test_a_group_made_by_the_caller_is_left_to_the_caller(monkeypatch):
-    from snn_delays.train import distributed
-
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     group = _FakeGroup(initialized=True)
