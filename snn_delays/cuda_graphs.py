@@ -3,8 +3,10 @@
 On a GPU the SNN's training step is bound by the host, not the GPU: a few hundred small
 kernels (LIF, BatchNorm, dropout, the delay products and the Gaussian kernel of every layer,
 two Adam optimizers) are each launched from Python. A CUDA graph records the step's kernels
-once and replays them with a single launch; the batch is copied into the graph's input
-buffers first. ``trainer.cuda_graphs=auto`` (the default) turns this on for one process on a
+once and replays them with a single launch. A graph reads its batch from fixed input
+buffers (:class:`StaticInputs`); the trainer gathers each batch straight into them
+(:meth:`GraphedSteps.buffer`), so a graphed step holds no more copies of the batch than an
+eager one. ``trainer.cuda_graphs=auto`` (the default) turns this on for one process on a
 CUDA device; ``true`` asks for it with a warning where it cannot run, ``false`` turns it off.
 
 What a graph bakes in: sigma (the Gaussian kernel's width and the taps each path visits), the
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -93,21 +96,85 @@ def set_capturable(flag: bool, *optimizers: torch.optim.Optimizer | None) -> Non
                     state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(device)
 
 
+Layout = tuple[torch.Size, tuple[int, ...], torch.dtype, torch.device]
+
+
+class StaticInputs:
+    """The input buffers graphs read, one per layout (shape, strides, dtype, device).
+
+    Runners that share one (the training and evaluation steps) share the buffer of a common
+    layout. A buffer lives while a graph or a caller holds it (the registry's references are
+    weak), so a dropped graph frees its buffer with it.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: weakref.WeakValueDictionary[Layout, Tensor] = weakref.WeakValueDictionary()
+
+    def buffer(
+        self, shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> Tensor:
+        """The tensor to write the next batch of this layout into (made if none is held)."""
+        key = (torch.Size(shape), tuple(stride), dtype, torch.device(device))
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self.adopt(torch.empty_strided(shape, stride, dtype=dtype, device=device))
+        return buf
+
+    def adopt(self, t: Tensor) -> Tensor:
+        """Make ``t`` itself the buffer of its layout: graphs will read it in place, and later
+        batches of that layout are written into it. ``t`` is returned."""
+        self._buffers[_strided_layout(t)] = t
+        return t
+
+    def take(self, t: Tensor) -> tuple[Tensor, bool]:
+        """``(buffer, copied)``: the buffer of ``t``'s layout, holding ``t``'s values; ``t``
+        itself (not copied) if it is that buffer. A tensor the caller made is never adopted
+        here: the caller may still use it, or it may be a view of its data."""
+        buf = self._buffers.get(_strided_layout(t))
+        if buf is t:
+            return t, False
+        if buf is None:
+            return self.adopt(t.clone()), True
+        buf.copy_(t)
+        return buf, True
+
+
 class GraphedSteps:
     """``steps(x, target)`` runs ``body(x, target)``, from a graph where the shape allows.
 
     ``body`` is one whole training step (forward, backward, optimizer, clamping) returning
     tensors; :meth:`new_epoch` drops the graph. The returned tensors are the graph's outputs,
     overwritten by the next replay: read or accumulate them before the next call.
-    ``capture`` and ``side_stream`` exist for tests, which replay the body eagerly on the CPU.
+
+    The graph reads ``x`` and ``target`` from buffers of ``inputs`` (by default its own). A
+    batch that is already that buffer (written through :meth:`buffer`, or adopted) is read in
+    place; any other is copied in. ``capture`` and ``side_stream`` exist for tests, which
+    replay the body eagerly on the CPU.
     """
 
-    def __init__(self, body: Body, capture: Capture = cuda_capture, side_stream: bool = True) -> None:
+    def __init__(
+        self,
+        body: Body,
+        capture: Capture = cuda_capture,
+        side_stream: bool = True,
+        inputs: StaticInputs | None = None,
+    ) -> None:
         self.body, self.capture, self.side_stream = body, capture, side_stream
+        self.inputs = inputs if inputs is not None else StaticInputs()
         self.captures = 0  # graphs recorded so far
         self.replays = 0
+        self.batch_copies = 0  # batches copied into the graph's input buffer (not written there)
         self.failed = False  # a capture failed: every later step runs eagerly
         self.new_epoch()
+
+    def buffer(
+        self, shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> Tensor:
+        """Where to write the next batch ``x`` of this layout: the graph's input buffer when it
+        has one of the layout, so the step reads the batch in place. The tensor is overwritten
+        by the next batch of the same layout: drop or finish with the previous batch first.
+        Pass this as ``batches(..., into=steps.buffer)``."""
+        return self.inputs.buffer(shape, stride, dtype, device)
 
     @property
     def captured(self) -> bool:
@@ -126,8 +193,11 @@ class GraphedSteps:
         if self._replay is not None:
             static_x, static_t = self._inputs
             if _same_layout(x, static_x) and _same_layout(target, static_t):
-                static_x.copy_(x)
-                static_t.copy_(target)
+                if x is not static_x:
+                    static_x.copy_(x)
+                    self.batch_copies += 1
+                if target is not static_t:
+                    static_t.copy_(target)
                 self._replay()
                 self.replays += 1
                 return self._outputs
@@ -139,7 +209,9 @@ class GraphedSteps:
             self._warm = (_layout(x), _layout(target))
             with self._side():
                 return self.body(x, target)
-        self._inputs = (x.clone(), target.clone())
+        (static_x, copied), (static_t, _) = self.inputs.take(x), self.inputs.take(target)
+        self.batch_copies += copied
+        self._inputs = (static_x, static_t)
         try:
             self._replay, self._outputs = self.capture(lambda: self.body(*self._inputs))
         except RuntimeError as err:  # e.g. a host synchronisation inside the step
@@ -164,6 +236,10 @@ class GraphedSteps:
 
 def _layout(t: Tensor) -> tuple:
     return t.shape, t.dtype, t.device
+
+
+def _strided_layout(t: Tensor) -> Layout:
+    return t.shape, t.stride(), t.dtype, t.device
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from snn_delays.cuda_graphs import GraphedSteps, capture_refusal, set_capturable
+from snn_delays.cuda_graphs import GraphedSteps, StaticInputs, capture_refusal, set_capturable
 from snn_delays.data.base import DataBundle, Split, batches
 from snn_delays.memtrack import peak_mib
 
@@ -196,7 +196,8 @@ def evaluate(
         return {"loss": float("nan"), "acc": float("nan")}
     model.eval()
     sums = torch.zeros(3, device=split.x.device, dtype=torch.float64)  # loss*n, correct, n
-    for x, y, _ in batches(split, batch_size, indices=dist.shard(torch.arange(len(split)))):
+    into = graphs.buffer if graphs is not None else None  # batches written where the graph reads them
+    for x, y, _ in batches(split, batch_size, indices=dist.shard(torch.arange(len(split))), into=into):
         loss_sum, scores = graphs(x, y) if graphs is not None else eval_step(model, x, y)
         _accumulate(sums, loss_sum, scores, y)
     loss, correct, n = dist.all_sum(sums).tolist()
@@ -234,9 +235,10 @@ def graphed_steps(
             log.info("trainer.cuda_graphs=auto: %s; training without graphs", reason)
         return None, None
     set_capturable(True, opt.weights, opt.positions)
+    inputs = StaticInputs()  # a batch layout both steps run shares one buffer
     return (
-        GraphedSteps(lambda x, target: train_step(model, opt, x, target)),
-        GraphedSteps(lambda x, y: eval_step(model, x, y)),
+        GraphedSteps(lambda x, target: train_step(model, opt, x, target), inputs=inputs),
+        GraphedSteps(lambda x, y: eval_step(model, x, y), inputs=inputs),
     )
 
 
@@ -259,7 +261,7 @@ def train_epoch(
     shard = dist.shard(order)
     n_batches = math.ceil(len(shard) / per_rank)
     bar = tqdm(
-        batches(split, per_rank, indices=shard),
+        batches(split, per_rank, indices=shard, into=graphs.buffer if graphs is not None else None),
         total=n_batches,
         desc=desc,
         leave=False,
@@ -271,7 +273,9 @@ def train_epoch(
         _accumulate(sums, loss * len(y), scores, y)
         if stop() and dist.world_size == 1:  # ranks stop together, at the epoch's end
             break
-    loss, correct, n = dist.all_sum(sums).tolist()
+    loss, correct, n = dist.all_sum(sums).tolist()  # waits for the last replay
+    if graphs is not None:  # free the graph, its memory pool and its input buffer before evaluation
+        graphs.new_epoch()
     return {"loss": loss / max(n, 1), "acc": correct / max(n, 1)}
 
 

@@ -9,7 +9,9 @@ GPU the real capture is compared with the eager loop (``experiments/gpu_check.sh
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
+import weakref
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,9 @@ import torch
 from omegaconf import OmegaConf
 
 from snn_delays import cuda_graphs, training
-from snn_delays.cuda_graphs import GraphedSteps, set_capturable
+from snn_delays.augment import Augment
+from snn_delays.cuda_graphs import GraphedSteps, StaticInputs, set_capturable
+from snn_delays.data.base import Split, batches
 from snn_delays.data.synthetic import make_synthetic
 from snn_delays.loggers import NullLogger
 from snn_delays.model import DelaySNN
@@ -35,7 +39,7 @@ def eager_capture(body):  # noqa: ANN001, ANN201
     return replay, outputs
 
 
-def _train(tmp_path, device: str, cuda_graphs: bool, epochs: int = 3, dropout: float = 0.1):  # noqa: ANN001, ANN202
+def _train(tmp_path, device: str, cuda_graphs: bool, epochs: int = 3, dropout: float = 0.1, augment=None):  # noqa: ANN001, ANN202
     torch.manual_seed(0)
     data = make_synthetic(n_train=300, n_valid=96, n_test=128, seed=1).to(device)
     model = DelaySNN(8, 4, n_hidden=16, n_layers=1, kernel_size=15, dropout=dropout).to(device)
@@ -50,23 +54,30 @@ def _train(tmp_path, device: str, cuda_graphs: bool, epochs: int = 3, dropout: f
         sigma_decay_epochs=2,
     )
     cfg = FitConfig(epochs, 64, 40, progress=False, save_checkpoints=False, cuda_graphs=cuda_graphs)
-    state = fit(model, data, opt, NullLogger(), cfg, tmp_path)
+    state = fit(model, data, opt, NullLogger(), cfg, tmp_path, augment=augment)
     return model, state
 
 
-def test_graphed_epochs_train_exactly_as_the_eager_loop(tmp_path, monkeypatch):
+# masks and CutMix make a new batch from the one written into the graph's buffer, which is
+# then copied back into that buffer: both orders of use of one buffer must hold
+AUGMENT = Augment(
+    time_masks=2, time_mask_steps=5, channel_masks=1, channel_mask_width=2, cutmix_prob=0.5, n_classes=4
+)
+
+
+@pytest.mark.parametrize("augment", [None, AUGMENT], ids=["plain", "augmented"])
+def test_graphed_epochs_train_exactly_as_the_eager_loop(tmp_path, monkeypatch, augment):
     runners = []
 
     def cpu_graphs(model, opt, dist, required=True):  # noqa: ANN001, ANN202
-        runners.append(
-            GraphedSteps(lambda x, t: train_step(model, opt, x, t), eager_capture, side_stream=False)
-        )
-        runners.append(GraphedSteps(lambda x, y: eval_step(model, x, y), eager_capture, side_stream=False))
+        inputs = StaticInputs()  # shared, as graphed_steps shares them
+        for body in (lambda x, t: train_step(model, opt, x, t), lambda x, y: eval_step(model, x, y)):
+            runners.append(GraphedSteps(body, eager_capture, side_stream=False, inputs=inputs))
         return tuple(runners)
 
-    eager_model, eager_state = _train(tmp_path / "eager", "cpu", cuda_graphs=False)
+    eager_model, eager_state = _train(tmp_path / "eager", "cpu", cuda_graphs=False, augment=augment)
     monkeypatch.setattr(training, "graphed_steps", cpu_graphs)
-    graph_model, graph_state = _train(tmp_path / "graphs", "cpu", cuda_graphs=True)
+    graph_model, graph_state = _train(tmp_path / "graphs", "cpu", cuda_graphs=True, augment=augment)
 
     runner, eval_runner = runners
     # 300 samples in batches of 64: per epoch one eager warm-up, one capture, two replays and
@@ -75,6 +86,10 @@ def test_graphed_epochs_train_exactly_as_the_eager_loop(tmp_path, monkeypatch):
     # 96 validation and 128 test samples in batches of 40, one graph for the whole run: per
     # epoch 2 + 3 full batches (less the first warm-up and the capture), the last ones eagerly
     assert (eval_runner.captures, eval_runner.replays) == (1, 3 * 5 - 2)
+    # every batch was gathered straight into the buffer its graph reads: none was copied there
+    # but the augmented ones (a capture and two replays an epoch)
+    assert (runner.batch_copies, eval_runner.batch_copies) == (0 if augment is None else 9, 0)
+    assert runner._inputs is None  # the training graph and its buffer went at the epoch's end
     for (name, got), want in zip(
         graph_model.state_dict().items(), eager_model.state_dict().values(), strict=True
     ):
@@ -89,6 +104,68 @@ def test_a_replay_reads_the_new_batch():
         seen.append(float(steps(torch.full((2, 3), float(value)), torch.zeros(2))[0]))
     assert seen == [0.0, 6.0, 12.0, 18.0, 24.0]
     assert float(steps(torch.ones(1, 3), torch.zeros(1))[0]) == 3.0  # another shape: eager
+
+
+def test_batches_written_into_buffers_equal_the_gathered_ones():
+    """``batches(into=...)`` writes each batch into the tensor it is given, in the layout (and
+    with the values) of the batch it would have gathered; one tensor per layout, reused."""
+    gen = torch.Generator().manual_seed(0)
+    n, t_max, c = 11, 9, 5
+    x = torch.randint(0, 3, (n, t_max, c), generator=gen, dtype=torch.uint8)
+    lengths = torch.tensor([9, 4, 9, 9, 7, 9, 3, 2, 9, 9, 5])
+    split = Split(x, lengths, torch.arange(n) % 3)
+    inputs = StaticInputs()
+    order = torch.randperm(n, generator=gen)
+    gathered = list(batches(split, 4, indices=order))
+    seen = []  # a batch's tensor is overwritten by the next batch of its layout: check as they come
+    for (want, want_y, want_idx), (got, y, idx) in zip(
+        gathered, batches(split, 4, indices=order, into=inputs.buffer), strict=True
+    ):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+        assert (got.shape, got.stride()) == (want.shape, want.stride())
+        assert torch.equal(y, want_y) and torch.equal(idx, want_idx)
+        seen.append((got.shape, got.data_ptr()))
+    assert len(seen) == 3
+    assert seen[0][0] == seen[1][0] and seen[0][1] == seen[1][1]  # same layout, same buffer
+    assert seen[2][0][1] == 3 and seen[2][1] != seen[0][1]  # the last, smaller batch
+
+
+def test_static_inputs_copy_a_tensor_unless_it_is_the_buffer():
+    inputs = StaticInputs()
+    mine = torch.arange(6.0).reshape(2, 3)
+    buf, copied = inputs.take(mine)
+    assert copied and buf is not mine and torch.equal(buf, mine)  # a caller's tensor is cloned
+    assert inputs.take(buf) == (buf, False)  # the buffer itself: read in place
+    other = torch.ones(2, 3)
+    again, copied = inputs.take(other)
+    assert copied and again is buf and torch.equal(buf, other)  # same layout: copied into it
+    assert inputs.buffer((2, 3), (3, 1), torch.float32, torch.device("cpu")) is buf
+    assert inputs.take(mine.t())[0] is not buf  # other strides, another buffer
+    adopted = inputs.adopt(torch.zeros(4))
+    assert inputs.take(adopted) == (adopted, False)
+    gone = weakref.ref(buf)
+    del buf, again
+    gc.collect()
+    assert gone() is None  # nobody holds it: the registry let it go
+    assert inputs.buffer((2, 3), (3, 1), torch.float32, torch.device("cpu")).shape == (2, 3)
+
+
+def test_two_runners_on_shared_inputs_read_one_buffer():
+    """The benchmark's graphed rows (and the trainer's train and eval steps, where their batches
+    have one layout) read one buffer: an adopted input is read in place by both graphs."""
+    inputs = StaticInputs()
+    x = inputs.adopt(torch.arange(12.0).reshape(3, 4))
+    t = inputs.adopt(torch.zeros(3))
+    train = GraphedSteps(lambda x, t: (x.sum(),), eager_capture, side_stream=False, inputs=inputs)
+    evaluation = GraphedSteps(lambda x, t: (x.mean(),), eager_capture, side_stream=False, inputs=inputs)
+    for _ in range(3):
+        assert float(train(x, t)[0]) == 66.0
+        assert float(evaluation(x, t)[0]) == 5.5
+    x.add_(1.0)  # the input changed in place: both graphs read the new values
+    assert (float(train(x, t)[0]), float(evaluation(x, t)[0])) == (78.0, 6.5)
+    assert train._inputs[0] is x and evaluation._inputs[0] is x
+    assert (train.batch_copies, evaluation.batch_copies) == (0, 0)
+    assert (train.replays, evaluation.replays) == (2, 2)
 
 
 def test_a_capture_records_only_a_shape_a_warm_up_ran():

@@ -9,7 +9,7 @@ an epoch never goes back to the host for data.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -79,11 +79,15 @@ def batches(
     generator: torch.Generator | None = None,
     drop_last: bool = False,
     indices: Tensor | None = None,
+    into: Callable[[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device], Tensor] | None = None,
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Yield ``(x, y, index)``: ``x`` float32 (T, B, C) padded to the batch's longest sample.
 
     ``indices`` restricts the iteration to a subset (a distributed shard, say); ``generator``
-    (a CPU generator) makes the shuffle reproducible.
+    (a CPU generator) makes the shuffle reproducible. ``into(shape, stride, dtype, device)``
+    gives the tensor to write ``x`` into (a CUDA graph's input buffer,
+    :meth:`snn_delays.cuda_graphs.GraphedSteps.buffer`); it may hand back the previous
+    batch's tensor, overwritten, so a caller that keeps batches must not pass it.
     """
     order = indices if indices is not None else torch.arange(len(split))
     order = order.cpu().long()
@@ -95,7 +99,12 @@ def batches(
         idx = order[start : start + batch_size]
         t = int(split.lengths[idx].max())
         idx_dev = idx.to(dev, non_blocking=True)
-        x = split.x[idx_dev, :t].float().transpose(0, 1)
+        if into is None:
+            x = split.x[idx_dev, :t].float().transpose(0, 1)
+        else:  # the layout of the line above (sample-major memory), written in place
+            n, c = len(idx), split.x.shape[2]
+            x = into((t, n, c), (c, t * c, 1), torch.float32, dev)
+            x.copy_(split.x[idx_dev, :t].transpose(0, 1))
         yield x, split.y[idx_dev], idx
 
 
