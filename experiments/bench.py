@@ -18,7 +18,8 @@ auto`` gives it the fused CPU LIF too), the ``fast`` backend those of ``--neuron
 ``auto``).
 
 Memory: ``peak`` is the training step's, ``eval peak`` the evaluation step's; on CUDA
-``max_memory_allocated`` (everything allocated: the shared input too), on the CPU the process's
+``max_memory_allocated`` (everything allocated: the shared input too, which ``+graphs`` rows
+read in place, as the trainer's graphs read the batch it gathers into them), on the CPU the process's
 resident high-water mark. Every row starts from a collected heap: the first model run in a
 process leaves a reference cycle (the frames of a lazy import inside it: ~210 MiB of the
 reference's last activations at SHD batch 256, beyond the shared input), and uncollected it was
@@ -45,7 +46,7 @@ import time
 import torch
 
 from snn_delays.cuda_graphs import Body as GraphBody
-from snn_delays.cuda_graphs import GraphedSteps
+from snn_delays.cuda_graphs import Capture, GraphedSteps, StaticInputs, cuda_capture
 from snn_delays.fast_delays import IMPLS, keep_freed_memory
 from snn_delays.memtrack import TensorMemory, peak_mib
 from snn_delays.model import DelaySNN
@@ -173,6 +174,22 @@ def step_bodies(model: DelaySNN) -> tuple[GraphBody, GraphBody]:
     return train_body, eval_body
 
 
+def graph_runners(
+    train_body: GraphBody,
+    eval_body: GraphBody,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    capture: Capture = cuda_capture,
+) -> tuple[GraphedSteps, GraphedSteps]:
+    """Graphed steps that read ``x`` and ``target`` in place, as the trainer's graphs read the
+    batch it gathers straight into their input buffer: a ``+graphs`` row holds one copy of the
+    input, as every other row does."""
+    inputs = StaticInputs()
+    inputs.adopt(x)
+    inputs.adopt(target)
+    return GraphedSteps(train_body, capture, inputs=inputs), GraphedSteps(eval_body, capture, inputs=inputs)
+
+
 def bench_one(net: str, spec: str, sigma: float, args: argparse.Namespace, x: torch.Tensor) -> dict:
     backend, conv_impl, mods = parse_backend(spec, args.device)
     graphs = "graphs" in mods
@@ -185,10 +202,10 @@ def bench_one(net: str, spec: str, sigma: float, args: argparse.Namespace, x: to
     device = torch.device(args.device)
 
     train_body, eval_body = step_bodies(model)
-    run_train, run_eval = (
-        (GraphedSteps(train_body), GraphedSteps(eval_body)) if graphs else (train_body, eval_body)
-    )
     no_target = torch.zeros(1, device=device)
+    run_train, run_eval = (
+        graph_runners(train_body, eval_body, x, no_target) if graphs else (train_body, eval_body)
+    )
 
     def train_step() -> None:
         model.train()

@@ -99,9 +99,7 @@ def grouped(alive: dict[int, tuple[int, str]]) -> list[tuple[int, int, str]]:
 
 
 def main() -> None:
-    from bench import NETWORKS, build_network, collect, step_bodies  # run from experiments/ (as a script)
-
-    from snn_delays.cuda_graphs import GraphedSteps
+    from bench import NETWORKS, build_network, collect, graph_runners, step_bodies  # run from experiments/
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="fast+graphs", choices=("dcls", "fast", "fast+graphs"))
@@ -135,7 +133,7 @@ def main() -> None:
     train_body, eval_body = step_bodies(model)
     graphs = args.variant.endswith("+graphs")
     run_train, run_eval = (
-        (GraphedSteps(train_body), GraphedSteps(eval_body)) if graphs else (train_body, eval_body)
+        graph_runners(train_body, eval_body, x, no_target) if graphs else (train_body, eval_body)
     )
     phases = [("model and input", torch.cuda.memory_allocated(device))]
     peaks = []

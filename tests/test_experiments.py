@@ -355,3 +355,35 @@ def test_gpu_memory_replays_the_allocator_trace():
     assert (
         gpu_memory.origin([*plumbing, {"filename": "??", "name": "_PyEval_EvalFrameDefault"}]) == "(no frame)"
     )
+
+
+def test_bench_graph_rows_read_the_shared_input_in_place():
+    """A ``+graphs`` row holds one copy of the input, as every other row does (and as the
+    trainer's graphs read the batch it gathers into them): both graphs read ``x`` itself."""
+    bench = _load_experiment("bench")
+
+    def eager_capture(body):  # noqa: ANN001, ANN202 - a CPU stand-in for a CUDA graph
+        outputs = body()
+
+        def replay() -> None:
+            for out, new in zip(outputs, body(), strict=True):
+                out.copy_(new)
+
+        return replay, outputs
+
+    torch.manual_seed(0)
+    model = DelaySNN(6, 3, n_hidden=8, n_layers=1, kernel_size=5)
+    x = (torch.rand(7, 4, 6) < 0.3).float()
+    target = torch.zeros(1)
+    train_body, eval_body = bench.step_bodies(model)
+    run_train, run_eval = bench.graph_runners(train_body, eval_body, x, target, capture=eager_capture)
+    model.eval()
+    want = eval_body(x, target)[0].clone()
+    for _ in range(3):
+        assert torch.equal(run_eval(x, target)[0], want)
+    model.train()
+    for _ in range(3):
+        run_train(x, target)
+    assert run_train._inputs[0] is x and run_eval._inputs[0] is x
+    assert (run_train.replays, run_eval.replays) == (1, 1)
+    assert (run_train.batch_copies, run_eval.batch_copies) == (0, 0)
