@@ -23,7 +23,10 @@ read in place, as the trainer's graphs read the batch it gathers into them), on 
 resident high-water mark. Every row starts from a collected heap: the first model run in a
 process leaves a reference cycle (the frames of a lazy import inside it: ~210 MiB of the
 reference's last activations at SHD batch 256, beyond the shared input), and uncollected it was
-counted in every later row's peak. ``--tensor-memory`` adds, on any device, the peak of the live tensors of one eager
+counted in every later row's peak. On CUDA a row also starts without cuBLAS workspaces (32 MiB
+per stream on Hopper, kept for the process's life): each row counts those it makes, as a
+process running that backend alone would (``+graphs`` rows run every eager step on the
+graphs' stream, so they make one, as the others do). ``--tensor-memory`` adds, on any device, the peak of the live tensors of one eager
 step (:class:`snn_delays.memtrack.TensorMemory`, plus the input and parameters): with
 ``SNN_DELAYS_NO_C=fast_delays`` the CPU runs CUDA's delay operators (DFT products, batched
 matmuls, torch.fft's inverse) beside the fused C LIF, which keeps the tensors that ``auto``'s Triton LIF keeps on
@@ -77,11 +80,16 @@ def _time(fn, device: torch.device, steps: int, repeats: int) -> float:  # noqa:
 
 
 def collect(device: torch.device) -> float | None:
-    """Free what earlier rows left (reference cycles included); CUDA: MiB still allocated."""
+    """Free what earlier rows left (reference cycles included, and on CUDA the cuBLAS
+    workspaces PyTorch keeps per stream that ran a product, so that each row counts the
+    workspaces it makes itself); CUDA: MiB still allocated."""
     gc.collect()
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # no graph of a row is alive here
+    if clear is not None:
+        clear()
     torch.cuda.empty_cache()
     return torch.cuda.memory_allocated(device) / 2**20
 

@@ -41,11 +41,13 @@ _STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 def graph_stream() -> torch.cuda.Stream:
-    """The one side stream of every warm-up and capture on the current device.
+    """The one side stream of every capture and every eager step of graphed runners (warm-ups,
+    batches of another shape) on the current device.
 
     PyTorch keeps a cuBLAS workspace (32 MiB on Hopper), allocated from the caching allocator,
     for each stream that ever ran a cuBLAS product, for the life of the process: a fresh side
-    stream per epoch would add one workspace per epoch (up to the 32 streams of PyTorch's pool).
+    stream per epoch would add one workspace per epoch (up to the 32 streams of PyTorch's pool),
+    and eager steps on the main stream one more (replays launch no cuBLAS call from the host).
     """
     device = torch.cuda.current_device()
     if device not in _STREAMS:
@@ -189,7 +191,7 @@ class GraphedSteps:
 
     def __call__(self, x: Tensor, target: Tensor) -> tuple[Tensor, ...]:
         if self.failed:
-            return self.body(x, target)
+            return self._eager(x, target)
         if self._replay is not None:
             static_x, static_t = self._inputs
             if _same_layout(x, static_x) and _same_layout(target, static_t):
@@ -201,14 +203,13 @@ class GraphedSteps:
                 self._replay()
                 self.replays += 1
                 return self._outputs
-            return self.body(x, target)  # another shape: the epoch's last, smaller batch
+            return self._eager(x, target)  # another shape: the epoch's last, smaller batch
         if self._warm != (_layout(x), _layout(target)):
-            # the first batch of the epoch, or one of a shape not run since: eager, off the
-            # capturing stream. A capture only records a shape whose lazy state (DFT matrices,
-            # Triton autotuning, cuFFT plans) a warm-up made: made inside a capture, it fails.
+            # the first batch of the epoch, or one of a shape not run since: eager. A capture
+            # only records a shape whose lazy state (DFT matrices, Triton autotuning, cuFFT
+            # plans) a warm-up made: made inside a capture, it fails.
             self._warm = (_layout(x), _layout(target))
-            with self._side():
-                return self.body(x, target)
+            return self._eager(x, target)
         (static_x, copied), (static_t, _) = self.inputs.take(x), self.inputs.take(target)
         self.batch_copies += copied
         self._inputs = (static_x, static_t)
@@ -218,9 +219,15 @@ class GraphedSteps:
             # Nothing ran on the GPU during the failed capture: this batch runs again, eagerly.
             log.warning("CUDA graph capture failed, training without graphs from here: %s", err)
             self.failed, self._inputs = True, None
-            return self.body(x, target)
+            return self._eager(x, target)
         self.captures += 1
         return self._outputs
+
+    def _eager(self, x: Tensor, target: Tensor) -> tuple[Tensor, ...]:
+        """The body, run now on the capturing stream (:func:`graph_stream`): its cuBLAS
+        workspace serves the eager steps too, and the main stream needs none of its own."""
+        with self._side():
+            return self.body(x, target)
 
     @contextlib.contextmanager
     def _side(self):  # noqa: ANN202

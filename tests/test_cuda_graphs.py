@@ -190,8 +190,9 @@ def test_a_capture_records_only_a_shape_a_warm_up_ran():
     assert captured == [97, 100]
 
 
-def test_every_warm_up_and_capture_uses_one_side_stream(monkeypatch):
-    """A fresh stream per epoch would keep one more cuBLAS workspace per epoch (graph_stream)."""
+def test_every_eager_step_and_capture_uses_one_side_stream(monkeypatch):
+    """A fresh stream per epoch would keep one more cuBLAS workspace per epoch, and eager steps
+    on the main stream one more for the run (graph_stream)."""
     made, used = [], []
 
     class FakeStream:
@@ -224,12 +225,15 @@ def test_every_warm_up_and_capture_uses_one_side_stream(monkeypatch):
     evaluation = GraphedSteps(lambda x, t: (x.mean(),), capture)
     for _ in range(4):
         train.new_epoch()
-        for _ in range(3):
-            train(torch.ones(2), torch.zeros(2))
-            evaluation(torch.ones(2), torch.zeros(2))
+        for n in (2, 2, 2, 1):  # the last, smaller batch runs eagerly
+            train(torch.ones(n), torch.zeros(n))
+            evaluation(torch.ones(n), torch.zeros(n))
     # a warm-up and a capture per epoch for training, once for the run for evaluation
     assert (train.captures, evaluation.captures) == (4, 1)
-    assert len(made) == 1 and len(used) == 10 and all(s is made[0] for s in used)
+    assert (train.replays, evaluation.replays) == (4, 10)
+    # 4 x 3 training steps not replayed (warm-up, capture, the smaller batch) and 2 + 4
+    # evaluation steps (warm-up, capture, then the smaller batch of every epoch)
+    assert len(made) == 1 and len(used) == 4 * 3 + 2 + 4 and all(s is made[0] for s in used)
 
 
 def test_cpu_training_falls_back_with_a_warning(tmp_path, caplog):

@@ -387,3 +387,19 @@ def test_bench_graph_rows_read_the_shared_input_in_place():
     assert run_train._inputs[0] is x and run_eval._inputs[0] is x
     assert (run_train.replays, run_eval.replays) == (1, 1)
     assert (run_train.batch_copies, run_eval.batch_copies) == (0, 0)
+
+
+def test_bench_rows_start_without_cublas_workspaces(monkeypatch):
+    """On CUDA ``collect`` frees the cuBLAS workspaces earlier rows left (one per stream that
+    ran a product, kept for the process's life), before handing the cache back: each row
+    counts the workspaces it makes. The CUDA calls are stood in for (no GPU here)."""
+    bench = _load_experiment("bench")
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: calls.append("clear"), raising=False)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * 2**20)
+    assert bench.collect(torch.device("cuda")) == 3.0
+    assert calls == ["sync", "clear", "empty"]
+    calls.clear()
+    assert bench.collect(torch.device("cpu")) is None and calls == []
