@@ -3,7 +3,8 @@
 On the CPU the graph is stood in for by a capture that replays the step eagerly from the same
 static input buffers: this holds the bookkeeping (batches written into those buffers or copied
 in, one capture per epoch, other shapes eager, outputs read before the next replay) to the
-eager loop, bit for bit. On a GPU the real capture is compared with the eager loop (``experiments/gpu_check.sh`` runs it).
+eager loop, bit for bit. On a GPU the real capture is compared with the eager loop
+(``experiments/gpu_check.sh`` runs it).
 """
 
 from __future__ import annotations
