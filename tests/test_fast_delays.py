@@ -239,6 +239,21 @@ def test_fft_batch_blocks_setting(monkeypatch):
             fast_delays.fft_batch_blocks(5)
 
 
+def test_eval_chunk_setting(monkeypatch):
+    monkeypatch.delenv("SNN_DELAYS_GEMM_CHUNK", raising=False)
+    monkeypatch.delenv("SNN_DELAYS_EVAL_CHUNK", raising=False)
+    assert fast_delays.eval_chunk() == fast_delays.EVAL_CHUNK
+    monkeypatch.setenv("SNN_DELAYS_EVAL_CHUNK", "4096")
+    assert fast_delays.eval_chunk() == 4096
+    monkeypatch.setenv("SNN_DELAYS_GEMM_CHUNK", "1000")  # the bound of every unfolded block
+    assert fast_delays.eval_chunk() == 1000
+    monkeypatch.delenv("SNN_DELAYS_GEMM_CHUNK")
+    for bad in ("0", "32MiB", "-5"):
+        monkeypatch.setenv("SNN_DELAYS_EVAL_CHUNK", bad)
+        with pytest.raises(ValueError, match="SNN_DELAYS_EVAL_CHUNK must be a positive number"):
+            fast_delays.eval_chunk()
+
+
 def test_gemm_chunk_setting(monkeypatch):
     monkeypatch.setenv("SNN_DELAYS_GEMM_CHUNK", "64")
     assert fast_delays._chunks(10, 20) == [(0, 3), (3, 6), (6, 9), (9, 10)]
