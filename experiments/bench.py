@@ -10,7 +10,9 @@ replayed from CUDA graphs, as ``trainer.cuda_graphs=true`` runs them), ``+triton
 (CUDA: the LIF of ``SNN_DELAYS_NEURON_IMPL=triton``, what ``auto`` runs there) and ``+sj-lif``
 (spikingjelly's LIF, ``SNN_DELAYS_NEURON_IMPL=spikingjelly``: CUDA's default before the Triton LIF),
 ``+torch-fft`` (the spectral path off the C kernels transforms x and dL/dy with
-``torch.fft.rfft``, ``SNN_DELAYS_DFT=fft``, instead of its DFT products). A training step is
+``torch.fft.rfft``, ``SNN_DELAYS_DFT=fft``, instead of its DFT products), ``+eval-block-MIB``
+(the GEMM evaluation, CUDA's, unfolds at most MIB MiB at a time: ``SNN_DELAYS_EVAL_CHUNK``;
+64 by default). A training step is
 forward + backward of the whole network (no optimizer); an evaluation step
 is ``model.eval()`` under ``no_grad`` (integer delays). Inputs are seeded random spike counts.
 The ``dcls`` reference runs spikingjelly's neurons (the published code path; ``--ref-neurons
@@ -43,6 +45,7 @@ import gc
 import itertools
 import json
 import os
+import re
 import sys
 import time
 
@@ -126,19 +129,21 @@ def build_network(net: str, backend: str, delays: str = "learned") -> DelaySNN:
     )
 
 
-MODIFIERS = ("graphs", "triton-lif", "sj-lif", "torch-fft")
+MODIFIERS = ("graphs", "triton-lif", "sj-lif", "torch-fft", "eval-block-MIB")
+EVAL_BLOCK = re.compile(r"eval-block-([1-9][0-9]*)")  # MiB of evaluation's unfolded block
 
 
 def parse_backend(spec: str, device: str) -> tuple[str, str | None, set[str]]:
-    """``dcls`` | ``fast[:IMPL][+graphs][+triton-lif|+sj-lif][+torch-fft]`` -> (backend, conv impl or None,
-    modifiers)."""
+    """``dcls`` | ``fast[:IMPL][+graphs][+triton-lif|+sj-lif][+torch-fft][+eval-block-MIB]`` ->
+    (backend, conv impl or None, modifiers)."""
     name, *mods = spec.split("+")
     backend, _, impl = name.partition(":")
     bad_impl = impl and (backend == "dcls" or impl not in IMPLS)
+    known = set(MODIFIERS[:-1])
     if (
         backend not in ("dcls", "fast")
         or bad_impl
-        or not set(mods) <= set(MODIFIERS)
+        or not all(m in known or EVAL_BLOCK.fullmatch(m) for m in mods)
         or (mods and backend != "fast")
     ):
         raise SystemExit(
@@ -224,9 +229,11 @@ def bench_one(net: str, spec: str, sigma: float, args: argparse.Namespace, x: to
         run_eval(x, no_target)
 
     tensors = {}
+    eval_block = next((int(m.group(1)) for m in map(EVAL_BLOCK.fullmatch, mods) if m), None)
     with (
         _env("SNN_DELAYS_CONV_IMPL", conv_impl),
         _env("SNN_DELAYS_DFT", "fft" if "torch-fft" in mods else None),
+        _env("SNN_DELAYS_EVAL_CHUNK", str(eval_block * 2**18) if eval_block else None),  # MiB of float32
     ):
         _reset_peak(device)
         train = _time(train_step, device, args.steps, args.repeats)

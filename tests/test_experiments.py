@@ -282,6 +282,31 @@ def test_bench_torch_fft_rows_transform_with_rfft(monkeypatch):
     torch.testing.assert_close(torch.tensor(rows[1]["spike_density"]), torch.tensor(rows[0]["spike_density"]))
 
 
+def test_bench_eval_block_rows_unfold_in_blocks_of_that_size(monkeypatch):
+    """``+eval-block-MIB`` (``SNN_DELAYS_EVAL_CHUNK`` for that row alone): CUDA's evaluation
+    (the GEMM path, run here off the C kernels) unfolds at most that many MiB at a time."""
+    bench = _load_experiment("bench")
+    monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)  # evaluation as on CUDA
+    monkeypatch.delenv("SNN_DELAYS_EVAL_CHUNK", raising=False)
+    budgets = []
+    real = fast_delays.gemm_conv
+
+    def recording(x, kernel, budget=None):  # noqa: ANN001, ANN202
+        budgets.append(budget)
+        return real(x, kernel, budget)
+
+    monkeypatch.setattr(fast_delays, "gemm_conv", recording)
+    small = ["--batch", "3", "--time-steps", "8", "--sigma", "0.23", "--repeats", "1"]
+    rows = bench.main([*small, "--backends", "fast:fft,fast:fft+eval-block-2"])
+    assert [r["backend"] for r in rows] == ["fast:fft", "fast:fft+eval-block-2"]
+    assert set(budgets) == {fast_delays.EVAL_CHUNK, 2 * 2**18}  # 2 MiB of float32
+    assert "SNN_DELAYS_EVAL_CHUNK" not in os.environ
+    assert rows[1]["spike_density"] == rows[0]["spike_density"]
+    for bad in ("fast+eval-block-0", "fast+eval-block-", "fast+eval-block-x", "dcls+eval-block-8"):
+        with pytest.raises(SystemExit, match="unknown entry"):
+            bench.main([*small, "--backends", bad])
+
+
 def test_bench_keeps_its_timings_when_a_step_cannot_be_counted(monkeypatch, capsys):
     """``--tensor-memory`` is an estimate: an operator the counter cannot follow (on some
     device) loses that column, not the row."""
