@@ -6,7 +6,7 @@
 # runs parts 1 and 2 only (a device call is limited to 10 minutes: split the parts over two calls).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 set -u
-PARTS=${1:-1234567}
+PARTS=${1:-12345678}
 part() { [[ $PARTS == *$1* ]]; }
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -115,6 +115,15 @@ part 5 && timeout 120 python3 experiments/gpu_profile.py --network ssc 2>&1 | te
 # 6. whole epochs through the trainer on SHD-sized, SHD-layout files: eager, graphs, reference
 part 6 && timeout 150 python3 experiments/backend_parity.py --root /tmp/parity_gpu --n-train 8156 --batch 256 --epochs 3 \
     --backends fast,fast+graphs,dcls 2>&1 | tail -6 | tee "$OUT/epochs.txt"
+
+# 8. evaluation's unfolded block (EVAL_CHUNK: 64 MiB by default) against evaluation's peak and
+#    time, SHD beside the reference: 16, 32, 64 (the default) and 1024 MiB (one block, as timed at
+#    1.8 ms on 2026-11-28). Counted on the CPU: 106 / 126 / 158 MiB of tensors for 16 / 32 / 64,
+#    against the reference's 170; the largest block whose eval peak stays at or below the
+#    reference's, within 2 ms, is the one EVAL_CHUNK should be
+part 8 && timeout 100 python3 experiments/bench.py --device cuda --networks shd --sigma 0.23 --tensor-memory \
+    --backends dcls,fast+graphs+eval-block-16,fast+graphs+eval-block-32,fast+graphs,fast+graphs+eval-block-1024 \
+    --json "$OUT/bench_gpu_eval_blocks.json" 2>&1 | grep -v Warning | tee "$OUT/bench_gpu_eval_blocks.txt"
 
 # 7. what is allocated at the SHD step's peak, by origin (workspaces, our lines), from the
 #    allocator's trace: one process per variant; C++ frames name the workspaces (python-only
