@@ -274,7 +274,9 @@ def train_epoch(
         if stop() and dist.world_size == 1:  # ranks stop together, at the epoch's end
             break
     loss, correct, n = dist.all_sum(sums).tolist()  # waits for the last replay
-    if graphs is not None:  # free the graph, its memory pool and its input buffer before evaluation
+    if graphs is not None:
+        # The graph baked in this epoch's sigma, learning rates and betas: the next epoch
+        # captures anew. Dropped now, its memory pool and input buffer are free for evaluation.
         graphs.new_epoch()
     return {"loss": loss / max(n, 1), "acc": correct / max(n, 1)}
 
@@ -381,8 +383,6 @@ def fit(
             if opt.sigma_init is not None:
                 core.set_sigma(sigma_at(epoch, opt.sigma_init, opt.sigma_final, opt.sigma_decay_epochs))
             lrs = opt.lrs()
-            if graphs is not None:
-                graphs.new_epoch()  # sigma, learning rates and betas changed: capture anew
             t0 = time.perf_counter()
             train = train_epoch(
                 model, data.train, opt, cfg, gen, dist, stop, f"epoch {epoch + 1}", augment, graphs
