@@ -129,7 +129,7 @@ def build_network(net: str, backend: str, delays: str = "learned") -> DelaySNN:
     )
 
 
-MODIFIERS = ("graphs", "triton-lif", "sj-lif", "torch-fft", "eval-block-MIB")
+MODIFIERS = ("graphs", "triton-lif", "sj-lif", "torch-fft")  # and +eval-block-MIB
 EVAL_BLOCK = re.compile(r"eval-block-([1-9][0-9]*)")  # MiB of evaluation's unfolded block
 
 
@@ -139,15 +139,14 @@ def parse_backend(spec: str, device: str) -> tuple[str, str | None, set[str]]:
     name, *mods = spec.split("+")
     backend, _, impl = name.partition(":")
     bad_impl = impl and (backend == "dcls" or impl not in IMPLS)
-    known = set(MODIFIERS[:-1])
     if (
         backend not in ("dcls", "fast")
         or bad_impl
-        or not all(m in known or EVAL_BLOCK.fullmatch(m) for m in mods)
+        or not all(m in MODIFIERS or EVAL_BLOCK.fullmatch(m) for m in mods)
         or (mods and backend != "fast")
     ):
         raise SystemExit(
-            f"--backends: unknown entry {spec!r} (dcls, or fast[:IMPL] with any of +{', +'.join(MODIFIERS)}; "
+            f"--backends: unknown entry {spec!r} (dcls, or fast[:IMPL] with any of +{', +'.join(MODIFIERS)}, +eval-block-MIB; "
             f"IMPL in {IMPLS})"
         )
     if {"graphs", "triton-lif"} & set(mods) and not device.startswith("cuda"):
