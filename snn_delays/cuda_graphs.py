@@ -116,8 +116,7 @@ class StaticInputs:
         self, shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> Tensor:
         """The tensor to write the next batch of this layout into (made if none is held)."""
-        key = (torch.Size(shape), tuple(stride), dtype, torch.device(device))
-        buf = self._buffers.get(key)
+        buf = self._buffers.get(_key(shape, stride, dtype, device))
         if buf is None:
             buf = self.adopt(torch.empty_strided(shape, stride, dtype=dtype, device=device))
         return buf
@@ -245,8 +244,12 @@ def _layout(t: Tensor) -> tuple:
     return t.shape, t.dtype, t.device
 
 
+def _key(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Layout:
+    return torch.Size(shape), tuple(stride), dtype, torch.device(device)
+
+
 def _strided_layout(t: Tensor) -> Layout:
-    return t.shape, t.stride(), t.dtype, t.device
+    return _key(t.shape, t.stride(), t.dtype, t.device)
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
