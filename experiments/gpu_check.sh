@@ -118,7 +118,7 @@ part 6 && timeout 150 python3 experiments/backend_parity.py --root /tmp/parity_g
 
 # 8. evaluation's unfolded block (EVAL_CHUNK: 64 MiB by default) against evaluation's peak and
 #    time, SHD beside the reference: 16, 32, 64 (the default) and 1024 MiB (one block, as timed at
-#    1.8 ms on 2026-11-28). Counted on the CPU: 106 / 126 / 158 MiB of tensors for 16 / 32 / 64,
+#    1.8 ms on 2026-11-28). Counted on the CPU: 101 / 120 / 153 MiB of tensors for 16 / 32 / 64,
 #    against the reference's 170; the largest block whose eval peak stays at or below the
 #    reference's, within 2 ms, is the one EVAL_CHUNK should be
 part 8 && timeout 100 python3 experiments/bench.py --device cuda --networks shd --sigma 0.23 --tensor-memory \

@@ -1378,7 +1378,7 @@ def gemm_chunk() -> int:
 def eval_chunk() -> int:
     """Floats of one unfolded block when no gradient is needed: ``$SNN_DELAYS_EVAL_CHUNK``,
     else ``EVAL_CHUNK``, at most :func:`gemm_chunk`. Smaller blocks lower evaluation's peak
-    (SHD, batch 256: 158 MiB of tensors in 64 MiB blocks, 126 in 32, 106 in 16); larger ones
+    (SHD, batch 256: 153 MiB of tensors in 64 MiB blocks, 120 in 32, 101 in 16); larger ones
     run fewer, larger products."""
     return min(gemm_chunk(), positive_setting("SNN_DELAYS_EVAL_CHUNK", "floats") or EVAL_CHUNK)
 
@@ -1524,14 +1524,40 @@ def gemm_conv(x: Tensor, kernel: Tensor, budget: int | None = None) -> Tensor:
     """``y`` (T + (K-1)//2, B, O) = the delay conv of ``x`` (T, B, I) with ``kernel`` (O, I, K);
     ``budget``: floats of one unfolded block (default :func:`gemm_chunk`)."""
     n_out, n_in, ksize = kernel.shape
+    if n_in <= n_out:
+        w = kernel.permute(2, 1, 0).reshape(ksize * n_in, n_out)
+    else:
+        w = kernel.permute(1, 2, 0).reshape(n_in, ksize * n_out)
+    return _gemm_conv_w(x, w, n_in, n_out, ksize, budget)
+
+
+def _gemm_conv_w(x: Tensor, w: Tensor, n_in: int, n_out: int, ksize: int, budget: int | None) -> Tensor:
+    """:func:`gemm_conv` from the kernel already in its GEMM layout ``w``: (K I, O) when
+    I <= O (taps on the input side), else (I, K O)."""
     t_out = x.shape[0] + (ksize - 1) // 2
     x = x.contiguous()
     with _tf32(x.device):
         if n_in <= n_out:
-            w = kernel.permute(2, 1, 0).reshape(ksize * n_in, n_out)
             return _unfold_mm(x, w, t_out, ksize, budget, lead=ksize - 1)
-        w = kernel.permute(1, 2, 0).reshape(n_in, ksize * n_out)
         return _output_side_mm(x, w, t_out, ksize, budget)
+
+
+def _integer_gemm_conv(x: Tensor, weight: Tensor, taps: Tensor, ksize: int, budget: int) -> Tensor:
+    """:func:`gemm_conv` of the one-tap kernel ``k[o, i, taps[o, i]] = weight[o, i]``, without
+    gradients: the weight is scattered straight into the GEMM's layout, so no (O, I, K) kernel
+    is held beside its permuted copy (one kernel-sized buffer, not two, and one copy less)."""
+    n_out, n_in = weight.shape
+    idx = taps.t().long()  # (I, O)
+    src = weight.detach().t()
+    if n_in <= n_out:  # w[(n, i), o]
+        w = torch.zeros(ksize, n_in * n_out, device=weight.device, dtype=weight.dtype)
+        w.scatter_(0, idx.reshape(1, -1), src.reshape(1, -1))
+        w = w.view(ksize * n_in, n_out)
+    else:  # w[i, (n, o)]
+        w = torch.zeros(n_in, ksize, n_out, device=weight.device, dtype=weight.dtype)
+        w.scatter_(1, idx.unsqueeze(1), src.unsqueeze(1))
+        w = w.view(n_in, ksize * n_out)
+    return _gemm_conv_w(x, w, n_in, n_out, ksize, budget)
 
 
 def _gemm_grad_kernel(x: Tensor, grad_y: Tensor, ksize: int) -> Tensor:
@@ -1684,10 +1710,12 @@ def integer_delay_conv(
         if _RowEvents(x).density <= SCATTER_DENSITY_MAX:
             return _delay_scatter(x, w, delays, x.shape[0] + (kernel_size - 1) // 2, kernel_size)
         return _taps_forward(x, w.unsqueeze(-1), taps, kernel_size).contiguous()
+    if path == "gemm" and not grad:
+        return _integer_gemm_conv(x, weight, taps, kernel_size, eval_chunk())
     kernel = torch.zeros(*weight.shape, kernel_size, device=weight.device, dtype=weight.dtype)
     kernel = kernel.scatter(-1, taps.long().unsqueeze(-1), weight.unsqueeze(-1))
     if path == "gemm":
-        return _DelayConvGEMM.apply(x, kernel) if grad else gemm_conv(x, kernel, eval_chunk())
+        return _DelayConvGEMM.apply(x, kernel)
     if path == "triton":
         return _triton().DelayConv.apply(x, kernel)
     y = F.conv1d(pad_time(x, kernel_size).permute(1, 2, 0), kernel)

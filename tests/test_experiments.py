@@ -289,13 +289,13 @@ def test_bench_eval_block_rows_unfold_in_blocks_of_that_size(monkeypatch):
     monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)  # evaluation as on CUDA
     monkeypatch.delenv("SNN_DELAYS_EVAL_CHUNK", raising=False)
     budgets = []
-    real = fast_delays.gemm_conv
+    real = fast_delays._gemm_conv_w
 
-    def recording(x, kernel, budget=None):  # noqa: ANN001, ANN202
+    def recording(x, w, n_in, n_out, ksize, budget):  # noqa: ANN001, ANN202
         budgets.append(budget)
-        return real(x, kernel, budget)
+        return real(x, w, n_in, n_out, ksize, budget)
 
-    monkeypatch.setattr(fast_delays, "gemm_conv", recording)
+    monkeypatch.setattr(fast_delays, "_gemm_conv_w", recording)
     small = ["--batch", "3", "--time-steps", "8", "--sigma", "0.23", "--repeats", "1"]
     rows = bench.main([*small, "--backends", "fast:fft,fast:fft+eval-block-2"])
     assert [r["backend"] for r in rows] == ["fast:fft", "fast:fft+eval-block-2"]
