@@ -12,7 +12,9 @@ replayed from CUDA graphs, as ``trainer.cuda_graphs=true`` runs them), ``+triton
 ``+torch-fft`` (the spectral path off the C kernels transforms x and dL/dy with
 ``torch.fft.rfft``, ``SNN_DELAYS_DFT=fft``, instead of its DFT products), ``+eval-block-MIB``
 (the GEMM evaluation, CUDA's, unfolds at most MIB MiB at a time: ``SNN_DELAYS_EVAL_CHUNK``;
-64 by default). A training step is
+64 by default; as many elements, half the bytes, with ``+eval-fp16``), ``+eval-fp16`` (the
+GEMM evaluation multiplies the layers fed by spikes as float16 operands into float32:
+``SNN_DELAYS_EVAL_FP16=1``; on the CPU, off the C kernels, a float32 stand-in). A training step is
 forward + backward of the whole network (no optimizer); an evaluation step
 is ``model.eval()`` under ``no_grad`` (integer delays). Inputs are seeded random spike counts.
 The ``dcls`` reference runs spikingjelly's neurons (the published code path; ``--ref-neurons
@@ -129,7 +131,7 @@ def build_network(net: str, backend: str, delays: str = "learned") -> DelaySNN:
     )
 
 
-MODIFIERS = ("graphs", "triton-lif", "sj-lif", "torch-fft")  # and +eval-block-MIB
+MODIFIERS = ("graphs", "triton-lif", "sj-lif", "torch-fft", "eval-fp16")  # and +eval-block-MIB
 EVAL_BLOCK = re.compile(r"eval-block-([1-9][0-9]*)")  # MiB of evaluation's unfolded block
 
 
@@ -233,6 +235,7 @@ def bench_one(net: str, spec: str, sigma: float, args: argparse.Namespace, x: to
         _env("SNN_DELAYS_CONV_IMPL", conv_impl),
         _env("SNN_DELAYS_DFT", "fft" if "torch-fft" in mods else None),
         _env("SNN_DELAYS_EVAL_CHUNK", str(eval_block * 2**18) if eval_block else None),  # MiB of float32
+        _env("SNN_DELAYS_EVAL_FP16", "1" if "eval-fp16" in mods else None),
     ):
         _reset_peak(device)
         train = _time(train_step, device, args.steps, args.repeats)

@@ -78,6 +78,19 @@ for fused, module in ((False, bn), (True, bn_fused)):
 errs = [float((a - b).abs().max() / b.abs().max()) for a, b in zip(outs[1][1:], outs[0][1:])]
 print(f"fused BN+LIF ({neurons.kernels(y)}): mismatching spikes {int((outs[0][0] != outs[1][0]).sum())} of "
       f"{y.numel()}, rel err dy, dgamma, dbeta, running var = " + ", ".join(f"{e:.1e}" for e in errs))
+# evaluation with float16 operands (SNN_DELAYS_EVAL_FP16=1: torch.mm's out_dtype, layers fed by
+# spikes) against the float32 / TF32 GEMMs, on an SHD hidden layer's shape: same dtype, how close
+layer = DelayLayer(256, 256, 25, backend="fast").cuda().eval()
+layer.spikes_in = True
+x = (torch.rand(100, 256, 256, device="cuda") < 0.2).float()
+with torch.no_grad():
+    os.environ["SNN_DELAYS_EVAL_FP16"] = "0"
+    want = layer(x)
+    os.environ["SNN_DELAYS_EVAL_FP16"] = "1"
+    got = layer(x)
+    del os.environ["SNN_DELAYS_EVAL_FP16"]
+print(f"eval fp16 operands: dtype {got.dtype}, rel err vs the TF32 GEMMs "
+      f"{float((got - want).abs().max() / want.abs().max()):.1e}")
 # last (the flag stays set): a TF32 setting through torch >= 2.9's API, which the legacy getters
 # refuse to read; the default path (spectral, GEMM evaluation) must run under it
 if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
@@ -120,9 +133,10 @@ part 6 && timeout 150 python3 experiments/backend_parity.py --root /tmp/parity_g
 #    time, SHD beside the reference: 16, 32, 64 (the default) and 1024 MiB (one block, as timed at
 #    1.8 ms on 2026-11-28). Counted on the CPU: 101 / 120 / 153 MiB of tensors for 16 / 32 / 64,
 #    against the reference's 170; the largest block whose eval peak stays at or below the
-#    reference's, within 2 ms, is the one EVAL_CHUNK should be
-part 8 && timeout 100 python3 experiments/bench.py --device cuda --networks shd --sigma 0.23 --tensor-memory \
-    --backends dcls,fast+graphs+eval-block-16,fast+graphs+eval-block-32,fast+graphs,fast+graphs+eval-block-1024 \
+#    reference's, within 2 ms, is the one EVAL_CHUNK should be. Last, the float16 operands of
+#    SNN_DELAYS_EVAL_FP16=1 (untimed so far; half the unfolded bytes), with 64 and 1024 MiB blocks
+part 8 && timeout 120 python3 experiments/bench.py --device cuda --networks shd --sigma 0.23 --tensor-memory \
+    --backends dcls,fast+graphs+eval-block-16,fast+graphs+eval-block-32,fast+graphs,fast+graphs+eval-block-1024,fast+graphs+eval-fp16,fast+graphs+eval-fp16+eval-block-1024 \
     --json "$OUT/bench_gpu_eval_blocks.json" 2>&1 | grep -v Warning | tee "$OUT/bench_gpu_eval_blocks.txt"
 
 # 7. what is allocated at the SHD step's peak, by origin (workspaces, our lines), from the

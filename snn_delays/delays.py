@@ -47,7 +47,12 @@ class DelayLayer(nn.Module):
 
     ``learn_positions=False`` keeps the random initial delays fixed (the paper's "fixed
     delays" variant). ``round_eval`` evaluates the integer-delay network in ``eval()`` mode.
+    ``spikes_in`` (set by :class:`snn_delays.model.DelaySNN` on every delay layer after the
+    first): the input is spikes, which ``SNN_DELAYS_EVAL_FP16=1`` may multiply as float16 in
+    CUDA's evaluation (:func:`snn_delays.fast_delays.eval_fp16`).
     """
+
+    spikes_in = False
 
     def __init__(
         self,
@@ -132,7 +137,7 @@ class DelayLayer(nn.Module):
             return self._forward_dcls(x, rounded)
         if rounded:
             return fast_delays.integer_delay_conv(
-                x, self.weight / (1 + NORM_EPS), self.delays(), self.kernel_size
+                x, self.weight / (1 + NORM_EPS), self.delays(), self.kernel_size, spikes_in=self.spikes_in
             )
         return fast_delays.delay_conv(x, self.weight, self.positions, self.sigma, self.kernel_size)
 

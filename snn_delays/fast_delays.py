@@ -1383,6 +1383,20 @@ def eval_chunk() -> int:
     return min(gemm_chunk(), positive_setting("SNN_DELAYS_EVAL_CHUNK", "floats") or EVAL_CHUNK)
 
 
+def eval_fp16() -> bool:
+    """``$SNN_DELAYS_EVAL_FP16`` (``1`` / ``0``, default ``0``): CUDA's evaluation runs the
+    products of a layer whose input is spikes (every delay layer after the first) on float16
+    operands, accumulated and written in float32, where the products may be TF32 anyway
+    (:func:`conv_allows_tf32`). Spikes are exact in float16, and a weight rounded to float16
+    keeps the 11 significant bits that TF32 keeps; the unfolded block then moves half the
+    bytes, and float16 tensor cores run twice TF32's rate. Not yet timed on a GPU: off by
+    default until it is (``gpu_check.sh`` part 8)."""
+    value = os.environ.get("SNN_DELAYS_EVAL_FP16", "").strip() or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"SNN_DELAYS_EVAL_FP16 must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def _chunks(t_len: int, row: int, budget: int | None = None) -> list[tuple[int, int]]:
     """Time ranges whose unfolded rows (``row`` floats per step) fit in ``budget`` floats
     (default :func:`gemm_chunk`)."""
@@ -1468,6 +1482,26 @@ class _tf32:  # noqa: N801 - a context manager used like a function
             matmul.allow_tf32 = self.restore
 
 
+EMULATED_ROWS = 1 << 20  # floats of ``a`` per product off CUDA with float16 operands
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype_out")  # torch >= 2.8: float16 in, float32 out
+
+
+def _mm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
+    """``out = a @ b``. float16 operands with a float32 ``out``: on CUDA one GEMM that
+    accumulates and writes in float32 (``torch.mm(..., out_dtype=)``, torch >= 2.8); elsewhere
+    (tests, ``SNN_DELAYS_NO_C``) the same products in float32, in row blocks of at most
+    ``EMULATED_ROWS`` floats of ``a`` (no float32 copy of a whole unfolded block)."""
+    if a.dtype == out.dtype:
+        torch.mm(a, b, out=out)
+    elif a.is_cuda:
+        torch.mm(a, b, out_dtype=out.dtype, out=out)
+    else:
+        step = max(1, EMULATED_ROWS // max(1, a.shape[1]))
+        wide = b.to(out.dtype)
+        for r0 in range(0, a.shape[0], step):
+            torch.mm(a[r0 : r0 + step].to(out.dtype), wide, out=out[r0 : r0 + step])
+
+
 def _window(src: Tensor, t0: int, t1: int, lead: int) -> Tensor:
     """Steps t0 .. t1-1 of ``src`` behind ``lead`` zero steps and followed by zeros: a view of
     ``src`` where no zero falls inside, else a zero-padded copy of those steps only."""
@@ -1480,41 +1514,55 @@ def _window(src: Tensor, t0: int, t1: int, lead: int) -> Tensor:
 
 
 def _unfold_mm(
-    src: Tensor, w: Tensor, t_out: int, ksize: int, budget: int | None = None, lead: int = 0
+    src: Tensor,
+    w: Tensor,
+    t_out: int,
+    ksize: int,
+    budget: int | None = None,
+    lead: int = 0,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``out[t] = sum_n s[t + n] @ w[n]`` with ``w`` (K C, N), ``s`` = ``src`` behind ``lead``
     zero steps and followed by zeros: (t_out, B, N), in time chunks of at most ``budget``
     unfolded floats (:func:`_chunks`). No padded copy of ``src``: only a chunk whose window
-    reaches a zero step unfolds from a padded copy of its own steps."""
+    reaches a zero step unfolds from a padded copy of its own steps. ``out_dtype``: float32
+    from float16 operands (:func:`_mm_into`); default ``src``'s dtype."""
     batch, ch = src.shape[1:]
-    out = torch.empty(t_out, batch, w.shape[1], device=src.device, dtype=src.dtype)
+    out = torch.empty(t_out, batch, w.shape[1], device=src.device, dtype=out_dtype or src.dtype)
     for t0, t1 in _chunks(t_out, batch * ksize * ch, budget):
         unfolded = _unfold(_window(src, t0, t1 + ksize - 1, lead), 0, t1 - t0, ksize)
-        torch.mm(unfolded, w, out=out[t0:t1].view(-1, w.shape[1]))
+        _mm_into(unfolded, w, out[t0:t1].view(-1, w.shape[1]))
         del unfolded  # before the next block's
     return out
 
 
-def _output_side_mm(x: Tensor, w: Tensor, t_out: int, ksize: int, budget: int | None = None) -> Tensor:
+def _output_side_mm(
+    x: Tensor,
+    w: Tensor,
+    t_out: int,
+    ksize: int,
+    budget: int | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
     """The delay conv with the taps on the output side (O < I): ``p = s @ w`` as (I, K O) with
     ``s`` = x padded as :func:`pad_time` pads it, ``y[t, b, o] = sum_n p[t + n, b, n, o]``, in
     time chunks whose ``p`` (with its K-1 steps of overlap) holds at most ``budget`` floats. No
-    padded copy of x: the rows of ``p`` from zero steps are zeroed."""
+    padded copy of x: the rows of ``p`` from zero steps are zeroed. ``out_dtype`` as
+    :func:`_unfold_mm`'s."""
     t_len, batch, _ = x.shape
     n_out = w.shape[1] // ksize
     row = batch * ksize * n_out
     budget = max(row, (budget or gemm_chunk()) - (ksize - 1) * row)  # the overlap's rows held back
-    y = torch.empty(t_out, batch, n_out, device=x.device, dtype=x.dtype)
+    dtype = out_dtype or x.dtype
+    y = torch.empty(t_out, batch, n_out, device=x.device, dtype=dtype)
     for t0, t1 in _chunks(t_out, row, budget):
-        p = torch.empty(t1 - t0 + ksize - 1, batch, ksize * n_out, device=x.device, dtype=x.dtype)
+        p = torch.empty(t1 - t0 + ksize - 1, batch, ksize * n_out, device=x.device, dtype=dtype)
         lo = t0 - (ksize - 1)  # the step of x at p's first row
         first, last = max(lo, 0), min(t1, t_len)  # the steps of x inside this window
         p[: first - lo].zero_()
         p[max(last - lo, first - lo) :].zero_()
         if last > first:
-            torch.mm(
-                x[first:last].reshape(-1, x.shape[2]), w, out=p[first - lo : last - lo].view(-1, w.shape[1])
-            )
+            _mm_into(x[first:last].reshape(-1, x.shape[2]), w, p[first - lo : last - lo].view(-1, w.shape[1]))
         y[t0:t1] = _shift_sum(p.view(-1, batch, ksize, n_out), t1 - t0, batch, ksize, n_out)
         del p  # before the next block's
     return y
@@ -1531,33 +1579,48 @@ def gemm_conv(x: Tensor, kernel: Tensor, budget: int | None = None) -> Tensor:
     return _gemm_conv_w(x, w, n_in, n_out, ksize, budget)
 
 
-def _gemm_conv_w(x: Tensor, w: Tensor, n_in: int, n_out: int, ksize: int, budget: int | None) -> Tensor:
+def _gemm_conv_w(
+    x: Tensor,
+    w: Tensor,
+    n_in: int,
+    n_out: int,
+    ksize: int,
+    budget: int | None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
     """:func:`gemm_conv` from the kernel already in its GEMM layout ``w``: (K I, O) when
-    I <= O (taps on the input side), else (I, K O)."""
+    I <= O (taps on the input side), else (I, K O). ``out_dtype`` as :func:`_unfold_mm`'s."""
     t_out = x.shape[0] + (ksize - 1) // 2
     x = x.contiguous()
     with _tf32(x.device):
         if n_in <= n_out:
-            return _unfold_mm(x, w, t_out, ksize, budget, lead=ksize - 1)
-        return _output_side_mm(x, w, t_out, ksize, budget)
+            return _unfold_mm(x, w, t_out, ksize, budget, lead=ksize - 1, out_dtype=out_dtype)
+        return _output_side_mm(x, w, t_out, ksize, budget, out_dtype)
 
 
-def _integer_gemm_conv(x: Tensor, weight: Tensor, taps: Tensor, ksize: int, budget: int) -> Tensor:
+def _integer_gemm_conv(
+    x: Tensor, weight: Tensor, taps: Tensor, ksize: int, budget: int, fp16: bool = False
+) -> Tensor:
     """:func:`gemm_conv` of the one-tap kernel ``k[o, i, taps[o, i]] = weight[o, i]``, without
     gradients: the weight is scattered straight into the GEMM's layout, so no (O, I, K) kernel
-    is held beside its permuted copy (one kernel-sized buffer, not two, and one copy less)."""
+    is held beside its permuted copy (one kernel-sized buffer, not two, and one copy less).
+    ``fp16``: x and the weights as float16 operands (x must be exact in float16, as spikes
+    are), the products accumulated and written in float32 (:func:`eval_fp16`)."""
     n_out, n_in = weight.shape
     idx = taps.t().long()  # (I, O)
     src = weight.detach().t()
+    out_dtype = x.dtype
+    if fp16:
+        x, src = x.to(torch.float16), src.to(torch.float16)
     if n_in <= n_out:  # w[(n, i), o]
-        w = torch.zeros(ksize, n_in * n_out, device=weight.device, dtype=weight.dtype)
+        w = torch.zeros(ksize, n_in * n_out, device=weight.device, dtype=src.dtype)
         w.scatter_(0, idx.reshape(1, -1), src.reshape(1, -1))
         w = w.view(ksize * n_in, n_out)
     else:  # w[i, (n, o)]
-        w = torch.zeros(n_in, ksize, n_out, device=weight.device, dtype=weight.dtype)
+        w = torch.zeros(n_in, ksize, n_out, device=weight.device, dtype=src.dtype)
         w.scatter_(1, idx.unsqueeze(1), src.unsqueeze(1))
         w = w.view(n_in, ksize * n_out)
-    return _gemm_conv_w(x, w, n_in, n_out, ksize, budget)
+    return _gemm_conv_w(x, w, n_in, n_out, ksize, budget, out_dtype)
 
 
 def _gemm_grad_kernel(x: Tensor, grad_y: Tensor, ksize: int) -> Tensor:
@@ -1693,13 +1756,19 @@ def delay_conv(
 
 
 def integer_delay_conv(
-    x: Tensor, weight: Tensor, delays: Tensor, kernel_size: int, impl: str | None = None
+    x: Tensor,
+    weight: Tensor,
+    delays: Tensor,
+    kernel_size: int,
+    impl: str | None = None,
+    spikes_in: bool = False,
 ) -> Tensor:
     """Evaluation path: ``y[t,b,o] = sum_i weight[o,i] x[t - delays[o,i], b, i]``.
 
     Paths as :func:`delay_conv`'s, but ``fft`` becomes ``c`` on the CPU and ``gemm`` elsewhere
     (one tap per synapse leaves a spectrum nothing to save), and ``gemm`` without gradients
-    (CUDA's evaluation) unfolds at most :func:`eval_chunk` floats at a time."""
+    (CUDA's evaluation) unfolds at most :func:`eval_chunk` floats at a time. ``spikes_in``: x
+    holds spikes (exact in float16), which :func:`eval_fp16` may multiply as float16."""
     taps = (kernel_size - 1 - delays).to(torch.int32)  # tap index of each synapse
     path = _path(x, impl)
     if path == "fft":  # one tap per synapse: nothing for a spectrum to save
@@ -1711,7 +1780,18 @@ def integer_delay_conv(
             return _delay_scatter(x, w, delays, x.shape[0] + (kernel_size - 1) // 2, kernel_size)
         return _taps_forward(x, w.unsqueeze(-1), taps, kernel_size).contiguous()
     if path == "gemm" and not grad:
-        return _integer_gemm_conv(x, weight, taps, kernel_size, eval_chunk())
+        fp16 = (
+            spikes_in
+            and x.dtype == torch.float32
+            and eval_fp16()
+            and (x.device.type != "cuda" or conv_allows_tf32())
+        )
+        if fp16 and x.is_cuda and not _MM_OUT_DTYPE:
+            raise RuntimeError(
+                f"SNN_DELAYS_EVAL_FP16=1 needs torch >= 2.8 (torch.mm's out_dtype); this is {torch.__version__}: "
+                "unset it"
+            )
+        return _integer_gemm_conv(x, weight, taps, kernel_size, eval_chunk(), fp16)
     kernel = torch.zeros(*weight.shape, kernel_size, device=weight.device, dtype=weight.dtype)
     kernel = kernel.scatter(-1, taps.long().unsqueeze(-1), weight.unsqueeze(-1))
     if path == "gemm":

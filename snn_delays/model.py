@@ -176,6 +176,9 @@ class DelaySNN(nn.Module):
         self.readout = nn.Sequential(
             synapses(n_hidden, n_classes), SpikingNeurons(tau, neuron, surrogate_alpha, readout=True)
         )
+        for later in [*self.blocks[1:], self.readout]:  # fed by a block's spikes
+            if isinstance(later[0], DelayLayer):
+                later[0].spikes_in = True
 
     compact_saved_spikes = True  # SavedSpikes while training (False: float32, for comparisons)
     fuse_batchnorm_lif = True  # snn_delays.bn_lif while training (False: two modules, for comparisons)

@@ -291,9 +291,9 @@ def test_bench_eval_block_rows_unfold_in_blocks_of_that_size(monkeypatch):
     budgets = []
     real = fast_delays._gemm_conv_w
 
-    def recording(x, w, n_in, n_out, ksize, budget):  # noqa: ANN001, ANN202
+    def recording(x, w, n_in, n_out, ksize, budget, *rest):  # noqa: ANN001, ANN002, ANN202
         budgets.append(budget)
-        return real(x, w, n_in, n_out, ksize, budget)
+        return real(x, w, n_in, n_out, ksize, budget, *rest)
 
     monkeypatch.setattr(fast_delays, "_gemm_conv_w", recording)
     small = ["--batch", "3", "--time-steps", "8", "--sigma", "0.23", "--repeats", "1"]
@@ -305,6 +305,26 @@ def test_bench_eval_block_rows_unfold_in_blocks_of_that_size(monkeypatch):
     for bad in ("fast+eval-block-0", "fast+eval-block-", "fast+eval-block-x", "dcls+eval-block-8"):
         with pytest.raises(SystemExit, match="unknown entry"):
             bench.main([*small, "--backends", bad])
+
+
+def test_bench_eval_fp16_rows_multiply_spikes_as_float16(monkeypatch):
+    """``+eval-fp16`` (``SNN_DELAYS_EVAL_FP16=1`` for that row alone): the GEMM evaluation of
+    the layers fed by spikes (every delay layer after the first) takes float16 operands."""
+    bench = _load_experiment("bench")
+    monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)  # evaluation as on CUDA
+    monkeypatch.delenv("SNN_DELAYS_EVAL_FP16", raising=False)
+    flags = []
+    real = fast_delays._integer_gemm_conv
+    monkeypatch.setattr(
+        fast_delays, "_integer_gemm_conv", lambda *a, **kw: flags.append(a[5]) or real(*a, **kw)
+    )
+    small = ["--batch", "3", "--time-steps", "8", "--sigma", "0.23", "--repeats", "1", "--steps", "1"]
+    bench.main([*small, "--backends", "fast:fft"])
+    plain, flags[:] = list(flags), []
+    bench.main([*small, "--backends", "fast:fft+eval-fp16"])
+    assert plain and not any(plain)
+    assert flags and {tuple(flags[i : i + 3]) for i in range(0, len(flags), 3)} == {(False, True, True)}
+    assert "SNN_DELAYS_EVAL_FP16" not in os.environ
 
 
 def test_bench_keeps_its_timings_when_a_step_cannot_be_counted(monkeypatch, capsys):

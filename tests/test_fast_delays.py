@@ -145,6 +145,75 @@ def test_integer_path_is_one_tap_per_synapse(impl, request):
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("n_in", "n_out"), [(6, 11), (12, 5)])
+def test_eval_fp16_operands_give_the_float32_products(n_in, n_out, monkeypatch):
+    """``SNN_DELAYS_EVAL_FP16=1``: a layer fed by spikes multiplies float16 operands into
+    float32 (here the CPU's row-blocked stand-in for CUDA's ``out_dtype`` GEMM). With weights
+    that are exact in float16 the products are those of the float32 path, bit for bit; with
+    any weights they are within float16's rounding of the weights (TF32 keeps as many bits).
+    Layers not fed by spikes, float16 models and the default setting stay in float32."""
+    monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)  # CUDA's evaluation path
+    monkeypatch.setattr(fast_delays, "EVAL_CHUNK", 400)  # several time blocks
+    operands = []
+    real_mm = fast_delays._mm_into
+    monkeypatch.setattr(
+        fast_delays, "_mm_into", lambda a, b, out: operands.append(a.dtype) or real_mm(a, b, out)
+    )
+    torch.manual_seed(5)
+    t, b, k = 30, 4, 9
+    x = (torch.rand(t, b, n_in) < 0.3).float()
+    w = torch.randn(n_out, n_in).half().float()  # exact in float16
+    d = torch.randint(0, k, (n_out, n_in))
+
+    def run(setting: str, weight: torch.Tensor = w, spikes_in: bool = True, inputs: torch.Tensor = x):
+        monkeypatch.setenv("SNN_DELAYS_EVAL_FP16", setting)
+        operands.clear()
+        with torch.no_grad():
+            y = fast_delays.integer_delay_conv(inputs, weight, d, k, impl="fft", spikes_in=spikes_in)
+        return y, set(operands)
+
+    want, seen = run("0")
+    assert seen == {torch.float32}
+    monkeypatch.setattr(fast_delays, "EMULATED_ROWS", 1 << 30)  # one product per block, as float32's
+    got, seen = run("1")
+    assert seen == {torch.float16} and got.dtype == torch.float32
+    assert torch.equal(got, want)
+    monkeypatch.setattr(fast_delays, "EMULATED_ROWS", 7)  # the stand-in in row blocks
+    assert torch.equal(run("1")[0], want)
+    raw = torch.randn(n_out, n_in)
+    got, want = run("1", raw)[0], run("0", raw)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=float(want.abs().max()) * 2e-3)
+    assert not torch.equal(got, want)  # the weights were rounded
+    assert run("1", spikes_in=False)[1] == {torch.float32}
+    y, seen = run("1", w.half(), inputs=x.half())  # a float16 model: float16 products, as before
+    assert seen == {torch.float16} and y.dtype == torch.float16
+    monkeypatch.setenv("SNN_DELAYS_EVAL_FP16", "yes")
+    with pytest.raises(ValueError, match="SNN_DELAYS_EVAL_FP16 must be 0 or 1, got 'yes'"):
+        fast_delays.eval_fp16()
+
+
+def test_only_layers_fed_by_spikes_take_float16_operands(monkeypatch):
+    from snn_delays.model import DelaySNN
+
+    model = DelaySNN(10, 4, n_hidden=16, n_layers=2, kernel_size=5).eval()
+    assert [layer.spikes_in for layer in model.delay_layers()] == [False, True, True]
+    monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)
+    monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", "fft")
+    flags = []
+    real = fast_delays._integer_gemm_conv
+    monkeypatch.setattr(
+        fast_delays, "_integer_gemm_conv", lambda *a, **kw: flags.append(a[5]) or real(*a, **kw)
+    )
+    x = (torch.rand(12, 3, 10) < 0.3).float()
+    with torch.no_grad():
+        monkeypatch.setenv("SNN_DELAYS_EVAL_FP16", "1")
+        got = model(x)
+        monkeypatch.setenv("SNN_DELAYS_EVAL_FP16", "0")
+        want = model(x)
+    assert flags == [False, True, True, False, False, False]
+    torch.testing.assert_close(got, want, rtol=0, atol=float(want.abs().max()) * 2e-3)
+
+
 def test_tap_count_covers_the_gaussian():
     assert fast_delays.n_taps(0.23, 25) == 7
     assert fast_delays.n_taps(12, 25) == 25
