@@ -1404,12 +1404,17 @@ def _chunks(t_len: int, row: int, budget: int | None = None) -> list[tuple[int, 
     return [(t0, min(t_len, t0 + step)) for t0 in range(0, t_len, step)]
 
 
-def _unfold(src: Tensor, t0: int, t1: int, ksize: int, flip: bool = False) -> Tensor:
-    """((t1 - t0) B, K C) rows ``src[t + n, b, :]`` (``src[t + K-1-n]`` with ``flip``), a copy."""
+def _unfold(
+    src: Tensor, t0: int, t1: int, ksize: int, flip: bool = False, dtype: torch.dtype | None = None
+) -> Tensor:
+    """((t1 - t0) B, K C) rows ``src[t + n, b, :]`` (``src[t + K-1-n]`` with ``flip``), a copy
+    (as ``dtype``, in the same copy, where given)."""
     batch, ch = src.shape[1:]
     u = src[t0 : t1 + ksize - 1].as_strided((t1 - t0, batch, ksize, ch), (batch * ch, ch, batch * ch, 1))
     if flip:
         u = u.flip(2)
+    if dtype is not None and dtype != u.dtype:
+        u = u.to(dtype, memory_format=torch.contiguous_format)
     return u.reshape((t1 - t0) * batch, ksize * ch)
 
 
@@ -1514,55 +1519,44 @@ def _window(src: Tensor, t0: int, t1: int, lead: int) -> Tensor:
 
 
 def _unfold_mm(
-    src: Tensor,
-    w: Tensor,
-    t_out: int,
-    ksize: int,
-    budget: int | None = None,
-    lead: int = 0,
-    out_dtype: torch.dtype | None = None,
+    src: Tensor, w: Tensor, t_out: int, ksize: int, budget: int | None = None, lead: int = 0
 ) -> Tensor:
     """``out[t] = sum_n s[t + n] @ w[n]`` with ``w`` (K C, N), ``s`` = ``src`` behind ``lead``
     zero steps and followed by zeros: (t_out, B, N), in time chunks of at most ``budget``
     unfolded floats (:func:`_chunks`). No padded copy of ``src``: only a chunk whose window
-    reaches a zero step unfolds from a padded copy of its own steps. ``out_dtype``: float32
-    from float16 operands (:func:`_mm_into`); default ``src``'s dtype."""
+    reaches a zero step unfolds from a padded copy of its own steps. The blocks are unfolded
+    as ``w``'s dtype (float16 operands for a float32 ``src``: :func:`_mm_into`), ``out`` is
+    ``src``'s."""
     batch, ch = src.shape[1:]
-    out = torch.empty(t_out, batch, w.shape[1], device=src.device, dtype=out_dtype or src.dtype)
+    out = torch.empty(t_out, batch, w.shape[1], device=src.device, dtype=src.dtype)
     for t0, t1 in _chunks(t_out, batch * ksize * ch, budget):
-        unfolded = _unfold(_window(src, t0, t1 + ksize - 1, lead), 0, t1 - t0, ksize)
+        unfolded = _unfold(_window(src, t0, t1 + ksize - 1, lead), 0, t1 - t0, ksize, dtype=w.dtype)
         _mm_into(unfolded, w, out[t0:t1].view(-1, w.shape[1]))
         del unfolded  # before the next block's
     return out
 
 
-def _output_side_mm(
-    x: Tensor,
-    w: Tensor,
-    t_out: int,
-    ksize: int,
-    budget: int | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> Tensor:
+def _output_side_mm(x: Tensor, w: Tensor, t_out: int, ksize: int, budget: int | None = None) -> Tensor:
     """The delay conv with the taps on the output side (O < I): ``p = s @ w`` as (I, K O) with
     ``s`` = x padded as :func:`pad_time` pads it, ``y[t, b, o] = sum_n p[t + n, b, n, o]``, in
     time chunks whose ``p`` (with its K-1 steps of overlap) holds at most ``budget`` floats. No
-    padded copy of x: the rows of ``p`` from zero steps are zeroed. ``out_dtype`` as
-    :func:`_unfold_mm`'s."""
+    padded copy of x: the rows of ``p`` from zero steps are zeroed. x's rows of a block are
+    multiplied as ``w``'s dtype, ``p`` and y are x's (as :func:`_unfold_mm`)."""
     t_len, batch, _ = x.shape
     n_out = w.shape[1] // ksize
     row = batch * ksize * n_out
     budget = max(row, (budget or gemm_chunk()) - (ksize - 1) * row)  # the overlap's rows held back
-    dtype = out_dtype or x.dtype
-    y = torch.empty(t_out, batch, n_out, device=x.device, dtype=dtype)
+    y = torch.empty(t_out, batch, n_out, device=x.device, dtype=x.dtype)
     for t0, t1 in _chunks(t_out, row, budget):
-        p = torch.empty(t1 - t0 + ksize - 1, batch, ksize * n_out, device=x.device, dtype=dtype)
+        p = torch.empty(t1 - t0 + ksize - 1, batch, ksize * n_out, device=x.device, dtype=x.dtype)
         lo = t0 - (ksize - 1)  # the step of x at p's first row
         first, last = max(lo, 0), min(t1, t_len)  # the steps of x inside this window
         p[: first - lo].zero_()
         p[max(last - lo, first - lo) :].zero_()
         if last > first:
-            _mm_into(x[first:last].reshape(-1, x.shape[2]), w, p[first - lo : last - lo].view(-1, w.shape[1]))
+            rows = x[first:last].reshape(-1, x.shape[2]).to(w.dtype)
+            _mm_into(rows, w, p[first - lo : last - lo].view(-1, w.shape[1]))
+            del rows
         y[t0:t1] = _shift_sum(p.view(-1, batch, ksize, n_out), t1 - t0, batch, ksize, n_out)
         del p  # before the next block's
     return y
@@ -1579,23 +1573,16 @@ def gemm_conv(x: Tensor, kernel: Tensor, budget: int | None = None) -> Tensor:
     return _gemm_conv_w(x, w, n_in, n_out, ksize, budget)
 
 
-def _gemm_conv_w(
-    x: Tensor,
-    w: Tensor,
-    n_in: int,
-    n_out: int,
-    ksize: int,
-    budget: int | None,
-    out_dtype: torch.dtype | None = None,
-) -> Tensor:
+def _gemm_conv_w(x: Tensor, w: Tensor, n_in: int, n_out: int, ksize: int, budget: int | None) -> Tensor:
     """:func:`gemm_conv` from the kernel already in its GEMM layout ``w``: (K I, O) when
-    I <= O (taps on the input side), else (I, K O). ``out_dtype`` as :func:`_unfold_mm`'s."""
+    I <= O (taps on the input side), else (I, K O). y is x's dtype; x is multiplied as
+    ``w``'s (float16 weights: float16 operands, :func:`_integer_gemm_conv`)."""
     t_out = x.shape[0] + (ksize - 1) // 2
     x = x.contiguous()
     with _tf32(x.device):
         if n_in <= n_out:
-            return _unfold_mm(x, w, t_out, ksize, budget, lead=ksize - 1, out_dtype=out_dtype)
-        return _output_side_mm(x, w, t_out, ksize, budget, out_dtype)
+            return _unfold_mm(x, w, t_out, ksize, budget, lead=ksize - 1)
+        return _output_side_mm(x, w, t_out, ksize, budget)
 
 
 def _integer_gemm_conv(
@@ -1605,13 +1592,13 @@ def _integer_gemm_conv(
     gradients: the weight is scattered straight into the GEMM's layout, so no (O, I, K) kernel
     is held beside its permuted copy (one kernel-sized buffer, not two, and one copy less).
     ``fp16``: x and the weights as float16 operands (x must be exact in float16, as spikes
-    are), the products accumulated and written in float32 (:func:`eval_fp16`)."""
+    are; cast in the unfolding copy, no float16 copy of x), the products accumulated and
+    written in float32 (:func:`eval_fp16`)."""
     n_out, n_in = weight.shape
     idx = taps.t().long()  # (I, O)
     src = weight.detach().t()
-    out_dtype = x.dtype
     if fp16:
-        x, src = x.to(torch.float16), src.to(torch.float16)
+        src = src.to(torch.float16)
     if n_in <= n_out:  # w[(n, i), o]
         w = torch.zeros(ksize, n_in * n_out, device=weight.device, dtype=src.dtype)
         w.scatter_(0, idx.reshape(1, -1), src.reshape(1, -1))
@@ -1620,7 +1607,7 @@ def _integer_gemm_conv(
         w = torch.zeros(n_in, ksize, n_out, device=weight.device, dtype=src.dtype)
         w.scatter_(1, idx.unsqueeze(1), src.unsqueeze(1))
         w = w.view(n_in, ksize * n_out)
-    return _gemm_conv_w(x, w, n_in, n_out, ksize, budget, out_dtype)
+    return _gemm_conv_w(x, w, n_in, n_out, ksize, budget)
 
 
 def _gemm_grad_kernel(x: Tensor, grad_y: Tensor, ksize: int) -> Tensor:

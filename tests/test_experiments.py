@@ -291,9 +291,9 @@ def test_bench_eval_block_rows_unfold_in_blocks_of_that_size(monkeypatch):
     budgets = []
     real = fast_delays._gemm_conv_w
 
-    def recording(x, w, n_in, n_out, ksize, budget, *rest):  # noqa: ANN001, ANN002, ANN202
+    def recording(x, w, n_in, n_out, ksize, budget):  # noqa: ANN001, ANN202
         budgets.append(budget)
-        return real(x, w, n_in, n_out, ksize, budget, *rest)
+        return real(x, w, n_in, n_out, ksize, budget)
 
     monkeypatch.setattr(fast_delays, "_gemm_conv_w", recording)
     small = ["--batch", "3", "--time-steps", "8", "--sigma", "0.23", "--repeats", "1"]
