@@ -1493,12 +1493,12 @@ _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype_out")  # torch >= 2.8: float16
 
 def _mm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
     """``out = a @ b``. float16 operands with a float32 ``out``: on CUDA one GEMM that
-    accumulates and writes in float32 (``torch.mm(..., out_dtype=)``, torch >= 2.8); elsewhere
-    (tests, ``SNN_DELAYS_NO_C``) the same products in float32, in row blocks of at most
-    ``EMULATED_ROWS`` floats of ``a`` (no float32 copy of a whole unfolded block)."""
+    accumulates and writes in float32 (``torch.mm(..., out_dtype=)``, torch >= 2.8); on the CPU
+    (tests, ``SNN_DELAYS_NO_C``), which has no such kernel, the same products in float32, in row
+    blocks of at most ``EMULATED_ROWS`` floats of ``a`` (no float32 copy of a whole block)."""
     if a.dtype == out.dtype:
         torch.mm(a, b, out=out)
-    elif a.is_cuda:
+    elif a.device.type != "cpu":
         torch.mm(a, b, out_dtype=out.dtype, out=out)
     else:
         step = max(1, EMULATED_ROWS // max(1, a.shape[1]))
@@ -1771,7 +1771,7 @@ def integer_delay_conv(
             spikes_in
             and x.dtype == torch.float32
             and eval_fp16()
-            and (x.device.type != "cuda" or conv_allows_tf32())
+            and (x.device.type == "cpu" or (x.is_cuda and conv_allows_tf32()))
         )
         if fp16 and x.is_cuda and not _MM_OUT_DTYPE:
             raise RuntimeError(

@@ -192,6 +192,19 @@ def test_eval_fp16_operands_give_the_float32_products(n_in, n_out, monkeypatch):
         fast_delays.eval_fp16()
 
 
+def test_eval_fp16_products_call_the_float32_output_gemm():
+    """Off the CPU the float16 products are one ``torch.mm(..., out_dtype=torch.float32,
+    out=)`` per block, written into a view of y (checked on meta tensors: CUDA's call, its
+    shapes and dtypes, without a GPU)."""
+    a = torch.empty(8, 16, dtype=torch.float16, device="meta")
+    b = torch.empty(16, 4, dtype=torch.float16, device="meta")
+    y = torch.empty(5, 4, 4, device="meta")
+    out = y[1:3].view(-1, 4)
+    fast_delays._mm_into(a, b, out)
+    assert fast_delays._MM_OUT_DTYPE
+    assert out.dtype == torch.float32 and out.shape == (8, 4)
+
+
 def test_only_layers_fed_by_spikes_take_float16_operands(monkeypatch):
     from snn_delays.model import DelaySNN
 
