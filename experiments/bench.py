@@ -136,8 +136,8 @@ EVAL_BLOCK = re.compile(r"eval-block-([1-9][0-9]*)")  # MiB of evaluation's unfo
 
 
 def parse_backend(spec: str, device: str) -> tuple[str, str | None, set[str]]:
-    """``dcls`` | ``fast[:IMPL][+graphs][+triton-lif|+sj-lif][+torch-fft][+eval-block-MIB]`` ->
-    (backend, conv impl or None, modifiers)."""
+    """``dcls`` | ``fast[:IMPL][+graphs][+triton-lif|+sj-lif][+torch-fft][+eval-block-MIB][+eval-fp16]``
+    -> (backend, conv impl or None, modifiers)."""
     name, *mods = spec.split("+")
     backend, _, impl = name.partition(":")
     bad_impl = impl and (backend == "dcls" or impl not in IMPLS)

@@ -203,11 +203,12 @@ class GraphedSteps:
                 self.replays += 1
                 return self._outputs
             return self._eager(x, target)  # another shape: the epoch's last, smaller batch
-        if self._warm != (_layout(x), _layout(target)):
+        layouts = (_layout(x), _layout(target))
+        if self._warm != layouts:
             # the first batch of the epoch, or one of a shape not run since: eager. A capture
             # only records a shape whose lazy state (DFT matrices, Triton autotuning, cuFFT
             # plans) a warm-up made: made inside a capture, it fails.
-            self._warm = (_layout(x), _layout(target))
+            self._warm = layouts
             return self._eager(x, target)
         (static_x, copied), (static_t, _) = self.inputs.take(x), self.inputs.take(target)
         self.batch_copies += copied

@@ -1487,7 +1487,7 @@ class _tf32:  # noqa: N801 - a context manager used like a function
             matmul.allow_tf32 = self.restore
 
 
-EMULATED_ROWS = 1 << 20  # floats of ``a`` per product off CUDA with float16 operands
+EMULATED_ROWS = 1 << 20  # floats of ``a`` per product of the CPU's stand-in for float16 operands
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype_out")  # torch >= 2.8: float16 in, float32 out
 
 
