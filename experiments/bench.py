@@ -3,6 +3,7 @@
     python experiments/bench.py                          # CPU, SHD, sigma 0.23 and K//2
     python experiments/bench.py --device cuda --json out.json --networks shd,ssc
     python experiments/bench.py --device cuda --backends dcls,fast+graphs,fast+graphs+sj-lif,fast:triton+graphs
+    python experiments/targets.py out.json      # each row against the targets, met or missed
 
 A backend is ``dcls`` or ``fast``, the latter optionally with a delay path (``fast:IMPL``, as
 ``SNN_DELAYS_CONV_IMPL``: gemm, triton, fft, dense, c), ``+graphs`` (CUDA: both steps
@@ -265,6 +266,8 @@ def bench_one(net: str, spec: str, sigma: float, args: argparse.Namespace, x: to
         backend=spec,
         neurons=impl,
         sigma=sigma,
+        batch=x.shape[1],
+        time_steps=x.shape[0],
         train_s=train,
         eval_s=evaluation,
         peak_mib=peak,

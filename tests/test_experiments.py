@@ -253,11 +253,85 @@ def test_bench_compares_both_backends_on_the_same_inputs(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["results"][1]["eval_speedup"] == rows[1]["eval_speedup"]
     assert saved["meta"]["threads"] >= 1
+    assert all((r["batch"], r["time_steps"]) == (3, 8) for r in saved["results"])
+    # targets.py judges that file: the CPU targets applied to the ratios bench measured, the
+    # default ("fast") marked, the shrunk setting flagged
+    (report,) = _load_experiment("targets").main([str(out)])
+    assert report["device"] == "cpu"
+    assert [(v["backend"], v["default"]) for v in report["verdicts"]] == [
+        ("fast", True),
+        ("fast:dense+sj-lif", False),
+    ]
+    for verdict, row in zip(report["verdicts"], rows[1:], strict=True):
+        assert verdict["met"] == (row["train_speedup"] >= 5 and row["eval_speedup"] >= 10)
+        assert verdict["setting"] == "batch 3, not 256; 8 steps, not 100"
+    assert report["default_met"] == report["verdicts"][0]["met"]
     assert all(r["peak_mib"] > 0 and r["eval_peak_mib"] > 0 for r in rows)
     with pytest.raises(SystemExit, match="need --device cuda"):
         bench.main([*small, "--backends", "dcls,fast+graphs"])
     with pytest.raises(SystemExit, match="unknown entry 'fast:nope'"):
         bench.main([*small, "--backends", "dcls,fast:nope"])
+
+
+def test_targets_hold_each_gpu_row_to_the_issues_limits(tmp_path):
+    """On CUDA: SHD train <= 5 ms, eval <= 2 ms, SSC train <= 10 ms, both peaks at most the
+    reference's of the same network and sigma; every variant judged, fast+graphs the default,
+    a failed capture not; the exit status follows the default."""
+    import json
+    import subprocess
+    import sys
+
+    targets = _load_experiment("targets")
+
+    def row(backend, train_ms, eval_ms, peak, eval_peak, net="shd", batch=256):  # noqa: ANN001, ANN202
+        return dict(
+            network=net,
+            backend=backend,
+            sigma=0.23,
+            batch=batch,
+            time_steps=100,
+            train_s=train_ms / 1e3,
+            eval_s=eval_ms / 1e3,
+            peak_mib=peak,
+            eval_peak_mib=eval_peak,
+        )
+
+    results = [
+        row("dcls", 9.1, 2.8, 486, 170),
+        row("fast+graphs", 3.1, 1.8, 250, 185),
+        row("fast+graphs+eval-block-32", 3.2, 1.9, 250, 160),
+        row("fast+graphs+eval-block-16", 3.2, 2.1, 250, 140),
+        row("fast+graphs (capture FAILED: eager)", 10.8, 3.9, 627, 150),
+        row("dcls", 79.5, 5.2, 36217, 300, net="ssc", batch=128),
+        row("fast+graphs", 9.9, 6.0, 1715, None, net="ssc", batch=128),
+    ]
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(dict(meta=dict(device="cuda:0", gpu="NVIDIA H200"), results=results)))
+    (report,) = targets.main([str(path)])
+    verdict = {(v["network"], v["backend"]): v for v in report["verdicts"]}
+    default = verdict["shd", "fast+graphs"]
+    assert default["default"] and not default["met"] and default["setting"] == ""
+    assert [label for label, ok in default["checks"] if not ok] == ["eval peak 185 MiB (<= 170)"]
+    assert verdict["shd", "fast+graphs+eval-block-32"]["met"]
+    missed = verdict["shd", "fast+graphs+eval-block-16"]
+    assert [label for label, ok in missed["checks"] if not ok] == ["eval 2.1 ms (<= 2)"]
+    assert not verdict["shd", "fast+graphs (capture FAILED: eager)"]["default"]
+    ssc = verdict["ssc", "fast+graphs"]  # no evaluation time target; its eval peak was not measured
+    assert [(label, ok) for label, ok in ssc["checks"]] == [
+        ("train 9.9 ms (<= 10)", True),
+        ("train peak 1715 MiB (<= 36217)", True),
+        ("eval peak not measured", False),
+    ]
+    assert not report["default_met"]
+    script = Path(__file__).parent.parent / "experiments/targets.py"
+    assert subprocess.run([sys.executable, script, path], capture_output=True).returncode == 1
+    results[1]["eval_peak_mib"], results[-1]["eval_peak_mib"] = 170, 290
+    path.write_text(json.dumps(dict(meta=dict(device="cuda:0"), results=results)))
+    assert subprocess.run([sys.executable, script, path], capture_output=True).returncode == 0
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(SystemExit, match="bad.json: not a bench.py --json file"):
+        targets.main([str(bad)])
 
 
 def test_bench_torch_fft_rows_transform_with_rfft(monkeypatch):
