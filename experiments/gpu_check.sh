@@ -2,8 +2,9 @@
 # On a GPU machine (torch + triton present; spikingjelly, dcls, ... as wheels in .whl/):
 # equivalence of the fast (GEMM, Triton, cuFFT) and dcls backends on CUDA, then the benchmarks.
 # Results in $OUT. About 8-10 minutes on an H100/H200 (Triton compiles and autotunes once); the
-# steps are ordered by what matters most, should the lease run out. `bash experiments/gpu_check.sh 12`
-# runs parts 1 and 2 only (a device call is limited to 10 minutes: split the parts over two calls).
+# steps are ordered by what matters most, should the lease run out (8, evaluation's peak, before 6);
+# targets.txt: parts 2 and 8 against the issue's targets. `bash experiments/gpu_check.sh 12` runs
+# parts 1 and 2 only (a device call is limited to 10 minutes: split the parts over two calls).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 set -u
 PARTS=${1:-12345678}
@@ -112,6 +113,9 @@ PY
 part 2 && timeout 270 python3 experiments/bench.py --device cuda --networks shd,ssc --tensor-memory \
     --backends dcls,fast+graphs,fast,fast+graphs+sj-lif,fast+graphs+torch-fft,fast:triton+graphs --json "$OUT/bench_gpu.json" 2>&1 \
     | grep -v Warning | tee "$OUT/bench_gpu.txt"
+#    each row met or missed against the targets and the reference of its network and sigma
+#    (experiments/targets.py; the default, fast+graphs, marked *)
+part 2 && python3 experiments/targets.py "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/targets.txt"
 
 # 3. where the step goes: the trainer's steps (with Adam) of every variant, published setting,
 #    no-delays network; the profiler's top kernels
@@ -125,10 +129,6 @@ part 4 && timeout 120 python3 -m pytest -q tests/test_cuda_graphs.py tests/test_
 # 5. SSC step times
 part 5 && timeout 120 python3 experiments/gpu_profile.py --network ssc 2>&1 | tee "$OUT/profile_ssc.txt"
 
-# 6. whole epochs through the trainer on SHD-sized, SHD-layout files: eager, graphs, reference
-part 6 && timeout 150 python3 experiments/backend_parity.py --root /tmp/parity_gpu --n-train 8156 --batch 256 --epochs 3 \
-    --backends fast,fast+graphs,dcls 2>&1 | tail -6 | tee "$OUT/epochs.txt"
-
 # 8. evaluation's unfolded block (EVAL_CHUNK: 64 MiB by default) against evaluation's peak and
 #    time, SHD beside the reference: 16, 32, 64 (the default) and 1024 MiB (one block, as timed at
 #    1.8 ms on 2026-11-28). Counted on the CPU: 101 / 120 / 153 MiB of tensors for 16 / 32 / 64,
@@ -138,6 +138,11 @@ part 6 && timeout 150 python3 experiments/backend_parity.py --root /tmp/parity_g
 part 8 && timeout 120 python3 experiments/bench.py --device cuda --networks shd --sigma 0.23 --tensor-memory \
     --backends dcls,fast+graphs+eval-block-16,fast+graphs+eval-block-32,fast+graphs,fast+graphs+eval-block-1024,fast+graphs+eval-fp16,fast+graphs+eval-fp16+eval-block-1024 \
     --json "$OUT/bench_gpu_eval_blocks.json" 2>&1 | grep -v Warning | tee "$OUT/bench_gpu_eval_blocks.txt"
+part 8 && python3 experiments/targets.py "$OUT/bench_gpu_eval_blocks.json" 2>&1 | tee -a "$OUT/targets.txt"
+
+# 6. whole epochs through the trainer on SHD-sized, SHD-layout files: eager, graphs, reference
+part 6 && timeout 150 python3 experiments/backend_parity.py --root /tmp/parity_gpu --n-train 8156 --batch 256 --epochs 3 \
+    --backends fast,fast+graphs,dcls 2>&1 | tail -6 | tee "$OUT/epochs.txt"
 
 # 7. what is allocated at the SHD step's peak, by origin (workspaces, our lines), from the
 #    allocator's trace: one process per variant; C++ frames name the workspaces (python-only
