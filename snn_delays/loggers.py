@@ -9,9 +9,12 @@ wandb is imported lazily, so the other loggers never pay for it.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
+
+FIGURE_DPI = 110  # the figures' resolution in W&B, as saved into figures/
 
 
 class NullLogger:
@@ -104,7 +107,15 @@ class WandbLogger(NullLogger):
         self.run.log({"epoch": step, **metrics})
 
     def log_figure(self, name: str, figure: Any, step: int) -> None:
-        self.run.log({"epoch": step, name: self._wandb.Image(figure)})
+        # wandb.Image(figure) expects a pyplot figure (it looks up matplotlib.pyplot, which our
+        # pyplot-free figures never import): hand it the figure rendered as a PNG image instead
+        from PIL import Image
+
+        buf = io.BytesIO()
+        figure.savefig(buf, format="png", dpi=FIGURE_DPI)
+        buf.seek(0)
+        with Image.open(buf) as image:
+            self.run.log({"epoch": step, name: self._wandb.Image(image.convert("RGB"))})
 
     def log_histogram(self, name: str, values: Any, step: int) -> None:
         self.run.log({"epoch": step, name: self._wandb.Histogram(values)})

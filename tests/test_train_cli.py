@@ -101,10 +101,18 @@ def test_contract_on_shd_layout_files(tmp_path):
 
 
 def test_wandb_offline_logger(tmp_path):
+    """The default logger: an offline W&B run holding every figure the trainer drew (the
+    pyplot-free figures reach wandb as images), each also saved into figures/."""
     out = tmp_path / "run"
     run_cli("train", "experiment=synthetic", "trainer.epochs=1", f"hydra.run.dir={out}", *QUIET)
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    saved = sorted(p.stem for p in (out / "figures").glob("*.png"))
+    assert {"delays_histogram", "delays_positions", "spikes_raster", "training_curves"} <= set(saved)
+    media = runs[0] / "files" / "media" / "images"  # <group>/<name>_<n>_<hash>.png per logged figure
+    logged = sorted(f"{p.parent.name}_{p.stem.rsplit('_', 2)[0]}" for p in media.rglob("*.png"))
+    assert logged == saved
+    assert "failed" not in (out / "train.log").read_text()
 
 
 def test_unknown_config_key_fails_at_start_up(tmp_path):
