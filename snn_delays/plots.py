@@ -533,20 +533,25 @@ def log_figures(
     dpi: int = 110,
 ) -> list[Path]:
     """Save each figure as ``out_dir/<name>.png`` (overwritten: the latest), log it, then close it.
+    A figure that fails to save or log is a warning; the others are still saved and logged.
 
     ``histograms`` (name -> raw values, e.g. :func:`delay_values_ms`) go to ``logger.log_histogram``.
     ``logger`` may be ``None`` (only save). Returns the PNG paths.
     """
     paths = []
     for name, fig in figures.items():
-        if out_dir is not None:
-            path = figure_path(out_dir, name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=dpi)
-            paths.append(path)
-        if logger is not None:
-            logger.log_figure(name, fig, step)
-        fig.clear()  # pyplot never saw these figures: clearing frees them without global state
+        try:
+            if out_dir is not None:
+                path = figure_path(out_dir, name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fig.savefig(path, dpi=dpi)
+                paths.append(path)
+            if logger is not None:
+                logger.log_figure(name, fig, step)
+        except Exception as err:  # noqa: BLE001 - one figure's failure does not cost the others
+            log.warning("figure %s (epoch %d) failed: %s: %s", name, step, type(err).__name__, err)
+        finally:
+            fig.clear()  # pyplot never saw these figures: clearing frees them without global state
     if logger is not None:
         for name, values in (histograms or {}).items():
             logger.log_histogram(name, np.asarray(values), step)

@@ -200,6 +200,26 @@ def test_figures_for_run_and_log_figures_save_and_log_everything(model, tmp_path
     assert all(not fig.axes for fig in figures.values()), "figures are closed after logging"
 
 
+def test_a_figure_that_fails_to_log_costs_only_itself(model, tmp_path, caplog):
+    """A logger that refuses one figure: a warning naming it; every figure is still saved, the
+    others logged, all closed."""
+
+    class Refusing(RecordingLogger):
+        def log_figure(self, name, figure, step):
+            if name == "delays/histogram":
+                raise AttributeError("module 'matplotlib' has no attribute 'pyplot'")
+            super().log_figure(name, figure, step)
+
+    figures = plots.figures_for_run(model, history(), None, torch.ones(10, 6))
+    logger = Refusing()
+    paths = plots.log_figures(logger, figures, 3, tmp_path, plots.delay_values_ms(model), dpi=30)
+    assert {p.name for p in paths} == {plots.figure_path(tmp_path, n).name for n in figures}
+    assert [n for n, _ in logger.figures] == [n for n in figures if n != "delays/histogram"]
+    assert logger.histograms, "the histograms are logged after a failed figure"
+    assert "figure delays/histogram (epoch 3) failed: AttributeError" in caplog.text
+    assert all(not fig.axes for fig in figures.values())
+
+
 def test_a_model_without_delays_gets_the_figures_that_apply(tmp_path, caplog):
     model = DelaySNN(n_inputs=4, n_classes=2, n_hidden=5, n_layers=1, delays="none").eval()
     assert set(plots.figures_for_run(model, history(), None, torch.ones(6, 4))) == {
