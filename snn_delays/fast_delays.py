@@ -572,11 +572,11 @@ def _cache_dir() -> Path:
 
 
 def c_disabled(name: str) -> bool:
-    """``SNN_DELAYS_NO_C`` turns off the C library ``name``: set to anything but a comma list
-    of library names, it turns off all of them."""
+    """``SNN_DELAYS_NO_C`` turns off the C library ``name``: a comma list of library names
+    turns off those, ``1`` (any other value but ``0`` or empty) all of them."""
     value = os.environ.get("SNN_DELAYS_NO_C", "").strip()
     names = {v.strip() for v in value.split(",")}
-    return bool(value) and (name in names or not names <= {"fast_delays", "fast_neurons"})
+    return value not in ("", "0") and (name in names or not names <= {"fast_delays", "fast_neurons"})
 
 
 def compile_c(name: str, source: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
@@ -651,10 +651,13 @@ def keep_freed_memory() -> bool:
     By default every allocation above 32 MiB is a fresh ``mmap`` (one activation of the SHD
     network is 32.5 MB), so each is zero-filled page by page on first touch, every step: about
     a third of a CPU evaluation step. Process-wide; the trainer calls it for CPU runs and
-    ``experiments/bench.py`` for both backends alike. ``SNN_DELAYS_SYSTEM_MALLOC=1`` opts out.
-    Returns whether the setting took (False off glibc).
+    ``experiments/bench.py`` for both backends alike. ``SNN_DELAYS_SYSTEM_MALLOC=1`` (any
+    value but ``0`` or empty) opts out. Returns whether the setting took (False off glibc).
     """
-    if os.environ.get("SNN_DELAYS_SYSTEM_MALLOC") or platform.system() != "Linux":
+    if (
+        os.environ.get("SNN_DELAYS_SYSTEM_MALLOC", "").strip() not in ("", "0")
+        or platform.system() != "Linux"
+    ):
         return False
     try:
         libc = ctypes.CDLL(None)

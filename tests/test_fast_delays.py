@@ -389,10 +389,13 @@ def test_keep_freed_memory_takes_and_can_be_switched_off(monkeypatch):
 
     monkeypatch.setenv("SNN_DELAYS_SYSTEM_MALLOC", "1")
     assert fast_delays.keep_freed_memory() is False
-    monkeypatch.delenv("SNN_DELAYS_SYSTEM_MALLOC")
-    assert fast_delays.keep_freed_memory() is (
-        platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    )
+    on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    for value in (None, "0"):  # unset, or 0: the setting is not opted out of
+        if value is None:
+            monkeypatch.delenv("SNN_DELAYS_SYSTEM_MALLOC")
+        else:
+            monkeypatch.setenv("SNN_DELAYS_SYSTEM_MALLOC", value)
+        assert fast_delays.keep_freed_memory() is on_glibc
 
 
 @pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
@@ -465,6 +468,7 @@ def test_direct_dfts_equal_torch_fft(length, n):
     ("value", "off"),
     [
         ("", set()),
+        ("0", set()),
         ("1", {"fast_delays", "fast_neurons"}),
         ("fast_delays", {"fast_delays"}),
         ("fast_neurons", {"fast_neurons"}),
