@@ -37,7 +37,7 @@ IGNORED = (
     "trainer.resume",
     "trainer.save_checkpoints",
     "trainer.eval_batch_size",
-    "trainer.compile",
+    "trainer.cuda_graphs",
     "dataset.root",
     "dataset.download",
     "dataset.cache",

@@ -161,6 +161,26 @@ def test_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "warning: skipped 0_x: no metrics.json" in capsys.readouterr().err
 
 
+def test_ignored_keys_are_keys_of_the_training_config() -> None:
+    """Every ignored key names a key of the composed training config, with one dataset or
+    another (a stale name would ignore nothing), and every key the trainer lets a resumed run
+    change is ignored: such a key does not change the experiment."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from snn_delays.config import register_configs
+    from snn_delays.train import RESUMABLE_KEYS
+
+    register_configs()
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    datasets = sorted(p.stem for p in (conf / "dataset").glob("*.yaml"))
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfgs = [compose("train", [f"dataset={d}"], return_hydra_config=True) for d in datasets]
+    for key in rep.IGNORED:
+        assert any(OmegaConf.select(cfg, key, default="<missing>") != "<missing>" for cfg in cfgs), key
+    assert [key for key in RESUMABLE_KEYS if not rep.is_ignored(key)] == []
+
+
 def test_override_keys() -> None:
     assert rep.parse_override("+model.x=3") == ("model.x", "3")
     assert rep.parse_override("~model.x") == ("~model.x", "")
