@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--backends",
         default="dcls,fast",
-        help="dcls, fast[:IMPL][+graphs][+triton-lif|+sj-lif][+torch-fft]; the first is the reference",
+        help="comma list of dcls, fast[:IMPL][+graphs][+triton-lif|+sj-lif][+torch-fft][+eval-block-MIB]"
+        "[+eval-fp16] (explained in bench.py's docstring); the first is the reference",
     )
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--ref-neurons", default="spikingjelly", help="neuron impl of the dcls rows")
