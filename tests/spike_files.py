@@ -75,7 +75,8 @@ def make_spike_dataset(
     """Write a random spike file; return what was written (``times``, ``units``, ``labels``)."""
     times, units, labels = random_spikes(n_samples, n_classes, seed, n_channels, duration_s)
     speakers = np.random.default_rng(seed + 1).integers(0, 5, n_samples)
-    write_spike_h5(path, times, units, labels, speakers=speakers)
+    keys = [f"class-{c}" for c in range(n_classes)]  # every class named, as in the real files
+    write_spike_h5(path, times, units, labels, keys=keys, speakers=speakers)
     # What the loader sees: float16 times, as in the published files.
     times = [t.astype(np.float16) for t in times]
     return {"times": times, "units": units, "labels": labels}

@@ -5,9 +5,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import inspect
+import io
 import os
 import re
 import shutil
+import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -339,3 +341,191 @@ def test_config_keys_match_loaders(tmp_path):
         cfg.root, cfg.download = str(tmp_path / name), False
         data = hydra_utils.instantiate(cfg)
         assert data.name == name and data.n_inputs == 140
+
+
+# --- archives already in the folder, concurrent and incomplete downloads -------------------
+
+
+def _offline(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+
+
+def _mirrors(served: Path, name: str = "shd_train.h5.zip") -> list[str]:
+    return [f"https://zenkelab.invalid/datasets/{name}", (served / name).as_uri()]
+
+
+@pytest.mark.parametrize("allow_download", [True, False])
+def test_archive_placed_by_hand_is_unpacked_offline_and_kept(served, tmp_path, monkeypatch, allow_download):
+    root = tmp_path / "root"
+    root.mkdir()
+    shutil.copy(served / "shd_train.h5.zip", root)
+    _offline(monkeypatch)
+    md5 = _md5(served / "shd_train.h5.zip")
+    got = download.ensure_file(root, "shd_train.h5", _mirrors(served), md5, allow_download)
+    assert got.read_bytes() == (served / "shd_train.h5").read_bytes()
+    assert _leftovers(root) == ["shd_train.h5", "shd_train.h5.zip"]  # the user's archive stays
+
+
+@pytest.mark.parametrize("allow_download", [True, False])
+def test_bad_archive_placed_by_hand_is_named_and_kept(served, tmp_path, monkeypatch, allow_download):
+    root = tmp_path / "root"
+    root.mkdir()
+    good = (served / "shd_train.h5.zip").read_bytes()
+    (root / "shd_train.h5.zip").write_bytes(good[: len(good) // 2])  # an interrupted copy
+    _offline(monkeypatch)
+    for md5, words in ((_md5(served / "shd_train.h5.zip"), "md5"), (None, "not a valid archive")):
+        with pytest.raises(download.MissingDataError) as info:
+            download.ensure_file(root, "shd_train.h5", _mirrors(served), md5, allow_download)
+        message = str(info.value)
+        assert str(root / "shd_train.h5.zip") in message and "left in place" in message and words in message
+        assert (root / "shd_train.h5.zip").read_bytes() == good[: len(good) // 2]
+        assert _leftovers(root) == ["shd_train.h5.zip"]
+    if allow_download:  # a mirror still gives the file; the bad archive is not touched
+        monkeypatch.undo()
+        urls = [(served / "shd_train.h5.zip").as_uri()]
+        download.ensure_file(root, "shd_train.h5", urls, _md5(served / "shd_train.h5.zip"), True)
+        assert (root / "shd_train.h5").read_bytes() == (served / "shd_train.h5").read_bytes()
+        assert (root / "shd_train.h5.zip").read_bytes() == good[: len(good) // 2]
+
+
+def test_other_processes_temporary_files_are_left_alone(served, tmp_path):
+    """Every rank of a torchrun job fetches at once: each writes its own temporary files."""
+    root = tmp_path / "root"
+    root.mkdir()
+    others = {"shd_train.h5.part": b"another rank's extraction", "shd_train.h5.zip.part": b"its download"}
+    for name, data in others.items():
+        (root / name).write_bytes(data)
+    archive = served / "shd_train.h5.zip"
+    download.ensure_file(root, "shd_train.h5", [archive.as_uri()], _md5(archive), True)
+    assert (root / "shd_train.h5").read_bytes() == (served / "shd_train.h5").read_bytes()
+    assert {name: (root / name).read_bytes() for name in others} == others
+    assert _leftovers(root) == sorted(["shd_train.h5", *others])
+
+
+def test_file_finished_by_another_process_ends_the_mirror_loop(served, tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    root.mkdir()
+    calls = []
+
+    def other_rank_finishes(*args, **kwargs):
+        calls.append(args)
+        if len(calls) > 1:
+            raise AssertionError("tried the next mirror although the file is there")
+        shutil.copy(served / "shd_train.h5", root / "shd_train.h5")  # meanwhile, another rank
+        raise urllib.error.URLError("mirror down")
+
+    monkeypatch.setattr(urllib.request, "urlopen", other_rank_finishes)
+    got = download.ensure_file(root, "shd_train.h5", _mirrors(served), None, True)
+    assert got.read_bytes() == (served / "shd_train.h5").read_bytes() and len(calls) == 1
+
+
+class _DroppedResponse(io.BytesIO):
+    """A response whose connection drops: half of the announced Content-Length arrives."""
+
+    def __init__(self, body: bytes):
+        super().__init__(body)
+        self.headers = {"Content-Length": str(2 * len(body))}
+
+
+def test_incomplete_transfer_is_rejected_without_md5(served, tmp_path, monkeypatch):
+    body = (served / "shd_train.h5.gz").read_bytes()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _DroppedResponse(body))
+    root = tmp_path / "root"
+    with pytest.raises(urllib.error.ContentTooShortError, match=f"got {len(body)} of {2 * len(body)}"):
+        download.download_url("https://example.invalid/shd_train.h5.gz", root / "shd_train.h5.gz")
+    assert _leftovers(root) == []
+    with pytest.raises(download.MissingDataError, match="incomplete download"):
+        download.ensure_file(root, "shd_train.h5", ["https://example.invalid/shd_train.h5.gz"], None, True)
+    assert _leftovers(root) == []
+
+
+# --- cache write failures, implausible files ------------------------------------------------
+
+
+@pytest.mark.parametrize("failure", ["disk full", "cache is a file"])
+def test_cache_write_failure_only_warns(tmp_path, monkeypatch, failure):
+    make_shd_root(tmp_path, n_train=20, n_test=10, n_classes=4)
+    if failure == "disk full":
+
+        def full(*args, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed")
+
+        monkeypatch.setattr(torch, "save", full)
+    else:
+        (tmp_path / "cache").write_text("not a folder")
+    with pytest.warns(UserWarning, match="continuing without it"):
+        data = spikes.load_shd(tmp_path, n_classes=4, download=False)
+    assert len(data.test) == 10
+    if failure == "disk full":
+        assert not list((tmp_path / "cache").iterdir())  # no .part left behind
+
+
+def test_times_not_in_seconds_are_refused(tmp_path):
+    times = [np.array([0.0, 120.5, 480.0]), np.array([0.0, 0.2])]  # milliseconds
+    units = [np.array([0, 1, 2]), np.array([3, 4])]
+    path = write_spike_h5(tmp_path / "a.h5", times, units, [0, 1], time_dtype=np.float32)
+    _expect_error(path, "sample 0", "480 s", "seconds", "MAX_SPAN_S", "dataset.max_duration_s", n_channels=12)
+    # Cropping bounds the span: the check applies to the spikes that are kept.
+    x, lengths = spikes.bin_spikes(times, units, pool=5, n_channels=12, max_duration_s=1.0)
+    assert lengths.tolist() == [1, 21] and x.shape == (2, 21, 3)
+
+
+def test_float_units_are_refused(tmp_path):
+    path = write_spike_h5(
+        tmp_path / "a.h5", [np.array([0.1, 0.2])], [np.array([3.7, 4.2])], [0], unit_dtype=np.float32
+    )
+    _expect_error(path, "spikes/units", "integer", "float32")
+
+
+@pytest.mark.parametrize("key", ["spikes/times", "spikes/units"])
+def test_spikes_must_be_arrays_per_sample(tmp_path, key):
+    path = tmp_path / "a.h5"
+    make_spike_dataset(path, 6, 2, seed=0)
+    with h5py.File(path, "a") as f:
+        del f[key]
+        f[key] = np.zeros(6, np.float64 if key == "spikes/times" else np.int64)  # one number each
+    _expect_error(path, key, "per sample", "variable-length")
+
+
+def test_empty_split_file_is_refused(tmp_path):
+    path = write_spike_h5(tmp_path / "shd_test.h5", [], [], np.zeros(0, np.uint16))
+    _expect_error(path, "no samples")
+    make_shd_root(tmp_path / "shd", n_train=20, n_test=10, n_classes=4)
+    write_spike_h5(tmp_path / "shd" / "shd_train.h5", [], [], np.zeros(0, np.uint16))
+    with pytest.raises(spikes.DatasetFormatError, match=re.escape(str(tmp_path / "shd" / "shd_train.h5"))):
+        spikes.load_shd(tmp_path / "shd", n_classes=4, download=False)
+
+
+def test_small_classes_still_give_a_validation_split():
+    labels = torch.arange(4).repeat_interleave(3)  # 3 per class: round(0.1 * 3) = 0
+    keep, held = stratified_split(labels, 0.1, seed=0)
+    assert torch.bincount(labels[held]).tolist() == [1] * 4 and len(keep) == 8
+    assert sorted(torch.cat([keep, held]).tolist()) == list(range(12))
+    with pytest.raises(ValueError, match=r"dataset\.valid_fraction=0\.1 holds out nothing: 4 training"):
+        stratified_split(torch.arange(4), 0.1, seed=0)  # one sample per class
+    assert len(stratified_split(torch.arange(4), 0.0, seed=0)[1]) == 0
+
+
+def test_split_of_full_size_classes_is_unchanged():
+    """Classes of the size of SHD's split exactly as ``round(fraction * n)`` says (as published)."""
+    labels = torch.randperm(8156, generator=torch.Generator().manual_seed(1)) % 20
+    keep, held = stratified_split(labels, 0.1, seed=0)
+    gen, expected = torch.Generator().manual_seed(0), []
+    for c in range(20):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        expected.append(idx[: int(round(0.1 * len(idx)))])
+    assert torch.equal(held, torch.sort(torch.cat(expected)).values) and len(keep) + len(held) == 8156
+
+
+def test_class_names_of_wrong_count_are_dropped(tmp_path):
+    times, units, labels = [np.array([0.1])] * 4, [np.array([1])] * 4, [0, 1, 2, 3]
+    path = write_spike_h5(tmp_path / "a.h5", times, units, labels, keys=["zero", "one"])
+    with pytest.warns(UserWarning, match="extra/keys") as record:
+        _, names = _load_bad(path, n_classes=4)
+    assert names == [] and str(path) in str(record[0].message)
+    write_spike_h5(path, times, units, labels, keys=["a", "b", "c", "d"])
+    assert _load_bad(path, n_classes=4)[1] == ["a", "b", "c", "d"]

@@ -109,16 +109,30 @@ def batches(
 
 
 def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Indices ``(keep, held_out)``: ``fraction`` of every class held out, seeded."""
+    """Indices ``(keep, held_out)``: ``fraction`` of every class held out, seeded.
+
+    A class of ``n`` samples gives ``round(fraction * n)``, and with ``fraction > 0`` at least
+    one when ``n >= 2`` (a class of a few samples would otherwise give none, and a small file no
+    validation split at all); classes as large as SHD's split exactly by the rounding. Raises
+    ``ValueError`` when ``fraction > 0`` holds out nothing (no class has two samples).
+    """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"dataset.valid_fraction must be in [0, 1), got {fraction}")
     gen = torch.Generator().manual_seed(seed)
-    keep, held = [], []
+    keep, held = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
     labels = labels.cpu()
     for c in torch.unique(labels):
         idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
         n_held = int(round(fraction * len(idx)))
+        if fraction > 0 and len(idx) >= 2:
+            n_held = max(n_held, 1)
         held.append(idx[:n_held])
         keep.append(idx[n_held:])
-    return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(held)).values
+    held_out = torch.cat(held)
+    if fraction > 0 and not len(held_out):
+        raise ValueError(
+            f"dataset.valid_fraction={fraction} holds out nothing: {len(labels)} training samples, "
+            "no class with two or more; use a larger training file or dataset.valid_fraction=0"
+        )
+    return torch.sort(torch.cat(keep)).values, torch.sort(held_out).values

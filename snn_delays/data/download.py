@@ -1,9 +1,13 @@
 """Fetching dataset files: verified downloads, decompression, clear errors when offline.
 
-Nothing half-written ever sits under a final name: a download streams into ``<dest>.part``,
-its md5 is checked, and only then is it renamed (``os.replace``, atomic on one filesystem);
-decompression likewise writes ``<target>.part`` and renames it when complete. A file already
-present under its final name is used as it is, so users may bring their own copies.
+Nothing half-written ever sits under a final name: a download streams into
+``<dest>.<pid>.part``, its length and md5 are checked, and only then is it renamed
+(``os.replace``, atomic on one filesystem); decompression likewise writes
+``<target>.<pid>.part`` and renames it when complete. The process id keeps the temporary files
+of processes that fetch the same file at once (every torchrun rank) apart. A file already
+present under its final name is used as it is, so users may bring their own copies; an archive
+present under the name a URL serves is verified and unpacked without any network access, and
+is never deleted (only an archive a download wrote is).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import urllib.error
 import urllib.request
 import zipfile
 import zlib
@@ -44,112 +49,156 @@ def md5sum(path: Path) -> str:
 
 
 def _part(path: Path) -> Path:
-    return path.with_name(path.name + ".part")
+    """This process's temporary name for ``path`` (two processes never share one)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.part")
 
 
-def _stream(url: str, out: Path) -> str:
-    """Copy ``url`` into ``out`` with a progress bar; return the md5 of the bytes."""
+def _stream(url: str, out: Path, name: str) -> str:
+    """Copy ``url`` into ``out`` with a progress bar; return the md5 of the bytes.
+
+    Raises ``urllib.error.ContentTooShortError`` (an ``OSError``) when fewer bytes arrive than
+    the server announced (a dropped connection ends the stream without an error).
+    """
     digest = hashlib.md5()
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    size = 0
     with urllib.request.urlopen(request, timeout=60) as response, open(out, "wb") as f:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=out.name[: -len(".part")]) as bar:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=name) as bar:
             for block in iter(lambda: response.read(_CHUNK), b""):
                 f.write(block)
                 digest.update(block)
+                size += len(block)
                 bar.update(len(block))
+    if total is not None and size < total:
+        raise urllib.error.ContentTooShortError(
+            f"incomplete download of {name} from {url}: got {size} of {total} bytes "
+            "(the connection dropped; it was deleted, try again)",
+            None,
+        )
     return digest.hexdigest()
 
 
 def download_url(url: str, dest: Path, md5: str | None = None) -> Path:
-    """Download ``url`` to ``dest`` through ``<dest>.part``, checking ``md5`` when given.
+    """Download ``url`` to ``dest`` through ``<dest>.<pid>.part``, checking ``md5`` when given.
 
     Raises ``ChecksumError`` (naming the file, the expected and the actual md5) on a mismatch,
-    and whatever ``urllib`` raises (an ``OSError``) when the URL cannot be read; in every
-    failure the temporary file is removed and ``dest`` is left untouched.
+    ``urllib.error.ContentTooShortError`` when fewer bytes arrive than the server announced, and
+    whatever ``urllib`` raises (an ``OSError``) when the URL cannot be read; in every failure
+    the temporary file is removed and ``dest`` is left untouched.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = _part(dest)
     try:
-        got = _stream(url, part)
-        if md5 is not None and got != md5.lower():
-            raise ChecksumError(
-                f"md5 mismatch for {dest.name} downloaded from {url}: expected {md5}, got {got} "
-                "(an interrupted or altered download; it was deleted, try again)"
-            )
+        _fetch(url, part, md5, dest.name)
         os.replace(part, dest)
     finally:
         part.unlink(missing_ok=True)
     return dest
 
 
-def _unpack_to(archive: Path, out: Path) -> None:
-    """Write the single data file held by ``archive`` (.gz, .zip or plain) into ``out``."""
-    if archive.name.endswith(".gz"):
+def _fetch(url: str, out: Path, md5: str | None, name: str) -> None:
+    """Stream ``url`` into ``out`` and check its md5 when given (``name`` for messages)."""
+    got = _stream(url, out, name)
+    if md5 is not None and got != md5.lower():
+        raise ChecksumError(
+            f"md5 mismatch for {name} downloaded from {url}: expected {md5}, got {got} "
+            "(an interrupted or altered download; it was deleted, try again)"
+        )
+
+
+def _unpack_to(archive: Path, out: Path, name: str) -> None:
+    """Write the single data file held by ``archive`` (``name`` .gz, .zip or plain) into ``out``."""
+    if name.endswith(".gz"):
         with gzip.open(archive, "rb") as src, open(out, "wb") as dst:
             shutil.copyfileobj(src, dst, _CHUNK)
-    elif archive.name.endswith(".zip"):
+    elif name.endswith(".zip"):
         with zipfile.ZipFile(archive) as zf:
             members = [m for m in zf.namelist() if m.endswith(".h5") and "__MACOSX" not in m]
             if len(members) != 1:
-                raise ArchiveError(f"{archive.name} should hold one .h5 file, found {members}")
+                raise ArchiveError(f"{name} should hold one .h5 file, found {members}")
             with zf.open(members[0]) as src, open(out, "wb") as dst:
                 shutil.copyfileobj(src, dst, _CHUNK)
     else:
         shutil.copyfile(archive, out)
 
 
-def extract(archive: Path, target: Path) -> Path:
-    """Unpack ``archive`` into ``target`` through ``<target>.part``; return ``target``."""
+def extract(archive: Path, target: Path, name: str | None = None) -> Path:
+    """Unpack ``archive`` into ``target`` through ``<target>.<pid>.part``; return ``target``.
+
+    ``name`` (default ``archive.name``) gives the format by its suffix and names the archive in
+    errors.
+    """
+    name = archive.name if name is None else name
     part = _part(target)
     try:
-        _unpack_to(archive, part)
+        _unpack_to(archive, part, name)
         os.replace(part, target)
     except (zipfile.BadZipFile, EOFError, gzip.BadGzipFile, zlib.error) as err:
-        raise ArchiveError(f"{archive.name} is not a valid archive: {err}") from err
+        raise ArchiveError(f"{name} is not a valid archive: {err}") from err
     finally:
         part.unlink(missing_ok=True)
     return target
 
 
-def _missing_message(target: Path, urls: list[str], failures: list[str]) -> str:
+def _missing_message(target: Path, urls: list[str], failures: list[str], download: bool) -> str:
     lines = [
         f"dataset file {target.name} not found in {target.parent} (the folder set by dataset.root).",
         "Get it from " + " or ".join(urls) + f", decompress it and put {target.name} in {target.parent}",
     ]
-    if failures:
-        lines.append("Download attempts failed:\n  " + "\n  ".join(failures))
-    else:
+    if not download:
         lines.append("or allow the download with dataset.download=true.")
+    if failures:
+        lines.append("These attempts failed:\n  " + "\n  ".join(failures))
     return "\n".join(lines)
 
 
+def _archive_name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
 def ensure_file(root: Path, filename: str, urls: list[str], md5: str | None, download: bool) -> Path:
-    """Return ``root/filename``, downloading and unpacking it from the first working URL.
+    """Return ``root/filename``, unpacking or downloading it from the first working URL.
 
     ``md5`` is that of the file each URL serves (the archive). An existing file is returned
-    untouched, with no network access. Raises ``MissingDataError`` (a ``FileNotFoundError``)
-    naming the file, the URLs and the folder when it is absent and ``download`` is false or
-    every URL fails.
+    untouched, with no network access. An archive already in ``root`` under the name a URL
+    serves (one fetched by hand) is verified and unpacked first, with no network access even
+    when ``download`` is false, and kept; a downloaded archive is deleted once unpacked. After
+    each failure, a ``root/filename`` that appeared meanwhile (another process fetched it) is
+    returned. Raises ``MissingDataError`` (a ``FileNotFoundError``) naming the file, the URLs,
+    the folder and every failed attempt when nothing gave the file.
     """
     root = Path(root)
     target = root / filename
     if target.exists():
         return target
     failures: list[str] = []
+    local = dict.fromkeys(root / _archive_name(url) for url in urls)
+    for archive in (a for a in local if a != target and a.is_file()):
+        try:  # fetched by hand (or left by another run): no network, and never deleted here
+            if md5 is not None and (got := md5sum(archive)) != md5.lower():
+                raise ChecksumError(f"md5 is {got}, expected {md5} (an incomplete or different copy)")
+            return extract(archive, target)
+        except (OSError, ValueError) as err:
+            failures.append(f"{archive} (already there; left in place, delete or replace it): {err}")
+            if target.exists():
+                return target
     if download:
         root.mkdir(parents=True, exist_ok=True)
         for url in urls:
-            archive = root / url.rstrip("/").rsplit("/", 1)[-1]
+            name = _archive_name(url)
             try:
-                if archive == target:  # served uncompressed: no unpacking step
+                if root / name == target:  # served uncompressed: no unpacking step
                     return download_url(url, target, md5)
-                download_url(url, archive, md5)
-                return extract(archive, target)
+                fetched = _part(root / name)  # this process's own copy, deleted once unpacked
+                try:
+                    _fetch(url, fetched, md5, name)
+                    return extract(fetched, target, name)
+                finally:
+                    fetched.unlink(missing_ok=True)
             except (OSError, ValueError) as err:
                 failures.append(f"{url}: {err}")
-            finally:
-                if archive != target:
-                    archive.unlink(missing_ok=True)
-    raise MissingDataError(_missing_message(target, urls, failures))
+                if target.exists():
+                    return target
+    raise MissingDataError(_missing_message(target, urls, failures, download))

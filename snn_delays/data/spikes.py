@@ -16,13 +16,15 @@ sample with spikes ``(t_k, u_k)``, ``t0 = min_k t_k`` (``start_at_first_spike``)
     length  = max(1, max_k b_k + 1)     C = ceil(n_channels / pool)
 
 so the 700 channels summed in groups of 5 give 140 inputs (a last partial group is summed
-alone). Counts are kept, not clipped to 0/1. A split is ``x`` (N, T_max, C), uint8 when every
+alone). A kept spike more than ``MAX_SPAN_S`` (60 s) after ``t0`` is an error, raised before
+anything is allocated: times not in seconds, or one absurd time. Counts are kept, not clipped to 0/1. A split is ``x`` (N, T_max, C), uint8 when every
 count fits (int16 otherwise), zero past each sample's length. Binned splits are cached under
 ``root/cache/``, keyed by the source file's name, size and mtime and every binning option.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -51,6 +53,10 @@ ZIP_MD5 = {
     "ssc_test.h5": "a35ff1e9cffdd02a20eb850c17c37748",
 }
 _REQUIRED = ("spikes/times", "spikes/units", "labels")
+# Longest span binned (seconds from a sample's first bin to its last kept spike): a longer one
+# means times not in seconds (milliseconds, say) or one absurd time, and would allocate a huge
+# tensor. Zenke-lab samples last about 1 s.
+MAX_SPAN_S = 60.0
 _REFETCH = "delete the file and download it again (or replace it with a good copy)"
 
 
@@ -117,6 +123,14 @@ def bin_spikes(
     if max_duration_s is not None:
         keep = t_us < max_duration_s * 1e6
         sample, t_us, u = sample[keep], t_us[keep], u[keep]
+    if len(t_us) and t_us.max() > MAX_SPAN_S * 1e6:  # checked before any allocation
+        k = int(np.argmax(t_us))
+        since = " after its first spike" if start_at_first_spike else ""
+        raise ValueError(
+            f"sample {first + sample[k]} has a spike {t_us[k] / 1e6:g} s{since}, beyond the "
+            f"{MAX_SPAN_S:g} s the loader bins (MAX_SPAN_S): spike times must be in seconds; if "
+            "the recordings really are this long, crop them with dataset.max_duration_s"
+        )
     bins = np.floor(t_us / (dt_ms * 1e3)).astype(np.int64)
     lengths = np.ones(n, np.int64)
     np.maximum.at(lengths, sample, bins + 1)
@@ -156,6 +170,19 @@ def _open_datasets(f: h5py.File, path: Path) -> tuple[Any, Any, np.ndarray]:
             f"(needs {', '.join(_REQUIRED)}): {_REFETCH}"
         )
     times, units, labels = f["spikes/times"], f["spikes/units"], f["labels"][()]
+    for key, kinds, what in (("spikes/times", "fiu", "number"), ("spikes/units", "iu", "integer")):
+        dataset = f[key]
+        if not isinstance(dataset, h5py.Dataset):
+            base, got = None, "a group"
+        elif (base := h5py.check_vlen_dtype(dataset.dtype)) is None:
+            got = f"{dataset.dtype} {dataset.shape}"
+        else:
+            got = f"{base} arrays {dataset.shape}"
+        if base is None or dataset.ndim != 1 or base.kind not in kinds:
+            raise DatasetFormatError(
+                f"{path}: {key} must hold one {what} array per sample (a 1-D variable-length "
+                f"dataset), got {got}: {_REFETCH}"
+            )
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DatasetFormatError(
             f"{path}: labels must be a 1-D integer array, got {labels.dtype} {labels.shape}"
@@ -231,10 +258,11 @@ def _write_cache(path: Path, data: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(data, part)
         os.replace(part, path)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         warnings.warn(f"could not write the cache {path} ({err}); continuing without it", stacklevel=2)
     finally:
-        part.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # NotADirectoryError when root/cache is a file
+            part.unlink(missing_ok=True)
 
 
 def load_spike_split(
@@ -248,12 +276,22 @@ def load_spike_split(
         if cached is not None:
             _write_cache(cached, data)
     y = data["y"]
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+    if not len(y):
+        raise DatasetFormatError(f"{path}: holds no samples (0 labels): {_REFETCH}")
+    if int(y.min()) < 0 or int(y.max()) >= n_classes:
         raise DatasetFormatError(
             f"{path}: labels span {int(y.min())}..{int(y.max())}, outside [0, {n_classes}): set "
             f"dataset.n_classes to this file's number of classes, or {_REFETCH}"
         )
-    return Split(data["x"], data["lengths"], y), list(data["class_names"])
+    names = list(data["class_names"])
+    if names and len(names) != n_classes:
+        warnings.warn(
+            f"{path}: extra/keys holds {len(names)} class names for {n_classes} classes; "
+            "ignoring them (classes are shown by number)",
+            stacklevel=2,
+        )
+        names = []
+    return Split(data["x"], data["lengths"], y), names
 
 
 def _binning(dt_ms: float, pool: int, n_channels: int, max_duration_s: float | None, start: bool) -> dict:
