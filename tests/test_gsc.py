@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import inspect
+import io
+import logging
 import math
+import os
 import re
 import shutil
+import socket
 import tarfile
+import urllib.error
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +31,7 @@ from snn_delays.data.audio import (
     power_to_db,
     resample,
 )
-from snn_delays.data.download import ChecksumError, MissingDataError
+from snn_delays.data.download import ArchiveError, ChecksumError, MissingDataError
 from snn_delays.data.gsc import GSCDataError, load_gsc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,9 +248,45 @@ def _bad_label(data_dir: Path) -> str:
     return "validation_list.txt"
 
 
+def _bad_truncated(data_dir: Path) -> str:
+    """The header declares 16000 frames; half the bytes are there (an interrupted copy)."""
+    path = data_dir / "bed" / "0truncated_nohash_0.wav"
+    write_wav(path, 0.1 * np.ones(16000, np.float32))
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    return str(path)
+
+
+def _bad_nan(data_dir: Path) -> str:
+    path = data_dir / "bird" / "0nan_nohash_0.wav"
+    sf.write(path, np.full(16000, np.nan, np.float32), 16000, subtype="FLOAT")
+    return str(path)
+
+
+def _bad_list_encoding(data_dir: Path) -> str:
+    with open(data_dir / "testing_list.txt", "ab") as f:
+        f.write(b"yes/caf\xe9_nohash_0.wav\n")  # latin-1, not UTF-8
+    return "testing_list.txt"
+
+
+def _bad_empty_split(data_dir: Path) -> str:
+    (data_dir / "testing_list.txt").write_text("")
+    return "testing_list.txt"
+
+
 @pytest.mark.parametrize(
     "corrupt",
-    [_bad_missing_listed, _bad_rate, _bad_empty, _bad_unreadable, _bad_label],
+    [
+        _bad_missing_listed,
+        _bad_rate,
+        _bad_empty,
+        _bad_unreadable,
+        _bad_label,
+        _bad_truncated,
+        _bad_nan,
+        _bad_list_encoding,
+        _bad_empty_split,
+    ],
     ids=lambda f: f.__name__,
 )
 def test_bad_input_names_the_file(fresh_root, corrupt):
@@ -253,6 +294,102 @@ def test_bad_input_names_the_file(fresh_root, corrupt):
     name = corrupt(files.data_dir)
     with pytest.raises(GSCDataError, match=re.escape(name)):
         load_gsc(root=root, download=False, cache=False)
+
+
+def test_read_clip_refuses_truncated_and_non_finite_but_reads_extra_chunks(tmp_path):
+    samples = 0.25 * np.ones(16000, np.float32)
+    # A float WAV has extra chunks (fact, PEAK) before its data; a LIST chunk of odd length is
+    # padded: neither may pass for a truncation.
+    for subtype in ("PCM_16", "FLOAT"):
+        path = tmp_path / f"{subtype}.wav"
+        with sf.SoundFile(path, "w", 16000, 1, subtype=subtype) as f:
+            f.title = "odd"
+            f.write(samples)
+        torch.testing.assert_close(gsc.read_clip(path), torch.from_numpy(samples), atol=1e-4, rtol=0)
+        raw = path.read_bytes()
+        path.write_bytes(raw[:-2])  # one frame (or half of one) missing
+        with pytest.raises(GSCDataError, match="truncated"):
+            gsc.read_clip(path)
+    path = tmp_path / "inf.wav"
+    sf.write(path, np.where(np.arange(16000) == 7, np.inf, 0).astype(np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(GSCDataError, match="non-finite"):
+        gsc.read_clip(path)
+
+
+def test_uppercase_wav_is_a_clip_and_foreign_folders_are_reported(fresh_root, caplog):
+    _, files = fresh_root
+    data_dir = files.data_dir
+    old = data_dir / files.train[0]
+    old.rename(old.with_suffix(".WAV"))
+    write_wav(data_dir / "hello" / "a_nohash_0.wav", np.zeros(16000, np.float32))
+    (data_dir / "misc").mkdir()
+    with caplog.at_level(logging.INFO, logger=gsc.__name__):
+        split = gsc.split_files(data_dir)
+    assert f"{old.parent.name}/{old.stem}.WAV" in split["train"]
+    assert len(split["train"]) == len(files.train)
+    reports = [r.getMessage() for r in caplog.records if "hello" in r.getMessage()]
+    assert len(reports) == 1 and "misc" in reports[0] and "_background_noise_" not in reports[0]
+
+
+# ---------------------------------------------------------------- feature cache
+
+
+def test_a_replaced_wav_is_not_served_stale_features(fresh_root):
+    root, files = fresh_root
+    first = load_gsc(root=root, download=False)
+    rel = gsc.split_files(files.data_dir)["test"][0]
+    path = files.data_dir / rel
+    before = path.stat()
+    n = sf.info(path).frames
+    write_wav(path, 0.3 * noise(n, 5).numpy())  # same length, so the same size: only mtime tells
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+    assert path.stat().st_size == before.st_size
+    again = load_gsc(root=root, download=False)
+    fresh = log_mel(gsc.read_clip(path))
+    torch.testing.assert_close(again.test.x[0], fresh, atol=1e-3, rtol=1e-4)
+    assert not torch.equal(again.test.x[0], first.test.x[0])
+
+
+def test_a_bad_cache_is_recomputed_with_a_warning(fresh_root, caplog):
+    root, files = fresh_root
+    first = load_gsc(root=root, download=False)
+    (cached,) = (root / "cache").glob("gsc_*.pt")
+    sizes = {"train": len(files.train), "valid": len(files.valid), "test": len(files.test)}
+    bad_contents = {
+        "refused by weights_only": {"train": np.zeros(3)},  # pickle.UnpicklingError
+        "missing splits": {"train": torch.zeros(3)},
+        "wrong shapes": {k: torch.zeros(n, 101, 40) for k, n in sizes.items()},
+        "not a dict": torch.zeros(3),
+    }
+    for what, content in bad_contents.items():
+        torch.save(content, cached)
+        caplog.clear()
+        again = load_gsc(root=root, download=False)
+        assert str(cached) in caplog.text and "recomputing" in caplog.text, what
+        for a, b in ((first.train, again.train), (first.test, again.test)):
+            assert torch.equal(a.x, b.x), what
+    assert not list((root / "cache").glob("*.tmp"))
+
+
+def _save_fails(obj, f, *args, **kwargs):
+    Path(f).write_bytes(b"half a cache")  # what a full disk leaves
+    raise RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 64 vs 0")
+
+
+@pytest.mark.parametrize("failure", ["disk full", "cache is a file"])
+def test_a_cache_that_cannot_be_written_is_a_warning(fresh_root, monkeypatch, caplog, failure):
+    root, _ = fresh_root
+    if failure == "disk full":
+        monkeypatch.setattr(gsc.torch, "save", _save_fails)
+    else:
+        (root / "cache").write_text("not a folder")
+    data = load_gsc(root=root, download=False)
+    assert (len(data.train), len(data.valid), len(data.test)) == (35, 35, 35)
+    assert "continuing without it" in caplog.text and str(root / "cache" / "gsc_") in caplog.text
+    if failure == "disk full":
+        assert list((root / "cache").iterdir()) == []  # no .tmp left behind
+    else:
+        assert (root / "cache").read_text() == "not a folder"
 
 
 def test_missing_dataset_without_download(tmp_path):
@@ -298,6 +435,48 @@ def test_download_verify_and_extract(tmp_path, archive, monkeypatch):
 def test_existing_folder_is_used_without_download(gsc_root, monkeypatch):
     monkeypatch.setattr(gsc, "download_url", lambda *a, **k: pytest.fail("tried to download"))
     load_gsc(root=gsc_root[0], download=True, cache=False)
+
+
+def test_root_with_tilde_is_expanded(tmp_path, monkeypatch):
+    make_gsc_root(tmp_path / "home" / "gsc", n_per_word=3)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(gsc, "download_url", lambda *a, **k: pytest.fail("tried to download"))
+    data = load_gsc(root="~/gsc", download=True)
+    assert len(data.test) == 35
+    assert (tmp_path / "home" / "gsc" / "cache").is_dir() and not (tmp_path / "~").exists()
+
+
+def test_download_without_network_says_what_to_do(tmp_path, monkeypatch):
+    def offline(url, dest, md5=None):
+        raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+    monkeypatch.setattr(gsc, "download_url", offline)
+    with pytest.raises(MissingDataError) as info:
+        load_gsc(root=tmp_path / "root")
+    message = str(info.value)
+    for part in (str(tmp_path / "root" / gsc.FOLDER), gsc.ARCHIVE_URL, "dataset.download", "name resolution"):
+        assert part in message
+    assert "extract it into that folder" in message
+    assert isinstance(info.value.__cause__, urllib.error.URLError)
+
+
+def test_a_refused_archive_member_leaves_no_scratch_folder(tmp_path, monkeypatch):
+    src = make_gsc_root(tmp_path / "src", n_per_word=3).data_dir
+    bad = tmp_path / "speech_commands_v0.02.tar.gz"
+    with tarfile.open(bad, "w:gz") as tar:
+        for item in sorted(src.iterdir()):
+            tar.add(item, arcname=item.name)
+        member = tarfile.TarInfo("../evil.txt")
+        member.size = 4
+        tar.addfile(member, io.BytesIO(b"evil"))
+    monkeypatch.setattr(gsc, "ARCHIVE_URL", bad.as_uri())
+    monkeypatch.setattr(gsc, "ARCHIVE_SHA256", gsc.sha256sum(bad))
+    root = tmp_path / "root"
+    with pytest.raises(ArchiveError, match="outside"):
+        load_gsc(root=root)
+    assert not (root / (gsc.FOLDER + ".extracting")).exists() and not (root / gsc.FOLDER).exists()
+    assert not (root / "evil.txt").exists()
 
 
 def test_archive_without_lists_is_rejected(tmp_path, monkeypatch):

@@ -9,7 +9,8 @@ Layout (as in the archive)::
 
 Validation and test clips are those the two list files name; training is every other WAV in
 the 35 word folders. Features (see ``snn_delays.data.audio``) are computed once and cached under
-``<root>/cache/``, keyed by the front-end parameters and the three file lists.
+``<root>/cache/``, keyed by the front-end parameters, the three file lists and each file's size
+and modification time (so a replaced WAV is never served stale features).
 
 Download: the archive (2.3 GB) is fetched only when the extracted folder is absent (a folder
 you bring yourself is used as it is). Its sha256 is checked against the value torchaudio pins
@@ -25,7 +26,9 @@ v0.02 holds nothing else and a stray rate means a foreign or damaged file. Bad i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -92,9 +95,10 @@ def load_gsc(
         )
     del seed
     fe = FrontEnd.published(n_mels, top_db) if faithful else FrontEnd(n_mels=n_mels, top_db=top_db)
-    data_dir = ensure_extracted(Path(root), download)
+    root = Path(root).expanduser()
+    data_dir = ensure_extracted(root, download)
     files = split_files(data_dir)
-    splits = _cached_features(Path(root) / "cache", data_dir, files, fe, cache, feature_batch_size)
+    splits = _cached_features(root / "cache", data_dir, files, fe, cache, feature_batch_size)
     return DataBundle(
         "gsc",
         *(splits[name] for name in ("train", "valid", "test")),
@@ -117,7 +121,11 @@ def sha256sum(path: Path) -> str:
 
 
 def ensure_extracted(root: Path, download: bool) -> Path:
-    """Return ``root/speech_commands_v0.02``, downloading and extracting it when absent."""
+    """Return ``root/speech_commands_v0.02``, downloading and extracting it when absent.
+
+    ``MissingDataError`` (naming the folder, the URL and the manual steps) when it is absent and
+    ``download`` is false or the download fails (no network, say).
+    """
     data_dir = root / FOLDER
     if data_dir.is_dir():
         return data_dir
@@ -129,7 +137,14 @@ def ensure_extracted(root: Path, download: bool) -> Path:
     archive = root / ARCHIVE_URL.rsplit("/", 1)[-1]
     # An archive left by an interrupted extraction is reused only if it verifies.
     if not (archive.is_file() and sha256sum(archive) == ARCHIVE_SHA256):
-        download_url(ARCHIVE_URL, archive, md5=None)
+        try:
+            download_url(ARCHIVE_URL, archive, md5=None)
+        except OSError as err:  # urllib.error.URLError (no network, HTTP error) is an OSError
+            raise MissingDataError(
+                f"GSC not found: no folder {data_dir}, and the download (dataset.download=true) of "
+                f"{ARCHIVE_URL} failed: {err}. Download it yourself and extract it into that folder "
+                "(or put the archive in its parent folder), then run again."
+            ) from err
         got = sha256sum(archive)
         if got != ARCHIVE_SHA256:
             archive.unlink()
@@ -158,24 +173,27 @@ def _extract(archive: Path, data_dir: Path) -> None:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-    try:
-        with tarfile.open(archive) as tar:
-            for member in tqdm(_safe_members(tar, archive), desc=f"extracting {archive.name}", unit="file"):
-                tar.extract(member, tmp, **kwargs)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+    try:  # on any failure (a refused member included) the scratch folder goes
+        try:
+            with tarfile.open(archive) as tar:
+                members = _safe_members(tar, archive)
+                for member in tqdm(members, desc=f"extracting {archive.name}", unit="file"):
+                    tar.extract(member, tmp, **kwargs)
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+            raise ArchiveError(f"{archive} could not be extracted: {err}") from err
+        # The official archive is flat; accept one top-level folder holding the lists as well.
+        content = tmp
+        subdirs = [p for p in tmp.iterdir() if p.is_dir()]
+        if not (tmp / VALID_LIST).exists() and len(subdirs) == 1:
+            content = subdirs[0]
+        missing = [name for name in (VALID_LIST, TEST_LIST) if not (content / name).is_file()]
+        if missing:
+            raise ArchiveError(f"{archive} extracted without {', '.join(missing)}: not a GSC archive")
+        (content / MARKER).write_text(f"{archive.name} sha256 {ARCHIVE_SHA256}\n")
+        os.replace(content, data_dir)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ArchiveError(f"{archive} could not be extracted: {err}") from err
-    # The official archive is flat; accept one top-level folder holding the lists as well.
-    content = tmp
-    subdirs = [p for p in tmp.iterdir() if p.is_dir()]
-    if not (tmp / VALID_LIST).exists() and len(subdirs) == 1:
-        content = subdirs[0]
-    missing = [name for name in (VALID_LIST, TEST_LIST) if not (content / name).is_file()]
-    if missing:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ArchiveError(f"{archive} extracted without {', '.join(missing)}: not a GSC archive")
-    (content / MARKER).write_text(f"{archive.name} sha256 {ARCHIVE_SHA256}\n")
-    os.replace(content, data_dir)
+        raise
     if content != tmp:
         shutil.rmtree(tmp)
 
@@ -187,8 +205,16 @@ def _read_list(data_dir: Path, name: str, available: set[str]) -> list[str]:
     path = data_dir / name
     if not path.is_file():
         raise GSCDataError(f"GSC list file missing: {path}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        lineno = raw[: err.start].count(b"\n") + 1
+        raise GSCDataError(
+            f"{path}, line {lineno}: not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from err
     entries = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         entry = line.strip().replace("\\", "/").removeprefix("./")
         if not entry:
             continue
@@ -201,14 +227,27 @@ def _read_list(data_dir: Path, name: str, available: set[str]) -> list[str]:
 
 
 def split_files(data_dir: Path) -> dict[str, list[str]]:
-    """Relative WAV paths per split (``train``, ``valid``, ``test``), each sorted."""
+    """Relative WAV paths per split (``train``, ``valid``, ``test``), each sorted, none empty.
+
+    A clip is a file ending in ``.wav`` in any case; folders other than the 35 words are not
+    read (one warning lists them, ``_background_noise_`` aside).
+    """
     available: list[str] = []
     for word in CLASSES:
         folder = data_dir / word
         if not folder.is_dir():
             raise GSCDataError(f"GSC word folder missing: {folder} (an incomplete copy of the dataset?)")
-        names = (e.name for e in os.scandir(folder) if e.name.endswith(".wav") and e.is_file())
+        names = (e.name for e in os.scandir(folder) if e.name.lower().endswith(".wav") and e.is_file())
         available += [f"{word}/{name}" for name in names]
+    ignored = sorted(
+        e.name
+        for e in os.scandir(data_dir)
+        if e.is_dir() and e.name not in CLASSES and e.name != "_background_noise_"
+    )
+    if ignored:
+        log.warning(
+            "GSC: ignoring folders of %s that are none of the 35 words: %s", data_dir, ", ".join(ignored)
+        )
     avail = set(available)
     valid = _read_list(data_dir, VALID_LIST, avail)
     test = _read_list(data_dir, TEST_LIST, avail)
@@ -217,24 +256,61 @@ def split_files(data_dir: Path) -> dict[str, list[str]]:
         raise GSCDataError(f"{data_dir / VALID_LIST} and {TEST_LIST} both list {data_dir / min(both)}")
     held = set(valid) | set(test)
     train = [f for f in available if f not in held]
+    for name, listed in ((VALID_LIST, valid), (TEST_LIST, test)):
+        if not listed:
+            raise GSCDataError(f"{data_dir / name} lists no clip: its split would be empty")
+    if not train:
+        raise GSCDataError(
+            f"no training clips in {data_dir}: every WAV is listed in {VALID_LIST} or {TEST_LIST}"
+        )
     return {"train": sorted(train), "valid": sorted(set(valid)), "test": sorted(set(test))}
 
 
 # ---------------------------------------------------------------- features
 
 
+def _missing_data_bytes(raw: bytes) -> int:
+    """How many bytes of the RIFF ``data`` chunk its header declares but the file lacks.
+
+    0 when complete, or when the header is not a plain RIFF/WAVE one (left to soundfile) or
+    declares an unknown size (0 or 0xFFFFFFFF, as streaming writers do).
+    """
+    if len(raw) < 12 or raw[:4] != b"RIFF" or raw[8:12] != b"WAVE":
+        return 0
+    offset = 12
+    while offset + 8 <= len(raw):
+        chunk, size = raw[offset : offset + 4], int.from_bytes(raw[offset + 4 : offset + 8], "little")
+        if chunk == b"data":
+            return 0 if size in (0, 0xFFFFFFFF) else max(0, size - (len(raw) - offset - 8))
+        offset += 8 + size + (size & 1)  # chunks are padded to an even length
+    return 0
+
+
 def read_clip(path: Path) -> Tensor:
-    """A 16 kHz mono WAV as a float32 tensor in [-1, 1]; ``GSCDataError`` naming it otherwise."""
+    """A 16 kHz mono WAV as a float32 tensor in [-1, 1]; ``GSCDataError`` naming it otherwise.
+
+    A truncated file (fewer sample bytes than its header declares) and non-finite samples (a
+    float WAV holding NaN or inf) are errors, not a shorter clip or NaN features.
+    """
     try:
-        data, rate = sf.read(path, dtype="float32", always_2d=True)
+        raw = path.read_bytes()
+        data, rate = sf.read(io.BytesIO(raw), dtype="float32", always_2d=True)
     except (RuntimeError, OSError) as err:  # soundfile.LibsndfileError is a RuntimeError
         raise GSCDataError(f"cannot read WAV {path}: {err}") from err
+    missing = _missing_data_bytes(raw)
+    if missing:
+        raise GSCDataError(
+            f"{path} is truncated: its header declares {missing} more bytes of samples than the file "
+            "holds (an interrupted copy or download?)"
+        )
     if rate != SAMPLE_RATE:
         raise GSCDataError(f"{path} is sampled at {rate} Hz; GSC clips must be {SAMPLE_RATE} Hz")
     if data.shape[1] != 1:
         raise GSCDataError(f"{path} has {data.shape[1]} channels; GSC clips must be mono")
     if data.shape[0] == 0:
         raise GSCDataError(f"{path} is empty (no samples)")
+    if not np.isfinite(data).all():
+        raise GSCDataError(f"{path} holds non-finite samples (NaN or inf)")
     return torch.from_numpy(np.ascontiguousarray(data[:, 0]))
 
 
@@ -257,31 +333,75 @@ def _labels(files: list[str]) -> Tensor:
     return torch.tensor([index[f.split("/")[0]] for f in files], dtype=torch.long)
 
 
-def cache_key(fe: FrontEnd, files: dict[str, list[str]]) -> str:
-    blob = json.dumps({"format": CACHE_FORMAT, "front_end": asdict(fe), "files": files}, sort_keys=True)
+def _file_stamps(data_dir: Path, files: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+    """``[st_size, st_mtime_ns]`` of every listed file (one ``stat`` each)."""
+    stamps: dict[str, list[list[int]]] = {}
+    for name, rels in files.items():
+        stamps[name] = []
+        for rel in rels:
+            try:
+                st = os.stat(data_dir / rel)
+            except OSError as err:
+                raise GSCDataError(f"cannot read WAV {data_dir / rel}: {err}") from err
+            stamps[name].append([st.st_size, st.st_mtime_ns])
+    return stamps
+
+
+def cache_key(fe: FrontEnd, files: dict[str, list[str]], data_dir: Path) -> str:
+    """Key of the features of ``files`` (under ``data_dir``): any change of a file changes it."""
+    blob = json.dumps(
+        {
+            "format": CACHE_FORMAT,
+            "front_end": asdict(fe),
+            "files": files,
+            "stamps": _file_stamps(data_dir, files),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _read_cache(path: Path, files: dict[str, list[str]], fe: FrontEnd) -> dict[str, Tensor] | None:
+    """The cached features, or ``None`` (with a warning naming it) when unreadable or not fitting."""
+    try:
+        xs = torch.load(path, mmap=True, weights_only=True)
+        if not isinstance(xs, dict) or set(xs) != set(files):
+            what = sorted(xs) if isinstance(xs, dict) else type(xs).__name__
+            raise ValueError(f"holds {what}, expected the splits {sorted(files)}")
+        for name, fl in files.items():
+            x, want = xs[name], (len(fl), fe.n_frames, fe.n_mels)
+            if not isinstance(x, Tensor) or tuple(x.shape) != want or x.dtype != torch.float32:
+                what = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+                raise ValueError(f"{name} features are {what}, expected {want} torch.float32")
+    except Exception as err:  # a damaged cache is recomputed, never fatal
+        log.warning("unreadable GSC cache %s (%s): recomputing", path, err)
+        return None
+    log.info("GSC features from cache %s", path)
+    return xs
+
+
+def _write_cache(path: Path, xs: dict[str, Tensor]) -> None:
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(xs, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # a full disk makes torch.save raise RuntimeError
+        log.warning("could not write the GSC cache %s (%s); continuing without it", path, err)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _cached_features(
     cache_dir: Path, data_dir: Path, files: dict[str, list[str]], fe: FrontEnd, cache: bool, batch_size: int
 ) -> dict[str, Split]:
-    path = cache_dir / f"gsc_{cache_key(fe, files)}.pt"
-    if cache and path.is_file():
-        try:
-            xs = torch.load(path, mmap=True, weights_only=True)
-            log.info("GSC features from cache %s", path)
-        except (RuntimeError, OSError, EOFError) as err:
-            log.warning("unreadable GSC cache %s (%s): recomputing", path, err)
-            xs = None
-    else:
-        xs = None
+    path = cache_dir / f"gsc_{cache_key(fe, files, data_dir)}.pt" if cache else None
+    xs = _read_cache(path, files, fe) if path is not None and path.is_file() else None
     if xs is None:
         xs = {name: compute_features(data_dir, fl, fe, batch_size, name) for name, fl in files.items()}
-        if cache:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-            torch.save(xs, tmp)
-            os.replace(tmp, path)
+        if path is not None:
+            _write_cache(path, xs)
     return {
         name: Split(xs[name], torch.full((len(fl),), fe.n_frames), _labels(fl)) for name, fl in files.items()
     }
