@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from snn_delays import fast_neurons
 from snn_delays.neurons import SpikingNeurons
@@ -94,6 +95,7 @@ class _BatchNormLIF(torch.autograd.Function):
         return spikes
 
     @staticmethod
+    @once_differentiable  # a second derivative is an error naming this, not a wrong value
     def backward(ctx, grad_spikes):  # noqa: ANN001, ANN205
         y, weight, mean, invstd, scale, shift = ctx.saved_tensors
         kernels, tau, thr, alpha = ctx.lif

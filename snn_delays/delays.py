@@ -100,16 +100,29 @@ class DelayLayer(nn.Module):
 
     @property
     def sigma(self) -> float:
-        """The current sigma as a Python float, read from the device only when it changed.
+        """The layer's sigma as a Python float (the fast backend's one sigma for every synapse).
 
-        Every forward needs it on the host (the kernel width, the tap count); reading the
-        parameter each time would synchronise with the GPU once per layer and batch.
+        Every forward needs it on the host (the kernel width, the tap count). On the CPU it is
+        read each time. On another device it is read only when the parameter changed (its
+        storage or version): reading it each time would synchronise with the GPU once per layer
+        and batch. There, change it with :meth:`set_sigma`, ``load_state_dict`` or an in-place
+        op on the parameter, not through ``.data`` (whose changes no version counter records).
+        DCLS's ``SIG`` holds one value per synapse; the fast backend refuses unequal ones
+        (``model.delay_backend=dcls`` computes those) and a NaN.
         """
         sig = self.dcls.SIG
         key = (sig.data_ptr(), sig._version)
-        if self._sigma_key != key:
-            self._sigma_value = float(sig.detach().flatten()[0])
-            self._sigma_key = key
+        if sig.device.type == "cpu" or self._sigma_key != key:
+            values = sig.detach()
+            low, high = float(values.min()), float(values.max())
+            if math.isnan(low) or math.isnan(high):
+                raise ValueError(f"{self.extra_repr()}: sigma is NaN")
+            if low != high:
+                raise ValueError(
+                    f"{self.extra_repr()}: sigma differs between synapses ({low:g} .. {high:g}); the fast "
+                    "backend takes one sigma per layer (set_sigma sets one): use model.delay_backend=dcls"
+                )
+            self._sigma_value, self._sigma_key = low, key
         return self._sigma_value
 
     def set_sigma(self, value: float) -> None:

@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 SIGMA_OFFSET = 0.27
 NORM_EPS = 1e-7
@@ -91,6 +92,7 @@ class _GaussKernelRecomputed(torch.autograd.Function):
         return gaussian_kernel(weight, pos, sigma, ksize)
 
     @staticmethod
+    @once_differentiable  # a second derivative is an error naming this, not a wrong value
     def backward(ctx, grad_k: Tensor):  # noqa: ANN001, ANN205
         weight, pos = ctx.saved_tensors
         need = ctx.needs_input_grad[:2]
@@ -826,6 +828,7 @@ class _GaussKernelCPU(torch.autograd.Function):
         return kernel
 
     @staticmethod
+    @once_differentiable  # a second derivative is an error naming this, not a wrong value
     def backward(ctx, grad_k: Tensor):  # noqa: ANN001, ANN205
         w, p, gn = ctx.saved_tensors
         need_w, need_p = ctx.needs_input_grad[:2]
@@ -1217,6 +1220,7 @@ class _DelayConvCPU(torch.autograd.Function):
         return y.contiguous()
 
     @staticmethod
+    @once_differentiable  # a second derivative is an error naming this, not a wrong value
     def backward(ctx, grad_y: Tensor):  # noqa: ANN001, ANN205
         x, kernel = ctx.saved_tensors
         n_out, n_in, ksize = kernel.shape
@@ -1305,6 +1309,7 @@ class _DelayConvFFT(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # a second derivative is an error naming this, not a wrong value
     def backward(ctx, grad_y: Tensor):  # noqa: ANN001, ANN205
         x, kernel = ctx.saved_tensors
         t_len, batch, n_in = x.shape
@@ -1660,7 +1665,7 @@ def products_function(name: str, conv, grad_input, grad_kernel) -> type[torch.au
         grad_k = grad_kernel(x, grad_y, kernel.shape[2]) if ctx.needs_input_grad[1] else None
         return grad_x, grad_k
 
-    methods = {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(once_differentiable(backward))}
     return type(name, (torch.autograd.Function,), methods)
 
 
@@ -1674,6 +1679,17 @@ _DelayConvGEMM = products_function("_DelayConvGEMM", gemm_conv, _gemm_grad_input
 
 def _use_c(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and _load_lib() is not None
+
+
+def _check_dtypes(x: Tensor, *params: Tensor) -> None:
+    """The input and the parameters share one dtype, as the reference's convolution requires
+    (under ``torch.autocast`` the parameters are cast to the input's dtype by the caller)."""
+    other = sorted({str(p.dtype) for p in params if p.dtype != x.dtype})
+    if other:
+        raise TypeError(
+            f"the delay layer's input is {x.dtype} but its parameters are {', '.join(other)}: cast the "
+            "input or the model to one dtype (x.to(dtype) or model.to(dtype))"
+        )
 
 
 IMPLS = ("auto", "c", "gemm", "triton", "fft", "dense")
@@ -1724,8 +1740,12 @@ def delay_conv(
     ``fft`` (spectral for all three products, any device: DFTs as products with DFT matrices
     in x's precision, float32 for float16 / bfloat16 inputs, and cuFFT's inverse on CUDA),
     ``gemm`` (unfolded GEMMs, any device), ``triton`` (implicit GEMMs without the unfold copy:
-    CUDA, or the Triton interpreter) or ``dense``.
+    CUDA, or the Triton interpreter) or ``dense``. x, ``weight`` and ``pos`` share one dtype
+    (under ``torch.autocast``, the parameters are cast to x's).
     """
+    if torch.is_autocast_enabled(x.device.type):
+        weight, pos = weight.to(x.dtype), pos.to(x.dtype)
+    _check_dtypes(x, weight, pos)
     path = _path(x, impl)
     if path == "dense":
         return delay_conv_dense(x, weight, pos, sigma, kernel_size)
@@ -1758,7 +1778,18 @@ def integer_delay_conv(
     Paths as :func:`delay_conv`'s, but ``fft`` becomes ``c`` on the CPU and ``gemm`` elsewhere
     (one tap per synapse leaves a spectrum nothing to save), and ``gemm`` without gradients
     (CUDA's evaluation) unfolds at most :func:`eval_chunk` floats at a time. ``spikes_in``: x
-    holds spikes (exact in float16), which :func:`eval_fp16` may multiply as float16."""
+    holds spikes (exact in float16), which :func:`eval_fp16` may multiply as float16.
+
+    A synapse whose delay lies outside ``0 .. K-1`` (a position rounded beyond the kernel: set by
+    hand, or from a checkpoint trained without clamping) contributes nothing, as in the
+    reference's rounded kernel; no kernel ever indexes outside its window. x and ``weight``
+    share one dtype (under ``torch.autocast``, the weights are cast to x's)."""
+    if torch.is_autocast_enabled(x.device.type):
+        weight = weight.to(x.dtype)
+    _check_dtypes(x, weight)
+    outside = (delays < 0) | (delays >= kernel_size)  # elementwise: no host synchronisation
+    weight = weight.masked_fill(outside, 0.0)
+    delays = delays.clamp(0, kernel_size - 1)
     taps = (kernel_size - 1 - delays).to(torch.int32)  # tap index of each synapse
     path = _path(x, impl)
     if path == "fft":  # one tap per synapse: nothing for a spectrum to save

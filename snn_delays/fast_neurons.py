@@ -25,6 +25,7 @@ import threading
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from snn_delays.fast_delays import compile_c, sync_threads
 
@@ -211,6 +212,7 @@ class _LIF(torch.autograd.Function):
         return s, v
 
     @staticmethod
+    @once_differentiable  # a second derivative is an error naming this, not a wrong value
     def backward(ctx, gs: Tensor | None, gv: Tensor | None):  # noqa: ANN205
         (h,) = ctx.saved_tensors
         gs = None if gs is None or gs.numel() == 0 else gs

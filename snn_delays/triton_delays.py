@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from snn_delays.fast_delays import NORM_EPS, SIGMA_OFFSET, conv_allows_tf32, products_function
 
@@ -313,6 +314,7 @@ class GaussKernel(torch.autograd.Function):
         return kernel
 
     @staticmethod
+    @once_differentiable  # a second derivative is an error naming this, not a wrong value
     def backward(ctx, grad_k: Tensor):  # noqa: ANN001, ANN205
         w, p = ctx.saved_tensors
         dw, dp = torch.empty_like(w), torch.empty_like(p)

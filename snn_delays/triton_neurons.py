@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from snn_delays.triton_delays import check_tensors, device_of
 
@@ -185,6 +186,7 @@ class LIF(torch.autograd.Function):
         return s, v if want_v else x.new_empty(0)
 
     @staticmethod
+    @once_differentiable  # a second derivative is an error naming this, not a wrong value
     def backward(ctx, gs: Tensor | None, gv: Tensor | None):  # noqa: ANN205
         (h,) = ctx.saved_tensors
         gs = None if gs is None or gs.numel() == 0 else gs

@@ -145,6 +145,88 @@ def test_integer_path_is_one_tap_per_synapse(impl, request):
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["c", "gemm", "dense", "gemm-no-compiler"])
+@pytest.mark.parametrize("density", [0.05, 0.9])  # C: scalar adds per spike, and the taps
+def test_synapses_rounded_beyond_the_kernel_are_dropped_at_evaluation(impl, density, monkeypatch):
+    """Positions set beyond the kernel (by hand, or a checkpoint trained without clamping) round
+    to delays outside 0..K-1: the reference's rounded kernel drops those synapses, and so does
+    every fast path, without indexing outside its window (the C kernels once read and wrote
+    out of bounds there)."""
+    if impl == "c" and not fast_delays.c_kernels_available():
+        pytest.skip("no C compiler")
+    if impl.endswith("no-compiler"):  # CUDA's evaluation: the GEMM without gradients
+        monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)
+    monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", impl.removesuffix("-no-compiler"))
+    torch.manual_seed(4)
+    ref, fast = _pair(6, 5, 7, 0.23)
+    with torch.no_grad():
+        ref.dcls.P[..., :2, :] = torch.tensor([-3.6, 3.6, -20.0, 20.0, 3.5]).view(1, 5, 1, 1)  # |round| > 3
+    fast.load_state_dict(ref.state_dict())
+    assert ((fast.delays() < 0) | (fast.delays() > 6)).sum() == 10
+    ref.eval(), fast.eval()
+    x = _input(30, 4, 6, density)
+    with torch.no_grad():
+        want, got = ref(x), fast(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the function itself, called with such delays: those synapses contribute nothing
+    w, d = torch.randn(5, 6), torch.randint(-9, 16, (5, 6))
+    inside = (d >= 0) & (d < 7)
+    y = fast_delays.integer_delay_conv(x, w, d, 7, impl=impl.removesuffix("-no-compiler"))
+    want = fast_delays.integer_delay_conv(x, w * inside, d.clamp(0, 6), 7, impl="dense")
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_input_and_parameters_of_different_dtypes_are_refused(train):
+    """As the reference refuses them: the C kernels would read float64 parameters as float32."""
+    torch.manual_seed(5)
+    ref, fast = _pair(4, 5, 9, 1.0)
+    x = _input(20, 2, 4, 0.3)
+    for layer in (ref, fast):
+        layer.double().train(train)
+    with pytest.raises(RuntimeError, match="should be the same"):
+        ref(x)
+    with pytest.raises(TypeError, match="input is torch.float32 but its parameters are torch.float64"):
+        fast(x)
+    torch.testing.assert_close(fast(x.double()), ref(x.double()), rtol=1e-9, atol=1e-9)
+
+
+def test_sigma_is_the_parameters_and_one_per_layer():
+    """Changed through ``.data`` (no version counter records it), sigma is still read on the CPU;
+    unequal per-synapse values (DCLS's SIG has one per synapse) and NaN are refused."""
+    torch.manual_seed(6)
+    ref, fast = _pair(4, 5, 9, 1.0)
+    x = _input(20, 2, 4, 0.3)
+    assert fast.sigma == 1.0
+    for layer in (ref, fast):
+        layer.dcls.SIG.data.fill_(3.0)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        fast.dcls.SIG.uniform_(0.5, 3.0)
+    with pytest.raises(ValueError, match="sigma differs between synapses"):
+        fast(x)
+    fast.set_sigma(float("nan"))
+    with pytest.raises(ValueError, match="sigma is NaN"):
+        fast(x)
+
+
+@pytest.mark.parametrize("impl", ["c", "gemm", "fft", "triton"])
+def test_a_second_derivative_is_a_clear_error(impl, monkeypatch, request):
+    """The fast paths' backward is not itself differentiable: ``create_graph`` then names that,
+    not a missing grad_fn or an ``out=`` op (use ``SNN_DELAYS_CONV_IMPL=dense`` for it)."""
+    if impl == "c" and not fast_delays.c_kernels_available():
+        pytest.skip("no C compiler")
+    if impl == "triton":
+        request.getfixturevalue("triton_interpreted")
+    monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", impl)
+    torch.manual_seed(7)
+    _, fast = _pair(4, 5, 9, 1.0)
+    x = torch.rand(20, 2, 4).requires_grad_()
+    (gx,) = torch.autograd.grad(fast(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.square().sum().backward()
+
+
 @pytest.mark.parametrize(("n_in", "n_out"), [(6, 11), (12, 5)])
 def test_eval_fp16_operands_give_the_float32_products(n_in, n_out, monkeypatch):
     """``SNN_DELAYS_EVAL_FP16=1``: a layer fed by spikes multiplies float16 operands into
