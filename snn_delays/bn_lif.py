@@ -29,9 +29,9 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from snn_delays import fast_neurons
+from snn_delays.fast_delays import first_derivative_only
 from snn_delays.neurons import SpikingNeurons
 
 
@@ -53,7 +53,12 @@ def fusable(bn: nn.Module, neurons: nn.Module, y: Tensor) -> bool:
 
 def batchnorm_lif(y: Tensor, bn: nn.BatchNorm1d, neurons: SpikingNeurons) -> Tensor:
     """Spikes of ``neurons(bn(y))`` for ``y`` (T, B, C) in training mode, keeping only ``y``
-    (and (C,) statistics) for the backward; updates ``bn``'s running statistics."""
+    (and (C,) statistics) for the backward; updates ``bn``'s running statistics. One value per
+    channel (T B = 1) is refused, as BatchNorm refuses it (its variance would be NaN)."""
+    if y.shape[0] * y.shape[1] <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}"
+        )
     factor = 0.0
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
@@ -95,7 +100,7 @@ class _BatchNormLIF(torch.autograd.Function):
         return spikes
 
     @staticmethod
-    @once_differentiable  # a second derivative is an error naming this, not a wrong value
+    @first_derivative_only
     def backward(ctx, grad_spikes):  # noqa: ANN001, ANN205
         y, weight, mean, invstd, scale, shift = ctx.saved_tensors
         kernels, tau, thr, alpha = ctx.lif

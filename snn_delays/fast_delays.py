@@ -54,7 +54,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 SIGMA_OFFSET = 0.27
 NORM_EPS = 1e-7
@@ -65,6 +64,26 @@ SCATTER_DENSITY_MAX = 0.1  # evaluation: scalar adds per input spike below this 
 # --------------------------------------------------------------------------------------
 # Pure functions shared by every path
 # --------------------------------------------------------------------------------------
+
+
+def first_derivative_only(backward: Callable) -> Callable:
+    """For the ``backward`` of an autograd Function whose backward is not itself differentiable
+    (fused and C kernels): with ``create_graph=True`` (grad mode on inside a backward) it raises,
+    naming what to use instead, rather than return a gradient whose own derivative autograd
+    would silently take as zero (``once_differentiable`` raises only when the incoming
+    gradient requires grad)."""
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):  # noqa: ANN001, ANN002, ANN202
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{type(ctx).__name__.removesuffix('Backward')}: snn-delays' fused kernels give first "
+                "derivatives only, and create_graph=True asks for a second: run with "
+                "SNN_DELAYS_CONV_IMPL=dense (or model.delay_backend=dcls) and SNN_DELAYS_NEURON_IMPL=spikingjelly"
+            )
+        return backward(ctx, *grads)
+
+    return checked
 
 
 def pad_time(x: Tensor, kernel_size: int) -> Tensor:
@@ -92,7 +111,7 @@ class _GaussKernelRecomputed(torch.autograd.Function):
         return gaussian_kernel(weight, pos, sigma, ksize)
 
     @staticmethod
-    @once_differentiable  # a second derivative is an error naming this, not a wrong value
+    @first_derivative_only
     def backward(ctx, grad_k: Tensor):  # noqa: ANN001, ANN205
         weight, pos = ctx.saved_tensors
         need = ctx.needs_input_grad[:2]
@@ -135,7 +154,9 @@ def tap_window(pos: Tensor, sigma: float, kernel_size: int) -> tuple[Tensor, int
     """
     j = n_taps(sigma, kernel_size)
     centre = pos.detach() + kernel_size // 2
-    start = torch.ceil(centre - _radius(sigma)).clamp_(0, kernel_size - j)
+    # a non-finite position (a diverged run) gets a window inside the kernel too: its taps are
+    # then NaN, as the reference's, and no kernel indexes outside the window
+    start = torch.ceil(centre - _radius(sigma)).nan_to_num_(0.0).clamp_(0, kernel_size - j)
     return start.to(torch.int32), j
 
 
@@ -828,7 +849,7 @@ class _GaussKernelCPU(torch.autograd.Function):
         return kernel
 
     @staticmethod
-    @once_differentiable  # a second derivative is an error naming this, not a wrong value
+    @first_derivative_only
     def backward(ctx, grad_k: Tensor):  # noqa: ANN001, ANN205
         w, p, gn = ctx.saved_tensors
         need_w, need_p = ctx.needs_input_grad[:2]
@@ -1220,7 +1241,7 @@ class _DelayConvCPU(torch.autograd.Function):
         return y.contiguous()
 
     @staticmethod
-    @once_differentiable  # a second derivative is an error naming this, not a wrong value
+    @first_derivative_only
     def backward(ctx, grad_y: Tensor):  # noqa: ANN001, ANN205
         x, kernel = ctx.saved_tensors
         n_out, n_in, ksize = kernel.shape
@@ -1309,7 +1330,7 @@ class _DelayConvFFT(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # a second derivative is an error naming this, not a wrong value
+    @first_derivative_only
     def backward(ctx, grad_y: Tensor):  # noqa: ANN001, ANN205
         x, kernel = ctx.saved_tensors
         t_len, batch, n_in = x.shape
@@ -1665,7 +1686,7 @@ def products_function(name: str, conv, grad_input, grad_kernel) -> type[torch.au
         grad_k = grad_kernel(x, grad_y, kernel.shape[2]) if ctx.needs_input_grad[1] else None
         return grad_x, grad_k
 
-    methods = {"forward": staticmethod(forward), "backward": staticmethod(once_differentiable(backward))}
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(first_derivative_only(backward))}
     return type(name, (torch.autograd.Function,), methods)
 
 

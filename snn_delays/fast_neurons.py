@@ -25,9 +25,8 @@ import threading
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from snn_delays.fast_delays import compile_c, sync_threads
+from snn_delays.fast_delays import compile_c, first_derivative_only, sync_threads
 
 _C_SOURCE = r"""
 #include <stdint.h>
@@ -138,7 +137,7 @@ def _backward_torch(gs, gv, h, tau, thr, alpha, gx=None):  # noqa: ANN001, ANN20
     carry = torch.zeros_like(h[0])
     slope = math.pi / 2 * alpha
     for t in range(h.shape[0] - 1, -1, -1):
-        keep = (h[t] < thr).to(h.dtype)
+        keep = (~(h[t] >= thr)).to(h.dtype)  # 1 where no spike, NaN included (as spikingjelly's 1 - s)
         gh = ((gv[t] if gv is not None else 0.0) + carry) * keep
         if gs is not None:
             z = (h[t] - thr) * slope
@@ -204,6 +203,9 @@ class _LIF(torch.autograd.Function):
     def forward(ctx, x: Tensor, tau: float, thr: float, alpha: float, use_c: bool, want_v: bool):  # noqa: ANN001, ANN205
         need_h = ctx.needs_input_grad[0]
         s, h, v = lif_forward(x, tau, thr, (True, need_h, want_v), use_c)
+        # an unused output (the spikes of a readout) gives None, not zeros: no surrogate term
+        # (whose 0 * surrogate(NaN) would spread a NaN membrane to every step's gradient)
+        ctx.set_materialize_grads(False)
         ctx.tau, ctx.thr, ctx.alpha, ctx.use_c = tau, thr, alpha, use_c
         if need_h:
             ctx.save_for_backward(h)
@@ -212,7 +214,7 @@ class _LIF(torch.autograd.Function):
         return s, v
 
     @staticmethod
-    @once_differentiable  # a second derivative is an error naming this, not a wrong value
+    @first_derivative_only
     def backward(ctx, gs: Tensor | None, gv: Tensor | None):  # noqa: ANN205
         (h,) = ctx.saved_tensors
         gs = None if gs is None or gs.numel() == 0 else gs

@@ -63,8 +63,9 @@ class SpikingNeurons(nn.Module):
             raise ValueError(f"model.neuron must be one of {NEURONS}, got {kind!r}")
         if impl == "triton" and kind != "lif":
             raise ValueError(f"SNN_DELAYS_NEURON_IMPL=triton runs the lif neuron only, got {kind!r}")
-        if tau <= 1.0 and kind == "plif":
-            raise ValueError(f"plif needs tau > 1 (its decay is sigmoid(w) = 1/tau), got {tau}")
+        tau = float(tau)  # an int from a config override is fine (spikingjelly asserts a float)
+        if not tau > 1.0:
+            raise ValueError(f"{kind} needs tau > 1 (time steps; its decay is 1/tau), got {tau}")
         # spikingjelly's GPU kernels refuse an infinite threshold; as in the published code, a
         # threshold no membrane reaches stands for it.
         threshold = READOUT_THRESHOLD if readout else 1.0

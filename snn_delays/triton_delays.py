@@ -33,9 +33,14 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from snn_delays.fast_delays import NORM_EPS, SIGMA_OFFSET, conv_allows_tf32, products_function
+from snn_delays.fast_delays import (
+    NORM_EPS,
+    SIGMA_OFFSET,
+    conv_allows_tf32,
+    first_derivative_only,
+    products_function,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SPLIT_ROWS = 4096  # rows (t, b) per partial sum of dL/dk
@@ -314,7 +319,7 @@ class GaussKernel(torch.autograd.Function):
         return kernel
 
     @staticmethod
-    @once_differentiable  # a second derivative is an error naming this, not a wrong value
+    @first_derivative_only
     def backward(ctx, grad_k: Tensor):  # noqa: ANN001, ANN205
         w, p = ctx.saved_tensors
         dw, dp = torch.empty_like(w), torch.empty_like(p)

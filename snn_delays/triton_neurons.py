@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from snn_delays.fast_delays import first_derivative_only
 from snn_delays.triton_delays import check_tensors, device_of
 
 BLOCK = 256  # neurons per program
@@ -180,13 +180,14 @@ class LIF(torch.autograd.Function):
     def forward(ctx, x: Tensor, tau: float, thr: float, alpha: float, want_v: bool):  # noqa: ANN001, ANN205
         need_h = ctx.needs_input_grad[0]
         s, h, v = lif_forward(x, tau, thr, (True, need_h, want_v))
+        ctx.set_materialize_grads(False)  # an unused output's gradient is None (as fast_neurons)
         ctx.args = (tau, thr, alpha)
         if need_h:
             ctx.save_for_backward(h)
         return s, v if want_v else x.new_empty(0)
 
     @staticmethod
-    @once_differentiable  # a second derivative is an error naming this, not a wrong value
+    @first_derivative_only
     def backward(ctx, gs: Tensor | None, gv: Tensor | None):  # noqa: ANN205
         (h,) = ctx.saved_tensors
         gs = None if gs is None or gs.numel() == 0 else gs

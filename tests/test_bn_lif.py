@@ -59,6 +59,18 @@ def test_fused_step_equals_batchnorm_then_lif(impl, momentum, request, monkeypat
     assert int(bn_fused.num_batches_tracked) == int(bn.num_batches_tracked) == 2
 
 
+def test_one_value_per_channel_is_refused_as_batchnorm_refuses_it(request, monkeypatch):
+    """T B = 1 in training: BatchNorm raises; the fused step did not, and left NaN in running_var."""
+    bn, bn_fused, neurons = _pair("c", request, monkeypatch)
+    y = torch.randn(1, 1, 64)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        neurons(bn(y))
+    before = bn_fused.running_var.clone()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        batchnorm_lif(y, bn_fused, neurons)
+    assert torch.equal(bn_fused.running_var, before)
+
+
 @pytest.mark.parametrize("impl", ["c", "torch"])
 def test_fused_step_keeps_no_membrane_for_the_backward(impl, request, monkeypatch):
     """Between forward and backward the two modules keep the LIF's membrane (one (T, B, C)

@@ -212,19 +212,43 @@ def test_sigma_is_the_parameters_and_one_per_layer():
 
 @pytest.mark.parametrize("impl", ["c", "gemm", "fft", "triton"])
 def test_a_second_derivative_is_a_clear_error(impl, monkeypatch, request):
-    """The fast paths' backward is not itself differentiable: ``create_graph`` then names that,
-    not a missing grad_fn or an ``out=`` op (use ``SNN_DELAYS_CONV_IMPL=dense`` for it)."""
+    """The fast paths' backward is not itself differentiable: ``create_graph`` then names that
+    and what computes it, not a missing grad_fn, an ``out=`` op or a silent zero (a gradient
+    penalty whose incoming gradient is a constant); ``dense`` computes it as dcls does."""
     if impl == "c" and not fast_delays.c_kernels_available():
         pytest.skip("no C compiler")
     if impl == "triton":
         request.getfixturevalue("triton_interpreted")
     monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", impl)
     torch.manual_seed(7)
-    _, fast = _pair(4, 5, 9, 1.0)
+    ref, fast = _pair(4, 5, 9, 1.0)
     x = torch.rand(20, 2, 4).requires_grad_()
-    (gx,) = torch.autograd.grad(fast(x).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        gx.square().sum().backward()
+    g = torch.randn(24, 2, 5)
+    with pytest.raises(RuntimeError, match="first derivatives only.*SNN_DELAYS_CONV_IMPL=dense"):
+        torch.autograd.grad((fast(x) * g).sum(), x, create_graph=True)
+    monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", "dense")
+    grads = []
+    for layer in (ref, fast):
+        (gx,) = torch.autograd.grad((layer(x) * g).sum(), layer.dcls.P, create_graph=True)
+        grads.append(torch.autograd.grad(gx.square().sum(), x)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["c", "gemm", "fft", "dense"])
+def test_non_finite_positions_give_nan_not_a_crash(impl, monkeypatch):
+    """A diverged run's NaN positions: NaN outputs, as the reference's, for the trainer to
+    report; the tap window stays inside the kernel (it once indexed at -2**31)."""
+    if impl == "c" and not fast_delays.c_kernels_available():
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", impl)
+    ref, fast = _pair(4, 5, 9, 0.23)
+    with torch.no_grad():
+        for layer in (ref, fast):
+            layer.dcls.P[0, 1, 2, 0] = float("nan")
+    x = _input(20, 2, 4, 1.0)
+    want, got = ref(x), fast(x)
+    assert torch.isnan(got[:, :, 1]).all() and torch.equal(torch.isnan(got), torch.isnan(want))
+    got.nan_to_num(0.0).sum().backward()
 
 
 @pytest.mark.parametrize(("n_in", "n_out"), [(6, 11), (12, 5)])

@@ -76,6 +76,46 @@ def test_readout_membrane_equals_spikingjelly(tau, impl, request):
     torch.testing.assert_close(got, lif_reference(x, tau, threshold=float("inf"))[1])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_readout_gradient_stays_finite_past_a_nan_membrane(impl, request):
+    """A NaN current at one step (a diverging run): spikingjelly's readout gradient stays finite
+    elsewhere, and so does ours; the unused spike output adds no surrogate term (its gradient
+    once arrived as zeros, and 0 * surrogate(NaN) spread NaN over every step)."""
+    x = _current(9, 2, 5, seed=4)
+    x[3, 1, 2] = float("nan")
+    node = _sj(1.5, READOUT_THRESHOLD, 5.0, readout=True)
+    xs = x.clone().requires_grad_()
+    node(xs)
+    node.v_seq.sum().backward()
+    xf = x.clone().requires_grad_()
+    _lif(xf, 1.5, READOUT_THRESHOLD, 5.0, impl, request, return_v=True).sum().backward()
+    assert torch.isfinite(xs.grad).all()
+    torch.testing.assert_close(xf.grad, xs.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["c", "torch"])
+def test_a_second_derivative_through_the_lif_is_an_error(impl, monkeypatch):
+    """A gradient penalty through the fused LIF asks for its second derivative, which its
+    kernels do not give: an error naming the setting that does, not a silent zero."""
+    if impl == "torch":
+        monkeypatch.setattr(fast_neurons, "_load_lib", lambda: None)
+    x = _current(20, 3, 7, seed=6).requires_grad_()
+    neurons = SpikingNeurons(1.5)
+    assert neurons.kernels(x) == impl
+    with pytest.raises(RuntimeError, match="first derivatives only.*SNN_DELAYS_NEURON_IMPL=spikingjelly"):
+        torch.autograd.grad(neurons(x).sum(), x, create_graph=True)
+    (gx,) = torch.autograd.grad(SpikingNeurons(1.5, impl="spikingjelly")(x).sum(), x, create_graph=True)
+    assert gx.requires_grad  # the setting named computes it
+
+
+def test_tau_is_a_float_above_one():
+    x = _current(10, 2, 3, seed=7)
+    assert torch.equal(SpikingNeurons(2)(x), SpikingNeurons(2.0)(x))  # an int, as a config may give
+    for kind in ("lif", "plif"):
+        with pytest.raises(ValueError, match=f"{kind} needs tau > 1"):
+            SpikingNeurons(1.0, kind=kind)
+
+
 def test_module_switch_and_eval():
     x = _current(20, 4, 33, seed=5)
     fast = SpikingNeurons(1.5)
