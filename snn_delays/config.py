@@ -22,7 +22,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
     save_checkpoints: bool = True
-    resume: Any = False  # false | true (this run's last.pt) | a checkpoint path
+    resume: Any = False  # false | true (this run's last.pt) | a checkpoint, run folder or checkpoints/ folder
     cuda_graphs: Any = "auto"  # auto (on for one CUDA process) | true | false: CUDA-graph replays
 
 

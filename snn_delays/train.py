@@ -131,8 +131,11 @@ def distributed(device_name: str) -> Iterator[tuple[Distributed, torch.device]]:
             torch.distributed.destroy_process_group()
 
 
-def write_outputs(run_dir: Path, state: TrainState, n_params: int) -> dict[str, Any]:
-    metrics = summary(state, n_params)
+def write_outputs(
+    run_dir: Path, state: TrainState, n_params: int, selected_on: str = "valid"
+) -> dict[str, Any]:
+    """metrics.json and metrics.csv; ``selected_on``: the split the best epoch was chosen on."""
+    metrics = {**summary(state, n_params), "selected_on": selected_on}
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
     (run_dir / "metrics.json").write_text(json.dumps(clean, indent=2) + "\n")
     if state.history:
@@ -145,25 +148,83 @@ def write_outputs(run_dir: Path, state: TrainState, n_params: int) -> dict[str, 
 
 
 def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint ``trainer.resume`` names: this run's last.pt (true), a file, or a run folder
+    or its checkpoints/ folder (their last.pt). None: start from scratch."""
     resume = cfg.trainer.resume
     if resume in (False, None, "false", ""):
         return None
-    path = run_dir / "checkpoints" / "last.pt" if resume in (True, "true") else Path(str(resume))
-    if not path.exists():
-        if resume in (True, "true"):
-            log.info("trainer.resume=true but %s does not exist yet: starting from scratch", path)
+    if resume in (True, "true"):
+        path = run_dir / "checkpoints" / "last.pt"
+        if not path.is_file():
+            log.warning("trainer.resume=true but %s does not exist yet: starting from scratch", path)
             return None
+        return path
+    path = Path(str(resume))
+    if path.is_dir():
+        found = [p for p in (path / "checkpoints" / "last.pt", path / "last.pt") if p.is_file()]
+        if not found:
+            raise FileNotFoundError(
+                f"trainer.resume={resume} is a folder without a checkpoint: neither "
+                f"{path / 'checkpoints' / 'last.pt'} nor {path / 'last.pt'} exists; give a run folder, "
+                "its checkpoints/ folder or a .pt file"
+            )
+        return found[0]
+    if not path.is_file():
         raise FileNotFoundError(f"trainer.resume={resume}: no checkpoint at {path}")
     return path
 
 
+def _restart_count() -> int:
+    """How many times SLURM (a requeued job, submitit's too) or torchrun restarted this job."""
+    counts = (os.environ.get(k, "0") for k in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"))
+    return max((int(c) for c in counts if c.strip().isdigit()), default=0)
+
+
+def refuse_to_overwrite(cfg: DictConfig, run_dir: Path) -> None:
+    """A run folder holding a run's checkpoints/last.pt is not started again from scratch unless
+    asked for (trainer.resume=true continues it). A requeued SLURM job or a restarted torchrun
+    worker reruns its own command in its own folder: without trainer.resume it starts over, with
+    a warning, as it always has."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if cfg.trainer.resume not in (False, None, "false", "") or not last.is_file():
+        return
+    if _restart_count() > 0:
+        log.warning(
+            "restarted job (restart %d) without trainer.resume=true: training again from scratch over %s",
+            _restart_count(),
+            last,
+        )
+        return
+    raise FileExistsError(
+        f"{last} exists: {run_dir} already holds a run. Use trainer.resume=true to continue it, or "
+        "another hydra.run.dir (or delete the folder) to start a new run"
+    )
+
+
+def fit_config(cfg: DictConfig) -> FitConfig:
+    """The trainer's settings, checked (a bad value fails here, before any data is read)."""
+    return FitConfig(
+        cfg.trainer.epochs,
+        cfg.trainer.batch_size,
+        cfg.trainer.eval_batch_size,
+        cfg.trainer.progress,
+        cfg.trainer.save_checkpoints,
+        cfg.seed,
+        cfg.trainer.cuda_graphs,
+    )
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train as ``cfg`` says, writing into ``run_dir``; returns the metrics of metrics.json."""
+    fit_cfg = fit_config(cfg)
+    refuse_to_overwrite(cfg, run_dir)
     with distributed(cfg.trainer.device) as (dist, device):
-        return _train(cfg, run_dir, dist, device)
+        return _train(cfg, run_dir, dist, device, fit_cfg)
 
 
-def _train(cfg: DictConfig, run_dir: Path, dist: Distributed, device: torch.device) -> dict[str, Any]:
+def _train(
+    cfg: DictConfig, run_dir: Path, dist: Distributed, device: torch.device, fit_cfg: FitConfig
+) -> dict[str, Any]:
     if device.type == "cpu":
         fast_delays.keep_freed_memory()  # activations reused, not re-faulted every step
     seed_everything(cfg.seed + dist.rank)
@@ -214,16 +275,17 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Distributed, device: torch.devi
         },
         "logger_run_id": getattr(logger, "run_id", None),
     }
+    selected_on = "valid" if len(data.valid) else "test"
+    if selected_on == "test":
+        why = next(
+            (f"dataset.{k}={cfg.dataset[k]}" for k in ("valid_fraction", "n_valid") if k in cfg.dataset), ""
+        )
+        log.warning(
+            "no validation split%s: the epoch is chosen on the test set, so test_acc equals "
+            "best_test_acc (metrics.json: selected_on test)",
+            f" ({why})" if why else "",
+        )
     on_epoch_end = figure_hook(cfg, run_dir, model, data, logger, state.epoch, resumed=ckpt is not None)
-    fit_cfg = FitConfig(
-        cfg.trainer.epochs,
-        cfg.trainer.batch_size,
-        cfg.trainer.eval_batch_size,
-        cfg.trainer.progress,
-        cfg.trainer.save_checkpoints,
-        cfg.seed,
-        cfg.trainer.cuda_graphs,
-    )
     # Watch for SIGTERM/SIGUSR1 until the outputs are written: a late signal must not cut them.
     with StopFlag() as stop:
         state = fit(
@@ -240,7 +302,7 @@ def _train(cfg: DictConfig, run_dir: Path, dist: Distributed, device: torch.devi
             augment=augment,
             stop=stop,
         )
-        metrics = write_outputs(run_dir, state, n_params) if dist.is_main else {}
+        metrics = write_outputs(run_dir, state, n_params, selected_on) if dist.is_main else {}
         if logger is not None:
             logger.finish()
     if state.stopped_by is not None:
@@ -285,7 +347,16 @@ def figure_hook(
 def load_for_resume(
     path: Path, cfg: DictConfig, model: DelaySNN, opt: Optimization
 ) -> tuple[TrainState, dict]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(ckpt, dict) or not {"model", "optim", "state", "rng"} <= set(ckpt):
+            raise ValueError("not a checkpoint of snn-delays-train")
+    except Exception as e:  # truncated, empty, garbage: torch raises many kinds
+        raise RuntimeError(
+            f"cannot resume from {path}: the file is unreadable (truncated or corrupt: "
+            f"{type(e).__name__}: {e}). Delete it to start this run afresh, or resume from the best "
+            f"epoch with trainer.resume={path.parent / 'best.pt'}"
+        ) from e
     check_compatible(ckpt.get("config", {}), OmegaConf.to_container(cfg, resolve=True), path)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optim"])

@@ -149,6 +149,24 @@ class FitConfig:
     def __post_init__(self) -> None:
         if self.cuda_graphs not in (True, False, "auto"):
             raise ValueError(f"trainer.cuda_graphs must be auto, true or false, got {self.cuda_graphs!r}")
+        for key, value in (
+            ("trainer.epochs", self.epochs),
+            ("trainer.batch_size", self.batch_size),
+            ("trainer.eval_batch_size", self.eval_batch_size),
+        ):
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{key} must be a whole number >= 1, got {value!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(
+                f"seed must be a whole number from 0 to {MAX_SEED} (2**32 - 1), got {self.seed!r}"
+            )
+
+
+MAX_SEED = 2**32 - 1  # numpy's limit
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -389,6 +407,17 @@ def fit(
             )
             if dist.any(stop()):
                 break
+            if not math.isfinite(train["loss"]):  # the same sum on every rank: all stop together
+                kept = (
+                    f"; checkpoints/last.pt holds epoch {state.epoch}"
+                    if state.epoch and cfg.save_checkpoints
+                    else ""
+                )
+                raise FloatingPointError(
+                    f"training diverged: train loss is {train['loss']} at epoch {epoch + 1} (lower the "
+                    "learning rate: optim.weights.lr and optim.weights_scheduler.max_lr, or "
+                    f"optim.positions.lr). Nothing was saved from this epoch{kept}"
+                )
             opt.end_epoch()
             seconds = time.perf_counter() - t0
             state.train_seconds += seconds
@@ -422,10 +451,12 @@ def fit(
                     loss=f"{train['loss']:.3f}", valid=f"{valid['acc']:.3f}", test=f"{test['acc']:.3f}"
                 )
                 if cfg.save_checkpoints:
+                    # best.pt first: last.pt (what a resumed run reads) then never names a best
+                    # epoch that best.pt does not hold, whenever the job dies.
                     payload = checkpoint_payload(core, opt, state, extra_checkpoint)
-                    save_checkpoint(payload, ckpt_dir / "last.pt")
                     if improved:
                         save_checkpoint(payload, ckpt_dir / "best.pt")
+                    save_checkpoint(payload, ckpt_dir / "last.pt")
                 if on_epoch_end is not None:
                     on_epoch_end(core, state)
         state.stopped_by = stop.signum

@@ -13,8 +13,9 @@ import time
 import pytest
 import torch
 from conftest import ROOT, read_metrics, run_cli
+from omegaconf import OmegaConf
 
-from snn_delays.train import distributed
+from snn_delays.train import distributed, load_for_resume, resume_path
 
 RUN = ["experiment=synthetic", "trainer.epochs=12", "logger=none", "trainer.progress=false", "seed=4"]
 
@@ -179,3 +180,62 @@ def test_a_group_made_by_the_caller_is_left_to_the_caller(monkeypatch):
     with distributed("cpu") as (dist, _):
         assert dist.is_main
     assert group.calls == ["barrier"] and group.initialized
+
+
+def test_best_checkpoint_is_written_before_last(tmp_path, monkeypatch):
+    """last.pt is what a resumed run reads: written last, a job killed between the two writes
+    never resumes believing best.pt holds an epoch it does not."""
+    from test_train_cli import compose_train
+
+    from snn_delays import train, training
+
+    written = []
+    real = training.save_checkpoint
+
+    def record(payload, path):
+        written.append((path.name, payload["state"]["epoch"]))
+        real(payload, path)
+
+    monkeypatch.setattr(training, "save_checkpoint", record)
+    train.run(compose_train(*RUN[:1], "trainer.epochs=2", "logger=none", "trainer.progress=false"), tmp_path)
+    assert ("best.pt", 1) in written
+    for name, epoch in written:
+        if name == "best.pt":
+            assert written.index(("best.pt", epoch)) < written.index(("last.pt", epoch)), written
+
+
+def test_resume_from_a_run_folder_or_its_checkpoints_folder(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    last = run / "checkpoints" / "last.pt"
+    last.write_bytes(b"x")
+    for given in (run, run / "checkpoints", last):
+        cfg = OmegaConf.create({"trainer": {"resume": str(given)}})
+        assert resume_path(cfg, tmp_path / "elsewhere") == last
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="is a folder without a checkpoint"):
+        resume_path(OmegaConf.create({"trainer": {"resume": str(empty)}}), tmp_path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        resume_path(OmegaConf.create({"trainer": {"resume": str(tmp_path / "nothing.pt")}}), tmp_path)
+
+
+def test_resume_true_without_last_pt_warns(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="snn_delays"):
+        assert resume_path(OmegaConf.create({"trainer": {"resume": True}}), tmp_path) is None
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "starting from scratch" in caplog.text
+
+
+def test_an_unreadable_last_pt_says_so_and_what_to_do(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}, "optim": {}, "state": {}, "rng": {}}, good)
+    blob = good.read_bytes()
+    (tmp_path / "checkpoints").mkdir()
+    path = tmp_path / "checkpoints" / "last.pt"
+    for content in (b"", b"not a checkpoint at all", blob[: len(blob) // 2], b"\x80\x04K\x01."):
+        path.write_bytes(content)
+        with pytest.raises(RuntimeError) as err:
+            load_for_resume(path, None, None, None)
+        message = str(err.value)
+        assert str(path) in message and "unreadable (truncated or corrupt" in message
+        assert "Delete it" in message and f"trainer.resume={tmp_path / 'checkpoints' / 'best.pt'}" in message

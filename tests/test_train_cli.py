@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import read_metrics, run_cli
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from spike_files import make_shd_root
 
 QUIET = ["trainer.progress=false"]
+CONF = Path(__file__).resolve().parent.parent / "conf"
 METRIC_KEYS = {
     "best_valid_acc",
     "test_acc",
@@ -28,6 +33,7 @@ def test_synthetic_run_writes_every_output_and_eval_reproduces_it(tmp_path):
     run_cli("train", "experiment=synthetic", "trainer.epochs=3", "logger=csv", f"hydra.run.dir={out}", *QUIET)
     metrics = read_metrics(out)
     assert METRIC_KEYS <= set(metrics) and metrics["epochs"] == 3
+    assert metrics["selected_on"] == "valid"
     assert len(metrics["epoch_train_seconds"]) == 3
     assert sum(metrics["epoch_train_seconds"]) == pytest.approx(metrics["train_seconds"])
     assert metrics["peak_memory_mib"] > 0  # CPU: the process's resident high-water mark
@@ -58,7 +64,7 @@ def test_synthetic_run_writes_every_output_and_eval_reproduces_it(tmp_path):
     assert best["config"]["model"]["delays"] == "learned" and (out / "checkpoints" / "last.pt").is_file()
 
     proc = run_cli("evaluate", f"checkpoint={out / 'checkpoints' / 'best.pt'}")
-    result = json.loads((out / "checkpoints" / "eval.json").read_text())
+    result = json.loads((out / "checkpoints" / "eval_best.json").read_text())  # eval_<checkpoint>.json
     assert "test: acc" in proc.stdout
     assert abs(result["test"]["acc"] - metrics["test_acc"]) < 1e-9
 
@@ -165,3 +171,166 @@ def test_numbered_gpu_becomes_the_current_device(monkeypatch):
     assert train.pick_device("cuda") == torch.device("cuda") and len(made_current) == 1
     with pytest.raises(ValueError, match=r"trainer.device=cuda:2: this machine has 2 CUDA device\(s\)"):
         train.pick_device("cuda:2")
+
+
+def test_diverging_training_stops_with_an_error_and_saves_nothing_of_it(tmp_path):
+    """A learning rate far too high: the loss becomes NaN in the first epoch. The trainer stops
+    there with an error instead of training on and saving a NaN model as best.pt."""
+    out = tmp_path / "run"
+    proc = run_cli(
+        "train",
+        "experiment=synthetic",
+        "model=no_delays",
+        "trainer.epochs=2",
+        "optim.weights.lr=1e24",
+        "optim.weights_scheduler.max_lr=1e24",
+        "logger=none",
+        f"hydra.run.dir={out}",
+        *QUIET,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "training diverged: train loss is nan at epoch 1 (lower the learning rate" in proc.stderr
+    assert not (out / "checkpoints" / "best.pt").exists() and not (out / "checkpoints" / "last.pt").exists()
+    assert not (out / "metrics.json").exists()
+
+
+def test_divergence_keeps_the_last_good_checkpoints(tmp_path, monkeypatch):
+    """NaN in epoch 2: checkpoints/{best,last}.pt stay those of epoch 1."""
+    from snn_delays import train, training
+
+    real = training.train_epoch
+    calls = []
+
+    def nan_in_epoch_2(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        return {**result, "loss": float("nan")} if len(calls) == 2 else result
+
+    monkeypatch.setattr(training, "train_epoch", nan_in_epoch_2)
+    cfg = compose_train("experiment=synthetic", "trainer.epochs=3", "logger=none", *QUIET)
+    with pytest.raises(FloatingPointError, match="train loss is nan at epoch 2.*last.pt holds epoch 1"):
+        train.run(cfg, tmp_path)
+    for name in ("best.pt", "last.pt"):
+        assert torch.load(tmp_path / "checkpoints" / name, weights_only=False)["state"]["epoch"] == 1
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(tmp_path):
+    out = tmp_path / "run"
+    args = ["experiment=synthetic", "trainer.epochs=1", "logger=none", f"hydra.run.dir={out}", *QUIET]
+    run_cli("train", *args)
+    before = (out / "metrics.json").read_text(), (out / "checkpoints" / "last.pt").read_bytes()
+    proc = run_cli("train", *args, check=False)
+    assert proc.returncode != 0
+    last = out / "checkpoints" / "last.pt"
+    assert f"{last} exists" in proc.stderr and "trainer.resume=true" in proc.stderr
+    assert "hydra.run.dir" in proc.stderr
+    assert ((out / "metrics.json").read_text(), last.read_bytes()) == before
+
+
+def test_a_restarted_job_without_resume_starts_over_and_resume_continues(tmp_path, monkeypatch, caplog):
+    """A requeued SLURM job (submitit's too) or a restarted torchrun worker reruns its command in
+    its own folder: without trainer.resume it starts over as before (with a warning)."""
+    from snn_delays import train
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"x")
+    fresh = compose_train("experiment=synthetic")
+    with pytest.raises(FileExistsError, match="trainer.resume=true to continue it"):
+        train.refuse_to_overwrite(fresh, tmp_path)
+    train.refuse_to_overwrite(compose_train("experiment=synthetic", "trainer.resume=true"), tmp_path)
+    for var in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.setenv(var, "1")
+        with caplog.at_level(logging.WARNING, logger="snn_delays"):
+            train.refuse_to_overwrite(fresh, tmp_path)
+        assert "training again from scratch" in caplog.text
+        monkeypatch.setenv(var, "0")
+        with pytest.raises(FileExistsError):
+            train.refuse_to_overwrite(fresh, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.batch_size=0", "trainer.batch_size must be a whole number >= 1, got 0"),
+        ("trainer.batch_size=-4", "trainer.batch_size must be a whole number >= 1, got -4"),
+        ("trainer.eval_batch_size=0", "trainer.eval_batch_size must be a whole number >= 1, got 0"),
+        ("trainer.epochs=0", "trainer.epochs must be a whole number >= 1, got 0"),
+        ("seed=abc", "seed must be a whole number from 0 to 4294967295"),
+        ("seed=-1", "seed must be a whole number from 0 to 4294967295"),
+        ("seed=4294967296", "seed must be a whole number from 0 to 4294967295"),
+        ("seed=1.5", "seed must be a whole number"),
+    ],
+)
+def test_bad_trainer_settings_fail_at_start_up_naming_the_key(override, message, tmp_path):
+    from snn_delays import train
+
+    cfg = compose_train("experiment=synthetic", "logger=none", override)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train.run(cfg, tmp_path)
+    assert not any(tmp_path.iterdir()), "nothing trained or written"
+
+
+def test_bad_epochs_on_the_command_line_fail_before_training(tmp_path):
+    proc = run_cli(
+        "train",
+        "experiment=synthetic",
+        "trainer.epochs=0",
+        "logger=none",
+        f"hydra.run.dir={tmp_path}",
+        check=False,
+    )
+    assert proc.returncode != 0 and "trainer.epochs must be a whole number >= 1, got 0" in proc.stderr
+    assert "OneCycleLR" not in proc.stderr
+
+
+def test_without_a_validation_split_the_epoch_is_chosen_on_test_and_said_so(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(
+        "train",
+        "experiment=synthetic",
+        "dataset.n_valid=0",
+        "trainer.epochs=2",
+        "logger=none",
+        f"hydra.run.dir={out}",
+        *QUIET,
+    )
+    assert "WARNING" in proc.stderr + proc.stdout
+    assert "the epoch is chosen on the test set" in proc.stderr + proc.stdout
+    metrics = read_metrics(out)
+    assert metrics["selected_on"] == "test" and metrics["test_acc"] == metrics["best_test_acc"]
+
+
+def test_a_sweep_rerun_with_resume_finds_its_job_folders(tmp_path):
+    """trainer.resume (and the other keys a continuation may change) stay out of the job folder
+    names, so a sweep rerun with trainer.resume=true continues in the same folders."""
+    from snn_delays.train import RESUMABLE_KEYS
+
+    cfg = compose_train("experiment=synthetic", return_hydra_config=True)
+    assert set(cfg.hydra.job.config.override_dirname.exclude_keys) == set(RESUMABLE_KEYS)
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        "experiment=synthetic",
+        "trainer.epochs=1",
+        "logger=none",
+        f"hydra.sweep.dir={sweep}",
+        *QUIET,
+    ]
+    run_cli("train", *args)
+    first = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    proc = run_cli("train", *args, "trainer.resume=true", "trainer.eval_batch_size=7")
+    assert (
+        sorted(p.name for p in sweep.iterdir() if p.is_dir())
+        == first
+        == ["0_experiment=synthetic,trainer.epochs=1"]
+    )
+    assert "resuming from" in proc.stderr + proc.stdout
+
+
+def compose_train(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
+    from snn_delays.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
