@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import math
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,10 @@ from omegaconf import OmegaConf
 from snn_delays.model import DelaySNN
 
 CHECKPOINT_NAMES = ("best", "last")
+
+
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint file that exists but cannot be loaded (truncated, empty or not a checkpoint)."""
 
 
 def find_checkpoint(path: str | Path, which: str = "best") -> Path:
@@ -42,8 +48,29 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The raw checkpoint dictionary, tensors on the CPU."""
-    return torch.load(Path(path), map_location="cpu", weights_only=False)
+    """The raw checkpoint dictionary, tensors on the CPU.
+
+    Raises :class:`FileNotFoundError` for a missing file and :class:`UnreadableCheckpointError`
+    (naming the file and what to do) for one that cannot be loaded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise UnreadableCheckpointError(_unreadable(path, f"{type(err).__name__}: {err}")) from err
+    if not isinstance(payload, dict):
+        raise UnreadableCheckpointError(_unreadable(path, f"holds a {type(payload).__name__}, not a dict"))
+    return payload
+
+
+def _unreadable(path: Path, why: str) -> str:
+    others = [f"{name}.pt" for name in CHECKPOINT_NAMES if name != path.stem]
+    return (
+        f"{path}: unreadable checkpoint, truncated or corrupt ({why}), e.g. the run was killed while "
+        f"writing it; use the run's other checkpoint ({' / '.join(others)} beside it) instead"
+    )
 
 
 def model_from_checkpoint(payload: dict[str, Any], device: str | torch.device = "cpu") -> DelaySNN:
@@ -68,11 +95,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 
 def read_history(run_dir: str | Path | None, payload: dict[str, Any] | None = None) -> list[dict[str, float]]:
-    """Per-epoch rows: ``RUN_DIR/metrics.csv`` when present, else the checkpoint's history."""
+    """Per-epoch rows: ``RUN_DIR/metrics.csv`` when it has rows, else the checkpoint's history."""
     csv_path = Path(run_dir) / "metrics.csv" if run_dir is not None else None
     if csv_path is not None and csv_path.is_file():
         with open(csv_path, newline="") as f:
-            return [{k: _to_float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            rows = [{k: _to_float(v) for k, v in row.items() if k is not None} for row in csv.DictReader(f)]
+        if rows:
+            return rows
     if payload is not None:
         return list(payload.get("state", {}).get("history", []))
     return []

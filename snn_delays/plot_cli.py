@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from snn_delays.checkpoints import (
+    UnreadableCheckpointError,
     build_data,
     find_checkpoint,
     model_from_checkpoint,
@@ -68,6 +69,21 @@ def raster_sample(config: dict, index: int, download: bool = False) -> tuple | N
         return None
 
 
+def load_trace(path: Path) -> PositionTrace | None:
+    """The run's position trace, or ``None`` (with a warning if the file is there but unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        return PositionTrace.load(path)
+    except Exception as err:  # noqa: BLE001 - a damaged trace only costs the figures drawn from it
+        print(
+            f"snn-delays-plot: warning: skipping the position-trace figures: {path} is unreadable "
+            f"(truncated or corrupt: {type(err).__name__}: {err}); the other figures are still drawn",
+            file=sys.stderr,
+        )
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -76,10 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"snn-delays-plot: {err}", file=sys.stderr)
         return 2
     run_dir = run_dir_of(ckpt)
-    payload = read_checkpoint(ckpt)
+    try:
+        payload = read_checkpoint(ckpt)
+    except UnreadableCheckpointError as err:
+        print(f"snn-delays-plot: {err}", file=sys.stderr)
+        return 2
     model = model_from_checkpoint(payload, args.device)
     history = read_history(run_dir, payload)
-    trace = PositionTrace.load(run_dir / TRACE_FILE) if (run_dir / TRACE_FILE).is_file() else None
+    trace = load_trace(run_dir / TRACE_FILE)
     sample = None if args.no_data else raster_sample(payload["config"], args.sample, args.download)
     x, label, names = sample if sample is not None else (None, None, None)
     figures = figures_for_run(model, history, trace, x, label, names)

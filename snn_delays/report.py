@@ -107,6 +107,20 @@ def _read_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
+def _malformed(config: Any, overrides: Any) -> str | None:
+    """What is wrong with a run's saved config / overrides, or None if they have the expected shape."""
+    if not isinstance(config, dict):
+        return f".hydra/config.yaml (a {type(config).__name__}, not a mapping)"
+    trainer = config.get("trainer")
+    if trainer is not None and not isinstance(trainer, dict):
+        return f".hydra/config.yaml (trainer is {trainer!r}, not a mapping)"
+    if overrides is not None and not (
+        isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)
+    ):
+        return ".hydra/overrides.yaml (not a list of key=value strings)"
+    return None
+
+
 def load_run(path: Path, root: Path, ignored: tuple[str, ...], warn: list[str]) -> Run | None:
     """The run in ``path``, or None (with a line in ``warn``) when it cannot count."""
     name = str(path.relative_to(root)) if path != root else str(path)
@@ -119,8 +133,25 @@ def load_run(path: Path, root: Path, ignored: tuple[str, ...], warn: list[str]) 
     except (OSError, ValueError) as err:
         warn.append(f"skipped {name}: unreadable metrics.json ({err})")
         return None
-    config = _read_yaml(path / ".hydra" / "config.yaml") or {}
-    overrides = _read_yaml(path / ".hydra" / "overrides.yaml")
+    if not isinstance(metrics, dict):
+        warn.append(
+            f"skipped {name}: malformed metrics.json (a JSON {type(metrics).__name__}, not an object)"
+        )
+        return None
+    saved = {}
+    for file in ("config.yaml", "overrides.yaml"):
+        try:
+            saved[file] = _read_yaml(path / ".hydra" / file)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            why = " ".join(str(err).split())
+            warn.append(f"skipped {name}: unreadable .hydra/{file} ({type(err).__name__}: {why})")
+            return None
+    config = saved["config.yaml"] or {}
+    overrides = saved["overrides.yaml"]
+    problem = _malformed(config, overrides)
+    if problem is not None:
+        warn.append(f"skipped {name}: malformed {problem}")
+        return None
     planned = (config.get("trainer") or {}).get("epochs")
     done = metrics.get("epochs")
     if isinstance(planned, int) and isinstance(done, int) and done < planned:

@@ -297,3 +297,53 @@ def test_plot_command_explains_missing_data_and_never_downloads(tmp_path, capsys
     err = capsys.readouterr().err
     assert "skipping the spike raster" in err and "--no-data" in err and "shd_train.h5" in err
     assert not (tmp_path / "shd").exists() or not any((tmp_path / "shd").rglob("*.h5*"))
+
+
+def _copy_run(run_dir: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("figures"))
+    return dest
+
+
+def _fake_log_figures(written: dict):
+    def fake(logger, figures, step, out_dir, dpi):
+        written.update(names=set(figures))
+        return []
+
+    return fake
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage\x00" * 10, "truncated"])
+def test_an_unreadable_checkpoint_is_named_with_what_to_do(run_dir, tmp_path, capsys, content):
+    from snn_delays.checkpoints import UnreadableCheckpointError, read_checkpoint
+
+    run = _copy_run(run_dir, tmp_path / "run")
+    best = run / "checkpoints" / "best.pt"
+    data = best.read_bytes()
+    best.write_bytes(data[: len(data) // 2] if content == "truncated" else content)
+    with pytest.raises(UnreadableCheckpointError, match="unreadable checkpoint") as err:
+        read_checkpoint(best)
+    assert str(best) in str(err.value) and "truncated or corrupt" in str(err.value)
+    assert "last.pt" in str(err.value)  # the way out: the run's other checkpoint
+    assert plot_cli.main([str(run), "--no-data"]) == 2
+    message = capsys.readouterr().err
+    assert str(best) in message and "last.pt" in message
+
+
+def test_plot_survives_a_corrupt_trace_and_an_empty_metrics_csv(run_dir, tmp_path, monkeypatch, capsys):
+    run = _copy_run(run_dir, tmp_path / "run")
+    (run / "positions.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    (run / "metrics.csv").write_text("")
+    written: dict = {}
+    monkeypatch.setattr(plot_cli, "log_figures", _fake_log_figures(written))
+    assert plot_cli.main([str(run), "--no-data"]) == 0
+    err = capsys.readouterr().err
+    assert "positions.npz" in err and "warning" in err
+    # the other figures are drawn; the curves come from the checkpoint's history
+    assert {"training/curves", "delays/histogram", "delays/weight_vs_delay"} <= written["names"]
+    payload = torch.load(run / "checkpoints" / "best.pt", weights_only=False)
+    assert read_history(run, payload) == payload["state"]["history"] != []
+    written.clear()
+    (run / "metrics.csv").write_text("epoch,train/loss\n")  # a header and no rows: the same
+    assert plot_cli.main([str(run), "--no-data"]) == 0 and "training/curves" in written["names"]

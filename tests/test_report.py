@@ -189,3 +189,27 @@ def test_override_keys() -> None:
         assert rep.is_ignored(key)
     for key in ("model", "trainer.epochs", "loggers", "dataset.pool"):
         assert not rep.is_ignored(key)
+
+
+def test_malformed_runs_are_skipped_with_a_warning_naming_the_file(tmp_path: Path) -> None:
+    day = tmp_path / "sweep"
+    for seed in (0, 1):
+        _fake_run(day, f"{seed}_ok", [f"seed={seed}"], {"test_acc": 0.5 + seed / 10, "epochs": 10})
+    _fake_run(day, "2_list", ["seed=2"], {"test_acc": 0.9, "epochs": 10})
+    (day / "2_list" / "metrics.json").write_text(json.dumps([0.9, 10]))
+    _fake_run(day, "3_scalar_trainer", ["seed=3"], {"test_acc": 0.9, "epochs": 10})
+    (day / "3_scalar_trainer" / ".hydra" / "config.yaml").write_text("seed: 3\ntrainer: 5\n")
+    _fake_run(day, "4_bad_overrides", ["seed=4"], {"test_acc": 0.9, "epochs": 10})
+    (day / "4_bad_overrides" / ".hydra" / "overrides.yaml").write_text("- seed=4\n- [unclosed\n")
+    _fake_run(day, "5_bad_config", ["seed=5"], {"test_acc": 0.9, "epochs": 10})
+    (day / "5_bad_config" / ".hydra" / "config.yaml").write_text("trainer: {epochs: [\n")
+    _fake_run(day, "6_overrides_mapping", ["seed=6"], {"test_acc": 0.9, "epochs": 10})
+    (day / "6_overrides_mapping" / ".hydra" / "overrides.yaml").write_text("seed: 6\n")
+    groups, warnings = rep.report(day)
+    assert [len(g.runs) for g in groups] == [2]  # only the two good runs count
+    text = "\n".join(warnings)
+    assert "skipped 2_list: malformed metrics.json" in text
+    assert "skipped 3_scalar_trainer: malformed .hydra/config.yaml" in text
+    assert "skipped 4_bad_overrides: unreadable .hydra/overrides.yaml" in text
+    assert "skipped 5_bad_config: unreadable .hydra/config.yaml" in text
+    assert "skipped 6_overrides_mapping: malformed .hydra/overrides.yaml" in text

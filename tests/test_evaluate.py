@@ -1,0 +1,124 @@
+"""snn-delays-eval: the checkpoint's own data, only location overrides, one result file per checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_cli
+from hydra import compose, initialize_config_dir
+from test_plots import tiny_run
+
+from snn_delays.checkpoints import UnreadableCheckpointError
+from snn_delays.evaluate import dataset_config, evaluate_checkpoint
+from snn_delays.train import CONF_DIR
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_run(tmp_path_factory)  # synthetic, n_train=128, n_valid=32, n_test=32
+
+
+def eval_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("eval", overrides=list(overrides))
+
+
+def shd_saved(**changes) -> dict:
+    """The dataset section a run with ``dataset=shd`` and ``changes`` saves in its checkpoint."""
+    saved = yaml.safe_load((Path(CONF_DIR) / "dataset" / "shd.yaml").read_text())
+    return {**saved, **changes}
+
+
+TRAINED = {"dt_ms": 20.0, "pool": 10, "max_duration_s": 1.0, "valid_fraction": 0.2, "seed": 3}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["++dataset.root=/data/shd"], ["dataset=shd", "++dataset.root=/data/shd"]],
+    ids=["root-only", "readme-command"],
+)
+def test_eval_data_is_the_checkpoints_with_the_location_overridden(overrides):
+    saved = shd_saved(**TRAINED)
+    cfg = eval_cfg("checkpoint=x.pt", *overrides)
+    merged = dataset_config(saved, cfg.dataset, overrides)
+    assert dict(merged) == {**saved, "root": "/data/shd"}  # dt_ms=20, pool=10, split... kept
+    allowed = ["++dataset.download=false", "++dataset.cache=false", "++dataset.dt_ms=20"]
+    merged = dataset_config(saved, eval_cfg("checkpoint=x.pt", *allowed).dataset, allowed)
+    assert merged.download is False and merged.cache is False and merged.dt_ms == 20.0
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("dt_ms", "10"),
+        ("pool", "5"),
+        ("n_channels", "350"),
+        ("max_duration_s", "null"),
+        ("start_at_first_spike", "false"),
+        ("valid_fraction", "0.1"),
+        ("seed", "0"),
+    ],
+)
+def test_eval_refuses_other_preprocessing(key, value):
+    saved = shd_saved(**TRAINED)
+    overrides = [f"++dataset.{key}={value}"]
+    with pytest.raises(ValueError, match=f"dataset.{key}=") as err:
+        dataset_config(saved, eval_cfg("checkpoint=x.pt", *overrides).dataset, overrides)
+    old = repr(saved[key])
+    assert f"checkpoint's dataset.{key}={old}" in str(err.value)
+
+
+def test_eval_refuses_another_dataset_and_unknown_keys():
+    saved = shd_saved(**TRAINED)
+    with pytest.raises(ValueError, match="load_shd, not snn_delays.data.spikes.load_ssc"):
+        dataset_config(saved, eval_cfg("checkpoint=x.pt", "dataset=ssc").dataset, ["dataset=ssc"])
+    overrides = ["++dataset.n_mels=40"]
+    with pytest.raises(ValueError, match="dataset.n_mels: the checkpoint's dataset"):
+        dataset_config(saved, eval_cfg("checkpoint=x.pt", *overrides).dataset, overrides)
+
+
+@pytest.mark.parametrize("extra", ["+model.n_hidden=32", "+trainer.device=cpu", "+epochs=3"])
+def test_eval_refuses_keys_it_does_not_use(extra, run_dir):
+    cfg = eval_cfg(f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", extra)
+    key = extra.lstrip("+").partition("=")[0]
+    with pytest.raises(ValueError, match=f"{key}: not a setting of snn-delays-eval") as err:
+        evaluate_checkpoint(cfg, [extra])
+    assert "come from the checkpoint" in str(err.value)
+
+
+def test_eval_with_the_dataset_group_keeps_the_runs_sizes(run_dir):
+    best = run_dir / "checkpoints" / "best.pt"
+    own = evaluate_checkpoint(eval_cfg(f"checkpoint={best}"), [])
+    grouped = evaluate_checkpoint(eval_cfg(f"checkpoint={best}", "dataset=synthetic"), ["dataset=synthetic"])
+    assert grouped == own  # not the group's defaults (n_test=256)
+
+
+def test_eval_command_writes_one_file_per_checkpoint(run_dir, tmp_path):
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    for name in ("best", "last"):
+        # dataset.KEY=VALUE without a dataset group: the checkpoint's dataset with that key
+        proc = run_cli("evaluate", f"checkpoint={run / 'checkpoints' / f'{name}.pt'}", "dataset.seed=0")
+        assert f"eval_{name}.json" in proc.stdout
+    best, last = (json.loads((run / "checkpoints" / f"eval_{n}.json").read_text()) for n in ("best", "last"))
+    assert best["checkpoint"].endswith("best.pt") and last["checkpoint"].endswith("last.pt")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert best["test"]["acc"] == pytest.approx(metrics["test_acc"], abs=1e-9)
+    assert not (run / "checkpoints" / "eval.json").exists()
+    proc = run_cli(
+        "evaluate", f"checkpoint={run / 'checkpoints' / 'best.pt'}", "dataset.n_test=256", check=False
+    )
+    assert proc.returncode == 2 and "dataset.n_test=256" in proc.stderr and "dataset.n_test=32" in proc.stderr
+
+
+def test_eval_names_an_unreadable_checkpoint(run_dir, tmp_path):
+    bad = tmp_path / "checkpoints" / "best.pt"
+    bad.parent.mkdir()
+    data = (run_dir / "checkpoints" / "best.pt").read_bytes()
+    bad.write_bytes(data[: len(data) // 3])
+    with pytest.raises(UnreadableCheckpointError, match="truncated or corrupt") as err:
+        evaluate_checkpoint(eval_cfg(f"checkpoint={bad}"), [])
+    assert str(bad) in str(err.value) and "last.pt" in str(err.value)
