@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -87,6 +88,7 @@ def main() -> None:
         if name not in ("fast", "dcls") or extra not in ("", "graphs"):
             parser.error(f"--backends: unknown entry {backend!r} (fast, dcls, each optionally +graphs)")
         out = args.root / f"run_{backend.replace('+', '_')}"
+        shutil.rmtree(out, ignore_errors=True)  # this script's own run folder: each call trains afresh
         cmd = [
             sys.executable,
             "-m",

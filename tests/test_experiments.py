@@ -522,3 +522,20 @@ def test_bench_rows_start_without_cublas_workspaces(monkeypatch):
     assert calls == ["sync", "clear", "empty"]
     calls.clear()
     assert bench.collect(torch.device("cpu")) is None and calls == []
+
+
+def test_backend_parity_can_be_run_again_on_the_same_root(tmp_path):
+    """Its runs are its own: a second call (another seed, say) trains afresh in the same folders
+    rather than meet the trainer's refusal to overwrite a run."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "experiments/backend_parity.py"
+    for seed in (1, 2):
+        cmd = [sys.executable, script, "--root", tmp_path, "--n-train", "40", "--epochs", "1"]
+        proc = subprocess.run(
+            [*map(str, cmd), "--backends", "fast", "--seed", str(seed)], capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        config = (tmp_path / "run_fast" / ".hydra" / "config.yaml").read_text()
+        assert f"seed: {seed}" in config
