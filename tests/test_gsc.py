@@ -199,7 +199,7 @@ def test_features_are_cached_and_reused(fresh_root, monkeypatch):
     root, _ = fresh_root
     first = load_gsc(root=root, download=False)
     cached = list((root / "cache").glob("gsc_*.pt"))
-    assert len(cached) == 1 and not list((root / "cache").glob("*.tmp"))
+    assert len(cached) == 1 and not list((root / "cache").glob("*.part"))
 
     def fail(*args, **kwargs):
         raise AssertionError("features recomputed despite the cache")
@@ -368,7 +368,7 @@ def test_a_bad_cache_is_recomputed_with_a_warning(fresh_root, caplog):
         assert str(cached) in caplog.text and "recomputing" in caplog.text, what
         for a, b in ((first.train, again.train), (first.test, again.test)):
             assert torch.equal(a.x, b.x), what
-    assert not list((root / "cache").glob("*.tmp"))
+    assert not list((root / "cache").glob("*.part"))
 
 
 def _save_fails(obj, f, *args, **kwargs):
@@ -387,7 +387,7 @@ def test_a_cache_that_cannot_be_written_is_a_warning(fresh_root, monkeypatch, ca
     assert (len(data.train), len(data.valid), len(data.test)) == (35, 35, 35)
     assert "continuing without it" in caplog.text and str(root / "cache" / "gsc_") in caplog.text
     if failure == "disk full":
-        assert list((root / "cache").iterdir()) == []  # no .tmp left behind
+        assert list((root / "cache").iterdir()) == []  # no .part left behind
     else:
         assert (root / "cache").read_text() == "not a folder"
 

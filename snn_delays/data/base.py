@@ -9,8 +9,12 @@ an epoch never goes back to the host for data.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -136,3 +140,27 @@ def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor
             "no class with two or more; use a larger training file or dataset.valid_fraction=0"
         )
     return torch.sort(torch.cat(keep)).values, torch.sort(held_out).values
+
+
+def part_path(path: Path) -> Path:
+    """This process's temporary name for ``path`` (two processes never share one): a file is
+    written there in full, then renamed into place."""
+    return path.with_name(f"{path.name}.{os.getpid()}.part")
+
+
+def save_cache(path: Path, obj: Any) -> Exception | None:
+    """``torch.save(obj)`` to ``path`` through :func:`part_path`, never half-written and never
+    raising: the error when it could not be written (a full disk makes ``torch.save`` raise a
+    ``RuntimeError``; a ``cache`` path that is a file, an ``OSError``), for the caller to warn
+    of. The temporary file is removed in every case."""
+    part = part_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, part)
+        os.replace(part, path)
+    except (OSError, RuntimeError) as err:
+        return err
+    finally:
+        with contextlib.suppress(OSError):  # NotADirectoryError when the cache folder is a file
+            part.unlink(missing_ok=True)
+    return None

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from snn_delays.data.base import part_path
+
 _CHUNK = 1 << 20
 _USER_AGENT = "snn_delays (https://pypi.org/project/snn-delays)"
 
@@ -46,11 +48,6 @@ def md5sum(path: Path) -> str:
         for block in iter(lambda: f.read(_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _part(path: Path) -> Path:
-    """This process's temporary name for ``path`` (two processes never share one)."""
-    return path.with_name(f"{path.name}.{os.getpid()}.part")
 
 
 def _stream(url: str, out: Path, name: str) -> str:
@@ -89,7 +86,7 @@ def download_url(url: str, dest: Path, md5: str | None = None) -> Path:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = _part(dest)
+    part = part_path(dest)
     try:
         _fetch(url, part, md5, dest.name)
         os.replace(part, dest)
@@ -131,7 +128,7 @@ def extract(archive: Path, target: Path, name: str | None = None) -> Path:
     errors.
     """
     name = archive.name if name is None else name
-    part = _part(target)
+    part = part_path(target)
     try:
         _unpack_to(archive, part, name)
         os.replace(part, target)
@@ -191,7 +188,7 @@ def ensure_file(root: Path, filename: str, urls: list[str], md5: str | None, dow
             try:
                 if root / name == target:  # served uncompressed: no unpacking step
                     return download_url(url, target, md5)
-                fetched = _part(root / name)  # this process's own copy, deleted once unpacked
+                fetched = part_path(root / name)  # this process's own copy, deleted once unpacked
                 try:
                     _fetch(url, fetched, md5, name)
                     return extract(fetched, target, name)

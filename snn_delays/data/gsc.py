@@ -26,7 +26,6 @@ v0.02 holds nothing else and a stray rate means a foreign or damaged file. Bad i
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -45,7 +44,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from snn_delays.data.audio import FrontEnd, log_mel, pad_or_cut
-from snn_delays.data.base import DataBundle, Split
+from snn_delays.data.base import DataBundle, Split, save_cache
 from snn_delays.data.download import ArchiveError, ChecksumError, MissingDataError, download_url
 
 log = logging.getLogger(__name__)
@@ -380,19 +379,6 @@ def _read_cache(path: Path, files: dict[str, list[str]], fe: FrontEnd) -> dict[s
     return xs
 
 
-def _write_cache(path: Path, xs: dict[str, Tensor]) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(xs, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:  # a full disk makes torch.save raise RuntimeError
-        log.warning("could not write the GSC cache %s (%s); continuing without it", path, err)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-
-
 def _cached_features(
     cache_dir: Path, data_dir: Path, files: dict[str, list[str]], fe: FrontEnd, cache: bool, batch_size: int
 ) -> dict[str, Split]:
@@ -400,8 +386,8 @@ def _cached_features(
     xs = _read_cache(path, files, fe) if path is not None and path.is_file() else None
     if xs is None:
         xs = {name: compute_features(data_dir, fl, fe, batch_size, name) for name, fl in files.items()}
-        if path is not None:
-            _write_cache(path, xs)
+        if path is not None and (err := save_cache(path, xs)) is not None:
+            log.warning("could not write the GSC cache %s (%s); continuing without it", path, err)
     return {
         name: Split(xs[name], torch.full((len(fl),), fe.n_frames), _labels(fl)) for name, fl in files.items()
     }

@@ -24,11 +24,9 @@ count fits (int16 otherwise), zero past each sample's length. Binned splits are 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from snn_delays.data.base import DataBundle, Split, stratified_split
+from snn_delays.data.base import DataBundle, Split, save_cache, stratified_split
 from snn_delays.data.download import ensure_file
 
 FORMAT_VERSION = 1
@@ -253,16 +251,9 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
 
 
 def _write_cache(path: Path, data: dict[str, Any]) -> None:
-    part = path.with_name(f"{path.name}.{os.getpid()}.part")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(data, part)
-        os.replace(part, path)
-    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+    err = save_cache(path, data)
+    if err is not None:
         warnings.warn(f"could not write the cache {path} ({err}); continuing without it", stacklevel=2)
-    finally:
-        with contextlib.suppress(OSError):  # NotADirectoryError when root/cache is a file
-            part.unlink(missing_ok=True)
 
 
 def load_spike_split(
