@@ -1702,15 +1702,18 @@ def _use_c(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and _load_lib() is not None
 
 
-def _check_dtypes(x: Tensor, *params: Tensor) -> None:
-    """The input and the parameters share one dtype, as the reference's convolution requires
-    (under ``torch.autocast`` the parameters are cast to the input's dtype by the caller)."""
+def _params_like(x: Tensor, *params: Tensor) -> tuple[Tensor, ...]:
+    """``params`` in x's dtype: cast under ``torch.autocast``; otherwise they must share it, as
+    the reference's convolution requires (the C kernels would misread another dtype)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return tuple(p.to(x.dtype) for p in params)
     other = sorted({str(p.dtype) for p in params if p.dtype != x.dtype})
     if other:
         raise TypeError(
             f"the delay layer's input is {x.dtype} but its parameters are {', '.join(other)}: cast the "
             "input or the model to one dtype (x.to(dtype) or model.to(dtype))"
         )
+    return params
 
 
 IMPLS = ("auto", "c", "gemm", "triton", "fft", "dense")
@@ -1764,9 +1767,7 @@ def delay_conv(
     CUDA, or the Triton interpreter) or ``dense``. x, ``weight`` and ``pos`` share one dtype
     (under ``torch.autocast``, the parameters are cast to x's).
     """
-    if torch.is_autocast_enabled(x.device.type):
-        weight, pos = weight.to(x.dtype), pos.to(x.dtype)
-    _check_dtypes(x, weight, pos)
+    weight, pos = _params_like(x, weight, pos)
     path = _path(x, impl)
     if path == "dense":
         return delay_conv_dense(x, weight, pos, sigma, kernel_size)
@@ -1805,9 +1806,7 @@ def integer_delay_conv(
     hand, or from a checkpoint trained without clamping) contributes nothing, as in the
     reference's rounded kernel; no kernel ever indexes outside its window. x and ``weight``
     share one dtype (under ``torch.autocast``, the weights are cast to x's)."""
-    if torch.is_autocast_enabled(x.device.type):
-        weight = weight.to(x.dtype)
-    _check_dtypes(x, weight)
+    (weight,) = _params_like(x, weight)
     outside = (delays < 0) | (delays >= kernel_size)  # elementwise: no host synchronisation
     weight = weight.masked_fill(outside, 0.0)
     delays = delays.clamp(0, kernel_size - 1)
