@@ -14,8 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-FIGURE_DPI = 110  # the figures' resolution in W&B, as saved into figures/
-
 
 class NullLogger:
     """Logs nothing (``logger=none``)."""
@@ -110,6 +108,8 @@ class WandbLogger(NullLogger):
         # wandb.Image(figure) expects a pyplot figure (it looks up matplotlib.pyplot, which our
         # pyplot-free figures never import): hand it the figure rendered as a PNG image instead
         from PIL import Image
+
+        from snn_delays.plots import FIGURE_DPI  # as saved into figures/
 
         buf = io.BytesIO()
         figure.savefig(buf, format="png", dpi=FIGURE_DPI)

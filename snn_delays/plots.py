@@ -32,6 +32,7 @@ from torch import nn
 from snn_delays.delays import NORM_EPS, gaussian_kernel
 
 log = logging.getLogger("snn_delays")
+FIGURE_DPI = 110  # the training run's figures, in figures/ and in W&B
 PANEL = (4.3, 3.1)  # inches per panel
 DELAY_COLOR, MEAN_COLOR = "#3b6ea5", "#c0392b"
 
@@ -530,7 +531,7 @@ def log_figures(
     step: int,
     out_dir: str | Path | None = None,
     histograms: Mapping[str, np.ndarray] | None = None,
-    dpi: int = 110,
+    dpi: int = FIGURE_DPI,
 ) -> list[Path]:
     """Save each figure as ``out_dir/<name>.png`` (overwritten: the latest), log it, then close it.
     A figure that fails to save or log is a warning; the others are still saved and logged.

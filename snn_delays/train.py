@@ -29,6 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from snn_delays import fast_delays
+from snn_delays.checkpoints import find_checkpoint
 from snn_delays.config import register_configs
 from snn_delays.cuda_graphs import set_capturable
 from snn_delays.model import DelaySNN
@@ -151,7 +152,7 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
     """The checkpoint ``trainer.resume`` names: this run's last.pt (true), a file, or a run folder
     or its checkpoints/ folder (their last.pt). None: start from scratch."""
     resume = cfg.trainer.resume
-    if resume in (False, None, "false", ""):
+    if not _resume_requested(cfg):
         return None
     if resume in (True, "true"):
         path = run_dir / "checkpoints" / "last.pt"
@@ -160,18 +161,20 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
             return None
         return path
     path = Path(str(resume))
-    if path.is_dir():
-        found = [p for p in (path / "checkpoints" / "last.pt", path / "last.pt") if p.is_file()]
-        if not found:
+    try:
+        return find_checkpoint(path, "last")
+    except FileNotFoundError as err:
+        if path.is_dir():
             raise FileNotFoundError(
                 f"trainer.resume={resume} is a folder without a checkpoint: neither "
                 f"{path / 'checkpoints' / 'last.pt'} nor {path / 'last.pt'} exists; give a run folder, "
                 "its checkpoints/ folder or a .pt file"
-            )
-        return found[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"trainer.resume={resume}: no checkpoint at {path}")
-    return path
+            ) from err
+        raise FileNotFoundError(f"trainer.resume={resume}: no checkpoint at {path}") from err
+
+
+def _resume_requested(cfg: DictConfig) -> bool:
+    return cfg.trainer.resume not in (False, None, "false", "")
 
 
 def _restart_count() -> int:
@@ -186,12 +189,13 @@ def refuse_to_overwrite(cfg: DictConfig, run_dir: Path) -> None:
     worker reruns its own command in its own folder: without trainer.resume it starts over, with
     a warning, as it always has."""
     last = run_dir / "checkpoints" / "last.pt"
-    if cfg.trainer.resume not in (False, None, "false", "") or not last.is_file():
+    if _resume_requested(cfg) or not last.is_file():
         return
-    if _restart_count() > 0:
+    restarts = _restart_count()
+    if restarts > 0:
         log.warning(
             "restarted job (restart %d) without trainer.resume=true: training again from scratch over %s",
-            _restart_count(),
+            restarts,
             last,
         )
         return
