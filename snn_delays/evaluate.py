@@ -28,6 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from snn_delays.checkpoints import UnreadableCheckpointError, load_checkpoint
+from snn_delays.report import flatten
 from snn_delays.train import CONF_DIR, pick_device
 from snn_delays.training import evaluate
 
@@ -42,19 +43,13 @@ def _override_key(override: str) -> str:
     return override.partition("=")[0].lstrip("+~")
 
 
-def _flat_keys(node: Any, prefix: str) -> list[str]:
-    if isinstance(node, dict) and node:
-        return [k for key, value in node.items() for k in _flat_keys(value, f"{prefix}.{key}")]
-    return [prefix]
-
-
 def check_keys(cfg: DictConfig) -> None:
     """Refuse keys that the evaluator would silently ignore (``+model.n_hidden=...``)."""
     extra = [key for key in cfg if key not in EVAL_KEYS]
     if not extra:
         return
     container = OmegaConf.to_container(cfg, resolve=False)
-    names = [k for key in extra for k in _flat_keys(container[key], str(key))]
+    names = [k for key in extra for k in (list(flatten(container[key], str(key))) or [str(key)])]
     hint = " (the evaluation device is device=...)" if "trainer" in extra else ""
     raise ValueError(
         f"{', '.join(names)}: not a setting of snn-delays-eval, which takes only "
