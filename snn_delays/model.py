@@ -145,6 +145,12 @@ class DelaySNN(nn.Module):
         super().__init__()
         if delays not in DELAY_MODES:
             raise ValueError(f"model.delays must be one of {DELAY_MODES}, got {delays!r}")
+        for key, value in (("n_layers", n_layers), ("n_hidden", n_hidden)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"model.{key} must be a whole number >= 1 (L hidden layers of N neurons, then the "
+                    f"readout), got {value!r}"
+                )
         if kernel_size is None:
             kernel_size = max_delay_steps(max_delay_ms, dt_ms)
         self.delays_mode, self.dt_ms = delays, dt_ms

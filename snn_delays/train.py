@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from snn_delays import fast_delays
 from snn_delays.checkpoints import find_checkpoint
-from snn_delays.config import register_configs
+from snn_delays.config import check_config, register_configs
 from snn_delays.cuda_graphs import set_capturable
 from snn_delays.model import DelaySNN
 from snn_delays.plots import PositionTrace, log_epoch_figures
@@ -220,6 +220,7 @@ def fit_config(cfg: DictConfig) -> FitConfig:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train as ``cfg`` says, writing into ``run_dir``; returns the metrics of metrics.json."""
+    check_config(cfg)  # a key nothing would read, or a bad model name: refused before any data is read
     fit_cfg = fit_config(cfg)
     refuse_to_overwrite(cfg, run_dir)
     with distributed(cfg.trainer.device) as (dist, device):

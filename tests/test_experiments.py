@@ -21,11 +21,11 @@ from torch import Tensor
 
 from snn_delays import fast_delays
 from snn_delays.augment import Augment
-from snn_delays.config import TrainerConfig, register_configs
+from snn_delays.config import TrainerConfig, check_config, register_configs
 from snn_delays.data.base import batches
 from snn_delays.model import DelaySNN
 from snn_delays.train import build_optimization
-from snn_delays.training import class_scores
+from snn_delays.training import class_scores, sigma_at
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -83,6 +83,7 @@ def test_every_published_configuration_has_an_experiment():
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_experiment_has_the_published_values(name):
     cfg, want = compose_train(f"experiment={name}"), PUBLISHED[name]
+    check_config(cfg)
     assert cfg.dataset._target_ == want["target"]
     assert cfg.dataset.get("dt_ms", 10.0) == 10.0 and cfg.dataset.get("pool", 5) == 5
     assert cfg.dataset.get("n_mels", 140) == 140
@@ -113,6 +114,97 @@ def test_experiment_builds_the_published_kernel_and_trains_one_tiny_batch(name):
         assert sigma == pytest.approx(model.kernel_size // 2), "sigma starts at K // 2"
     x = torch.poisson(torch.full((20, 2, n_inputs), 0.3))
     train_one_batch(cfg, model, x, torch.tensor([0, n_classes - 1]), n_classes)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_optimization_follows_spec(name):
+    """SPEC, "Optimisation": Adam on synaptic weights (weight decay 1e-5) and BatchNorm (none),
+    one-cycle to 5e-3 over the epochs, stepped per epoch; Adam on positions (lr 0.1, no weight
+    decay), cosine over the epochs; sigma from K//2, multiplied once per epoch by
+    (0.23 / sigma_0) ** (1 / E) during the first E = epochs // 4 epochs, then 0.23."""
+    cfg, want = compose_train(f"experiment={name}", "model.n_hidden=8"), PUBLISHED[name]
+    epochs, k = want["epochs"], want["kernel_size"]
+    model = instantiate(cfg.model, n_inputs=want["n_inputs"], n_classes=want["n_classes"], dt_ms=10.0)
+    opt = build_optimization(cfg.optim, model, epochs)
+    assert type(opt.weights) is torch.optim.Adam and type(opt.positions) is torch.optim.Adam
+    decayed, plain = opt.weights.param_groups
+    assert decayed["weight_decay"] == 1e-5 and plain["weight_decay"] == 0.0
+    synaptic = {id(layer.dcls.weight) for layer in model.delay_layers()}
+    assert {id(p) for p in decayed["params"]} == synaptic and len(synaptic) == want["n_layers"] + 1
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert {id(p) for p in plain["params"]} == {id(p) for m in norms for p in m.parameters()}
+    (positions,) = opt.positions.param_groups
+    assert positions["weight_decay"] == 0.0 and positions["lr"] == pytest.approx(0.1)
+    assert {id(p) for p in positions["params"]} == {id(layer.dcls.P) for layer in model.delay_layers()}
+    w_lrs, p_lrs = [], []
+    for _ in range(epochs):  # one scheduler step per epoch, as fit() takes them
+        w_lrs.append(opt.weights.param_groups[0]["lr"])
+        p_lrs.append(opt.positions.param_groups[0]["lr"])
+        opt.end_epoch()
+    assert max(w_lrs) == pytest.approx(5e-3) and w_lrs[-1] < 1e-5, "one cycle over the epochs"
+    cosine = [0.1 * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)]
+    assert p_lrs == pytest.approx(cosine, rel=1e-6, abs=1e-12)
+    s0, decay_epochs = k // 2, epochs // 4
+    assert opt.sigma_init == s0 and opt.sigma_decay_epochs == decay_epochs
+    factor = (0.23 / s0) ** (1 / decay_epochs)
+    spec = [s0 * factor ** min(e, decay_epochs) for e in range(epochs)]
+    got = [sigma_at(e, opt.sigma_init, opt.sigma_final, opt.sigma_decay_epochs) for e in range(epochs)]
+    assert got == pytest.approx(spec) and got[-1] == pytest.approx(0.23)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_parameter_counts(name):
+    """Trained parameters of each preset: a weight and a position per synapse (in x N, (L-1) x
+    N x N, N x classes) and BatchNorm's scale and shift per hidden neuron; sigma is not trained.
+    SHD: 214,016 (the paper's 0.2 M); SSC and GSC: 1,230,848."""
+    cfg, want = compose_train(f"experiment={name}"), PUBLISHED[name]
+    model = instantiate(cfg.model, n_inputs=want["n_inputs"], n_classes=want["n_classes"], dt_ms=10.0)
+    n, layers = want["n_hidden"], want["n_layers"]
+    synapses = want["n_inputs"] * n + (layers - 1) * n * n + n * want["n_classes"]
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert count == 2 * synapses + 2 * n * layers
+    assert count == {"shd_paper": 214_016, "ssc_paper": 1_230_848, "gsc_paper": 1_230_848}[name]
+
+
+# The command line's key mistakes that compose (a ``+`` key passes every schema; a value is not
+# checked by Hydra): check_config names each before any data is read.
+MISTAKES = [
+    ("+trainer.epoch=3", "trainer.epoch (not one of: batch_size"),
+    ("+seeds=3", "seeds (not one of: dataset"),
+    ("+logger.figure_evry=2", "logger.figure_evry (not one of:"),
+    ("+model.n_hiden=3", "model.n_hiden (not one of:"),
+    ("+model.n_inputs=3", "model.n_inputs (set by the trainer"),
+    ("model.neuron=lf", "model.neuron='lf' (not one of: lif, plif)"),
+    ("model.delays=lerned", "model.delays='lerned' (not one of: learned, fixed, none)"),
+    ("+optim.weights.lrr=1", "optim.weights.lrr (not one of:"),
+    ("+optim.weights.weight_decay=0.1", "optim.weights.weight_decay (set optim.weight_decay"),
+    ("+optim.positions_scheduler.eta_mn=0", "optim.positions_scheduler.eta_mn (not one of:"),
+    ("+augment.time_mask=1", "augment.time_mask (not one of:"),
+    ("+dataset.dt=5", "dataset.dt (not one of:"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), MISTAKES, ids=[m[0] for m in MISTAKES])
+def test_check_config_names_each_mistaken_key(override, message):
+    cfg = compose_train("experiment=ssc_paper", override)
+    with pytest.raises(ValueError, match="unknown config key") as err:
+        check_config(cfg)
+    assert message in str(err.value) and "Correct the spelling or drop the key" in str(err.value)
+
+
+def test_check_config_takes_the_keys_that_are_read():
+    """Every option of every group composes clean (see below); so do these real settings."""
+    check_config(
+        compose_train(
+            "experiment=gsc_paper",
+            "+optim.weights.betas=[0.8,0.9]",
+            "+optim.positions_scheduler.eta_min=0.01",
+            "+logger.entity=me",
+            "logger.figure_every=0",
+            "hydra/launcher=basic",
+        )
+    )
 
 
 # --- the experiments on data in the real formats -----------------------------------------------
@@ -165,6 +257,7 @@ def test_every_group_has_options():
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={n}" for g, n in OPTIONS])
 def test_config_group_option_composes_and_instantiates(group, option, tmp_path):
     cfg = compose_train(f"{group}={option}", *TINY)
+    check_config(cfg)
     for node in (cfg.dataset, cfg.model, cfg.logger, cfg.augment):
         assert not unknown_keys(node), unknown_keys(node)
     if group == "neuron":

@@ -1,5 +1,7 @@
 """The delay layer and the network: shapes, gradients, one optimizer step, integer delays."""
 
+import math
+
 import pytest
 import torch
 
@@ -174,3 +176,72 @@ def test_dropout_outputs_are_saved_as_bytes_with_the_same_gradients(backend, imp
         t1, t2 = 30 + 3, 30 + 6
         floats = (t1 + t2) * 8 * 24 * 4
         assert kept[False] - kept[True] >= floats * 3 // 4 - 1024, (kept, floats)
+
+
+def test_network_needs_a_hidden_layer():
+    """n_layers = 0 built a readout of n_hidden inputs fed n_inputs, which failed at the first
+    forward with a shape error; now the construction names the key."""
+    for kwargs in ({"n_layers": 0}, {"n_hidden": 0}):
+        with pytest.raises(ValueError, match=f"model.{next(iter(kwargs))} must be a whole number >= 1"):
+            DelaySNN(10, 3, kernel_size=5, **kwargs)
+
+
+def _spec_delay_layer(x, w, p, sigma, k):
+    """SPEC's training-mode layer written out in float64 loops: the Gaussian kernel
+    ``w g(n - (p + K//2)) / (sum_n g + 1e-7)`` of width ``|sigma| + 0.27``, the input zero-padded
+    by K-1 steps on the left and (K-1)//2 on the right, then cross-correlated."""
+    t_in, b, n_in = x.shape
+    s = abs(sigma) + 0.27
+    xp = torch.zeros(t_in + k - 1 + (k - 1) // 2, b, n_in, dtype=torch.float64)
+    xp[k - 1 : k - 1 + t_in] = x.double()
+    y = torch.zeros(t_in + (k - 1) // 2, b, w.shape[0], dtype=torch.float64)
+    for o in range(w.shape[0]):
+        for i in range(n_in):
+            g = [math.exp(-0.5 * ((n - (float(p[o, i]) + k // 2)) / s) ** 2) for n in range(k)]
+            for n in range(k):
+                tap = float(w[o, i]) * g[n] / (sum(g) + 1e-7)
+                y[:, :, o] += tap * xp[n : n + y.shape[0], :, i]
+    return y
+
+
+@pytest.mark.parametrize("backend", ["fast", "dcls"])
+@pytest.mark.parametrize("sigma", [3.0, 0.23])
+def test_training_layer_is_the_spec_formula(backend, sigma):
+    k = 7
+    layer = DelayLayer(4, 3, kernel_size=k, backend=backend)
+    layer.set_sigma(sigma)
+    x = torch.poisson(torch.full((11, 2, 4), 0.5))  # spike counts, as SHD's pooled bins
+    with torch.no_grad():
+        y = layer(x)
+    expected = _spec_delay_layer(x, layer.weight.detach(), layer.positions.detach(), sigma, k)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_initialisation_follows_spec():
+    """Weights Kaiming-uniform with the ReLU gain, U(-sqrt(6 / fan_in), sqrt(6 / fan_in)), in every
+    synaptic layer (delays or not); positions U(-(K//2), K//2); sigma K//2."""
+    k = 25
+    for delays in ("learned", "fixed", "none"):
+        model = DelaySNN(140, 20, n_hidden=256, n_layers=2, kernel_size=k, delays=delays)
+        for w in (w.detach() for w in model.weight_parameters()):
+            fan_in = w.shape[1]
+            bound = math.sqrt(6 / fan_in)
+            assert w.abs().max() <= bound
+            assert w.abs().max() > 0.99 * bound and w.std() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+        for layer in model.delay_layers():
+            p = layer.positions.detach()
+            assert p.min() >= -(k // 2) and p.max() <= k // 2
+            assert p.min() < -(k // 2) + 0.1 and p.max() > k // 2 - 0.1
+            assert p.std() == pytest.approx(2 * (k // 2) / math.sqrt(12), rel=0.05)
+            assert layer.sigma == k // 2
+
+
+def test_clamp_is_to_the_spec_range_on_both_sides():
+    k = 9
+    layer = DelayLayer(3, 2, kernel_size=k)
+    with torch.no_grad():
+        layer.dcls.P.copy_(torch.tensor([[-7.0, -4.6, -0.5], [0.5, 4.4, 30.0]]).reshape(layer.dcls.P.shape))
+    layer.clamp_positions()
+    torch.testing.assert_close(layer.positions.detach(), torch.tensor([[-4.0, -4.0, -0.5], [0.5, 4.0, 4.0]]))
+    # evaluation: d = K//2 - round(p), torch's round (half to even, as the published P.round_())
+    assert layer.delays().tolist() == [[8, 8, 4], [4, 0, 0]]
