@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 from snn_delays.checkpoints import (
@@ -97,18 +98,54 @@ def main(argv: list[str] | None = None) -> int:
     except UnreadableCheckpointError as err:
         print(f"snn-delays-plot: {err}", file=sys.stderr)
         return 2
-    model = model_from_checkpoint(payload, args.device)
+    try:
+        model = model_from_checkpoint(payload, args.device)
+    except (KeyError, RuntimeError) as err:  # not a training checkpoint, or weights of another network
+        print(
+            f"snn-delays-plot: {ckpt}: cannot rebuild the network from this checkpoint "
+            f"({type(err).__name__}: {str(err).strip()[:600]}); plot a checkpoint written by "
+            "snn-delays-train (RUN_DIR/checkpoints/best.pt or last.pt)",
+            file=sys.stderr,
+        )
+        return 2
+    out = args.out if args.out is not None else run_dir / "figures"
+    problem = unwritable(out)
+    if problem:
+        print(
+            f"snn-delays-plot: cannot write the figures into {out} ({problem}); "
+            "pass --out with a folder you can write to",
+            file=sys.stderr,
+        )
+        return 2
     history = read_history(run_dir, payload)
     trace = load_trace(run_dir / TRACE_FILE)
     sample = None if args.no_data else raster_sample(payload["config"], args.sample, args.download)
     x, label, names = sample if sample is not None else (None, None, None)
     figures = figures_for_run(model, history, trace, x, label, names)
-    out = args.out if args.out is not None else run_dir / "figures"
+    n_figures = len(figures)  # log_figures closes them
     paths = log_figures(None, figures, int(payload.get("state", {}).get("epoch", 0)), out, dpi=args.dpi)
     print(f"{ckpt}: {len(paths)} figures")
     for path in paths:
         print(path)
+    if len(paths) < n_figures:
+        print(
+            f"snn-delays-plot: {n_figures - len(paths)} of {n_figures} figures could not be written into "
+            f"{out} (see the warnings above)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why figures cannot be written into ``folder`` (created if missing), or ``None`` if they can."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        return f"{type(err).__name__}: {err.strerror or err}"
+    return None
 
 
 if __name__ == "__main__":

@@ -462,7 +462,7 @@ def training_curves(history: Sequence[Mapping[str, float]]) -> Figure:
     if not panels:
         raise ValueError(f"the history has none of the metrics plotted (its keys: {keys})")
     fig, axes = _grid(len(panels), "Training curves")
-    best = _best_epoch(history, epochs)
+    best, chosen_on = _best_epoch(history, epochs)
     for ax, (title, ylabel, lines, logy) in zip(axes, panels, strict=True):
         for key, name in lines:
             y = series(key)
@@ -483,16 +483,18 @@ def training_curves(history: Sequence[Mapping[str, float]]) -> Figure:
         if len(lines) > 1:
             ax.legend(fontsize="small", frameon=False)
     if best is not None:
-        fig.suptitle(f"Training curves (dotted: epoch {best:g}, best on validation)")
+        fig.suptitle(f"Training curves (dotted: epoch {best:g}, best on {chosen_on})")
     return fig
 
 
-def _best_epoch(history: Sequence[Mapping[str, float]], epochs: np.ndarray) -> float | None:
-    for key in ("valid/acc", "test/acc"):
+def _best_epoch(history: Sequence[Mapping[str, float]], epochs: np.ndarray) -> tuple[float | None, str]:
+    """The epoch the trainer keeps as best.pt and the split it was chosen on: validation, or the
+    test set when the run had no validation split (its ``valid/acc`` all NaN)."""
+    for key, split in (("valid/acc", "validation"), ("test/acc", "test")):
         acc = np.array([float(row.get(key, math.nan)) for row in history])
         if not np.all(np.isnan(acc)):
-            return float(epochs[int(np.nanargmax(acc))])
-    return None
+            return float(epochs[int(np.nanargmax(acc))]), split
+    return None, ""
 
 
 # --- a run's figures, for the trainer and the command line -------------------------------
@@ -507,7 +509,10 @@ def figures_for_run(
     """Every figure that applies to this run, by logger key (``delays/histogram``, ...)."""
     figures: dict[str, Figure] = {}
     if history:
-        figures["training/curves"] = training_curves(history)
+        try:
+            figures["training/curves"] = training_curves(history)
+        except ValueError as err:  # e.g. a metrics.csv of NaN only: the other figures are still drawn
+            log.warning("no training curves: %s", err)
     views = layer_views(model)
     if views:
         figures["delays/histogram"] = delay_histogram(views)

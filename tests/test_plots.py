@@ -18,13 +18,15 @@ from snn_delays.model import DelaySNN
 N_LAYERS = 2  # hidden layers: 3 delay layers with the readout
 
 
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-epoch synthetic run through the real command line, trained once per test session."""
-    run = tmp_path_factory.getbasetemp() / "tiny_run"
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, model: str = "delays") -> Path:
+    """A 2-epoch synthetic run (``model=delays|fixed_delays|no_delays``) through the real command
+    line, trained once per test session."""
+    run = tmp_path_factory.getbasetemp() / ("tiny_run" if model == "delays" else f"tiny_run_{model}")
     if not (run / "metrics.json").is_file():
         run_cli(
             "train",
             "experiment=synthetic",
+            f"model={model}",
             "trainer.epochs=2",
             "logger=none",
             "trainer.progress=false",
@@ -274,7 +276,7 @@ def test_plot_command_options(run_dir, tmp_path, monkeypatch, capsys):
 
     def fake_log_figures(logger, figures, step, out_dir, dpi):
         written.update(names=set(figures), out=out_dir, step=step, dpi=dpi)
-        return []
+        return [plots.figure_path(out_dir, name) for name in figures]  # as if all were written
 
     monkeypatch.setattr(plot_cli, "log_figures", fake_log_figures)
     out = tmp_path / "elsewhere"
@@ -309,7 +311,7 @@ def _copy_run(run_dir: Path, dest: Path) -> Path:
 def _fake_log_figures(written: dict):
     def fake(logger, figures, step, out_dir, dpi):
         written.update(names=set(figures))
-        return []
+        return [plots.figure_path(out_dir, name) for name in figures]  # as if all were written
 
     return fake
 
@@ -347,3 +349,123 @@ def test_plot_survives_a_corrupt_trace_and_an_empty_metrics_csv(run_dir, tmp_pat
     written.clear()
     (run / "metrics.csv").write_text("epoch,train/loss\n")  # a header and no rows: the same
     assert plot_cli.main([str(run), "--no-data"]) == 0 and "training/curves" in written["names"]
+
+
+def applied_delays(layer) -> np.ndarray:
+    """The delay in steps ``(out, in)`` the evaluated layer applies, read from its output: an
+    impulse on input ``i`` at t = 0 (batch element ``i``) comes out of neuron ``o`` at t = d[o, i]."""
+    k, n_in = layer.kernel_size, layer.in_features
+    x = torch.zeros(k, n_in, n_in)
+    x[0, torch.arange(n_in), torch.arange(n_in)] = 1.0
+    with torch.no_grad():
+        y = layer.eval()(x)  # (T, in, out)
+    return y.abs().argmax(0).T.numpy()
+
+
+def test_figures_show_the_delays_the_evaluated_network_applies_in_ms(model):
+    """Known positions, the kernel edges and ties among them: the histogram's bars (their place in
+    ms and their heights), the weight-delay line and the rounded kernels agree with the delays
+    the evaluated layers apply to an impulse, d = K//2 - round(p) steps of dt = 10 ms."""
+    lim = 2  # K = 5
+    chosen = torch.tensor([lim, -lim, 1.5, -1.5, 0.5, -0.5, 0.49, -1.51, 0.0, 1.0, -1.0, lim])
+    for layer in model.delay_layers():
+        n = layer.positions.numel()
+        with torch.no_grad():
+            layer.dcls.P.copy_(chosen.repeat(n // len(chosen) + 1)[:n].reshape(layer.dcls.P.shape))
+            layer.dcls.weight.copy_(torch.linspace(0.1, 1.0, n).reshape(layer.dcls.weight.shape))
+    first = model.delay_layers()[0]
+    d0 = applied_delays(first)
+    # the convention itself, by hand: p = +K//2 -> 0 ms, p = -K//2 -> (K-1) steps, ties to even
+    assert [d0.ravel()[j] for j in range(6)] == [0, 4, 0, 4, 2, 2]
+
+    hist = plots.delay_histogram(model)
+    wd = plots.weight_vs_delay(model)
+    for i, layer in enumerate(model.delay_layers()):
+        d = applied_delays(layer)
+        bars = hist.axes[i].patches
+        centres = [b.get_x() + b.get_width() / 2 for b in bars]
+        np.testing.assert_allclose(centres, np.arange(5) * 10.0, atol=1e-9)  # 0, 10, ..., 40 ms
+        assert [b.get_height() for b in bars] == np.bincount(d.ravel(), minlength=5).tolist()
+        assert hist.axes[i].get_title().endswith(f"{d.size} synapses")
+        line = wd.axes[i].get_lines()[0]
+        w = layer.weight.detach().numpy()
+        steps = np.unique(d)
+        np.testing.assert_allclose(line.get_xdata(), steps * 10.0)
+        np.testing.assert_allclose(line.get_ydata(), [w[d == s].mean() for s in steps], rtol=1e-6)
+        kernels = plots.kernel_figure(model, layer=i, neurons=[0, layer.out_features - 1])
+        rounded = [np.asarray(ax.images[0].get_array()) for ax in kernels.axes if ax.images][1::2]
+        for kern, o in zip(rounded, [0, layer.out_features - 1], strict=True):
+            np.testing.assert_array_equal(np.abs(kern).argmax(1), d[o])
+
+
+def test_figures_of_a_run_plot_what_it_saved(run_dir):
+    """The position figure draws positions.npz, the curves draw metrics.csv, and the histogram
+    of last.pt has the mean delay metrics.csv logged for the last epoch."""
+    trace = plots.PositionTrace.load(run_dir / "positions.npz")
+    rows = read_history(run_dir)
+    model = load_checkpoint(find_checkpoint(run_dir, "last"))[0]
+    with np.load(run_dir / "positions.npz") as saved:
+        fig = plots.position_figure(trace)
+        for i, ax in enumerate(fig.axes):
+            delays, mean = saved[f"delays_ms_{i}"], saved[f"mean_ms_{i}"]
+            lines = ax.get_lines()
+            assert len(lines) == delays.shape[1] + 1
+            for j, line in enumerate(lines[:-1]):
+                np.testing.assert_array_equal(line.get_xdata(), saved["epochs"])
+                np.testing.assert_allclose(line.get_ydata(), delays[:, j])
+            np.testing.assert_allclose(lines[-1].get_ydata(), mean)
+            layer = model.delay_layers()[i]  # the last epoch's trace is last.pt's positions
+            p = layer.positions.detach().numpy().ravel()[saved[f"index_{i}"]]
+            np.testing.assert_allclose(delays[-1], (layer.kernel_size // 2 - p) * 10.0, rtol=1e-5, atol=1e-4)
+    curves = plots.training_curves(rows)
+    panels = {ax.get_title(): ax for ax in curves.axes}
+    sigma = panels["sigma (Gaussian kernel width)"].get_lines()[0]
+    np.testing.assert_allclose(sigma.get_ydata(), [r["sigma"] for r in rows])
+    np.testing.assert_allclose(sigma.get_xdata(), [1, 2])
+    means = panels["mean delay per layer (dashed: ± std)"].get_lines()
+    hist = plots.delay_histogram(model)
+    for i, ax in enumerate(hist.axes):
+        logged = rows[-1][f"delay/mean_ms/layer{i}"]
+        assert means[3 * i].get_ydata()[-1] == pytest.approx(logged)  # each layer: mean, mean ± std
+        assert ax.get_lines()[0].get_xdata()[0] == pytest.approx(logged, rel=1e-6)  # the dashed mean
+
+
+def test_training_curves_name_the_split_the_best_epoch_was_chosen_on():
+    rows = history()
+    assert "epoch 3, best on validation" in plots.training_curves(rows)._suptitle.get_text()
+    for row, acc in zip(rows, (0.3, 0.9, 0.5), strict=True):  # no validation split: chosen on test
+        row.update({"valid/acc": math.nan, "valid/loss": math.nan, "test/acc": acc})
+    fig = plots.training_curves(rows)
+    assert "epoch 2, best on test" in fig._suptitle.get_text()
+    assert [ax.get_lines()[-1].get_xdata()[0] for ax in fig.axes] == [2] * len(fig.axes)  # the dotted line
+
+
+def test_a_history_of_nan_costs_only_the_curves(model, caplog):
+    rows = [{"epoch": e, "train/loss": math.nan, "valid/acc": math.nan} for e in (1, 2)]
+    figures = plots.figures_for_run(model, rows)
+    assert "training/curves" not in figures and "delays/histogram" in figures
+    assert "no training curves: the history has none of the metrics plotted" in caplog.text
+
+
+def test_plot_command_refuses_an_output_folder_it_cannot_write(run_dir, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for out in (blocker, blocker / "figures"):
+        assert plot_cli.main([str(run_dir), "--no-data", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot write the figures into {out}" in err and "--out" in err
+    # a figure that cannot be saved (its name taken by a folder) is an error once the others are written
+    out = tmp_path / "figures"
+    (out / "delays_histogram.png").mkdir(parents=True)
+    assert plot_cli.main([str(run_dir), "--no-data", "--out", str(out), "--dpi", "20"]) == 1
+    assert "1 of " in capsys.readouterr().err and (out / "training_curves.png").is_file()
+
+
+def test_plot_command_names_a_checkpoint_of_another_network(run_dir, tmp_path, capsys):
+    payload = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    payload["config"]["model"]["n_hidden"] = 5  # the weights are of 64 hidden neurons
+    bad = tmp_path / "other.pt"
+    torch.save(payload, bad)
+    assert plot_cli.main([str(bad), "--no-data", "--out", str(tmp_path / "figures")]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "cannot rebuild the network" in err and "size mismatch" in err
