@@ -92,6 +92,7 @@ def test_experiment_has_the_published_values(name):
     got = {k: m[k] for k in ("n_layers", "n_hidden", "max_delay_ms", "tau", "dropout")}
     got |= {k: cfg.trainer[k] for k in ("epochs", "batch_size")}
     assert got == {k: want[k] for k in got}
+    assert cfg.trainer.eval_batch_size == want["batch_size"], "published: evaluated in training-sized batches"
     same = {"delays": "learned", "neuron": "lif", "surrogate_alpha": 5.0, "kernel_size": None}
     assert {k: m[k] for k in same} == same and m.sigma_init is None and m.round_eval
     o = cfg.optim
@@ -99,6 +100,20 @@ def test_experiment_has_the_published_values(name):
     assert lrs == (1e-3, 5e-3, 0.1) and o.weight_decay == 1e-5
     assert (o.sigma_final, o.sigma_decay_fraction) == (0.23, 0.25)
     assert not instantiate(cfg.augment, n_classes=want["n_classes"]).active, "published runs: no augmentation"
+
+
+def test_evaluation_scores_see_the_batch_padding():
+    """Why the presets evaluate in the published batch size: a sample's scores change when its
+    batch pads it to a longer sample's length (the readout's membrane still moves, delayed spikes
+    still arrive), so the batch composition is part of the published evaluation."""
+    torch.manual_seed(0)
+    model = DelaySNN(n_inputs=8, n_classes=3, n_hidden=16, n_layers=1, max_delay_ms=50.0, tau=2.0).eval()
+    x = torch.poisson(torch.full((12, 1, 8), 2.0))
+    with torch.no_grad():
+        alone = class_scores(model(x))
+        padded = class_scores(model(torch.cat([x, torch.zeros(20, 1, 8)])))
+    extra = padded - alone  # what the 20 padded steps add: not the same for every class
+    assert float(extra.max() - extra.min()) > 0.1
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
