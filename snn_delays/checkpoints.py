@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,12 @@ def read_history(run_dir: str | Path | None, payload: dict[str, Any] | None = No
     """Per-epoch rows: ``RUN_DIR/metrics.csv`` when it has rows, else the checkpoint's history."""
     csv_path = Path(run_dir) / "metrics.csv" if run_dir is not None else None
     if csv_path is not None and csv_path.is_file():
-        with open(csv_path, newline="") as f:
-            rows = [{k: _to_float(v) for k, v in row.items() if k is not None} for row in csv.DictReader(f)]
+        try:
+            with open(csv_path, newline="", encoding="utf-8") as f:
+                rows = [{k: _to_float(v) for k, v in row.items() if k is not None} for row in csv.DictReader(f)]
+        except (UnicodeDecodeError, csv.Error, OSError) as err:  # a damaged file: the checkpoint has them too
+            warnings.warn(f"{csv_path} is unreadable ({err}); the curves come from the checkpoint", stacklevel=2)
+            rows = []
         if rows:
             return rows
     if payload is not None:

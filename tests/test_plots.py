@@ -349,6 +349,11 @@ def test_plot_survives_a_corrupt_trace_and_an_empty_metrics_csv(run_dir, tmp_pat
     written.clear()
     (run / "metrics.csv").write_text("epoch,train/loss\n")  # a header and no rows: the same
     assert plot_cli.main([str(run), "--no-data"]) == 0 and "training/curves" in written["names"]
+    written.clear()
+    (run / "metrics.csv").write_bytes(b"epoch,train/loss\n\xff\xfe\x00garbage\n")  # not UTF-8: the same
+    with pytest.warns(UserWarning, match="metrics.csv is unreadable"):
+        assert plot_cli.main([str(run), "--no-data"]) == 0
+    assert "training/curves" in written["names"]
 
 
 def applied_delays(layer) -> np.ndarray:
