@@ -422,8 +422,16 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def _torchrun_overrides(argv: list[str]) -> list[str]:
-    """Under torchrun every rank runs Hydra: give them one run dir, and only rank 0 Hydra's files."""
+    """Under torchrun every rank runs Hydra: give them one run dir, and only rank 0 Hydra's files.
+
+    The run dir is named after torchrun's ``--rdzv-id`` (``--standalone`` makes a random one).
+    Plain ``torchrun`` leaves it at ``none`` for every run, so on one node the workers use the
+    process id of their torchrun instead (the same for all of them, and across its restarts):
+    a second run would otherwise refuse to start, or two at once write into one folder.
+    """
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id == "none" and os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE"):
+        run_id = f"none-{os.getppid()}"
     extra = []
     if run_id and not any(a.startswith("hydra.run.dir=") for a in argv):
         extra.append(f"hydra.run.dir=outputs/torchrun/{run_id}")

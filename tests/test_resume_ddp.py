@@ -239,3 +239,31 @@ def test_an_unreadable_last_pt_says_so_and_what_to_do(tmp_path):
         message = str(err.value)
         assert str(path) in message and "unreadable (truncated or corrupt" in message
         assert "Delete it" in message and f"trainer.resume={tmp_path / 'checkpoints' / 'best.pt'}" in message
+
+
+def _run_dir(overrides: list[str]) -> str | None:
+    return next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")), None)
+
+
+def test_plain_torchrun_runs_get_their_own_folder_shared_by_their_ranks(monkeypatch):
+    """Plain torchrun (no --standalone, no --rdzv-id) sets TORCHELASTIC_RUN_ID=none for every run:
+    a second run must not land in the first one's folder, yet all ranks of one run share theirs."""
+    from snn_delays import train
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    folders = {}
+    for torchrun_pid in (4100, 4200):  # two torchrun invocations, two ranks each
+        monkeypatch.setattr(train.os, "getppid", lambda pid=torchrun_pid: pid)
+        for rank in ("0", "1"):
+            monkeypatch.setenv("RANK", rank)
+            folders[torchrun_pid, rank] = _run_dir(train._torchrun_overrides(["experiment=synthetic"]))
+    assert folders[4100, "0"] == folders[4100, "1"] and folders[4200, "0"] == folders[4200, "1"]
+    assert folders[4100, "0"] != folders[4200, "0"]
+    assert all(f.startswith("outputs/torchrun/") for f in folders.values())
+
+    # A rendezvous id (--standalone's random one, or --rdzv-id) names the folder; hydra.run.dir wins.
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job42")
+    assert _run_dir(train._torchrun_overrides([])) == "outputs/torchrun/job42"
+    assert _run_dir(train._torchrun_overrides(["hydra.run.dir=out"])) is None
