@@ -101,9 +101,13 @@ def read_history(run_dir: str | Path | None, payload: dict[str, Any] | None = No
     if csv_path is not None and csv_path.is_file():
         try:
             with open(csv_path, newline="", encoding="utf-8") as f:
-                rows = [{k: _to_float(v) for k, v in row.items() if k is not None} for row in csv.DictReader(f)]
+                rows = [
+                    {k: _to_float(v) for k, v in row.items() if k is not None} for row in csv.DictReader(f)
+                ]
         except (UnicodeDecodeError, csv.Error, OSError) as err:  # a damaged file: the checkpoint has them too
-            warnings.warn(f"{csv_path} is unreadable ({err}); the curves come from the checkpoint", stacklevel=2)
+            warnings.warn(
+                f"{csv_path} is unreadable ({err}); the curves come from the checkpoint", stacklevel=2
+            )
             rows = []
         if rows:
             return rows
