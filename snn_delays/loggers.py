@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +40,38 @@ class NullLogger:
 
 
 class CSVLogger(NullLogger):
-    """Appends every logged metric to ``<run_dir>/logs/metrics.csv`` (``logger=csv``)."""
+    """Appends every logged metric to ``<run_dir>/logs/metrics.csv`` (``logger=csv``).
+
+    A resumed run keeps the rows its file already holds for earlier steps (a run started over
+    in the same folder replaces them from its first step on).
+    """
 
     def __init__(self, run_dir: str | Path, **_: Any) -> None:
         super().__init__(run_dir)
         self.dir = self.run_dir / "logs"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.rows: list[dict[str, float]] = []
+        self.rows: list[dict[str, float]] = self._earlier_rows(self.dir / "metrics.csv")
+
+    @staticmethod
+    def _earlier_rows(path: Path) -> list[dict[str, float]]:
+        if not path.is_file():
+            return []
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = [
+                    {k: float(v) for k, v in row.items() if k is not None and v not in (None, "")}
+                    for row in csv.DictReader(f)
+                ]
+            return [{**row, "step": int(row["step"])} for row in rows if "step" in row]
+        except (OSError, UnicodeDecodeError, csv.Error, ValueError) as err:
+            warnings.warn(f"{path}: earlier rows unreadable ({err}); the file is rewritten", stacklevel=3)
+            return []
 
     def log_config(self, config: dict[str, Any]) -> None:
         (self.dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.rows = [row for row in self.rows if row["step"] < step]  # a step logged again replaces
         self.rows.append({"step": step, **metrics})
         keys = sorted({k for row in self.rows for k in row} - {"step"})
         with open(self.dir / "metrics.csv", "w", newline="") as f:

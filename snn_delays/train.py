@@ -242,7 +242,7 @@ def _train(
     state, logger_kwargs = TrainState(), {}
     ckpt = resume_path(cfg, run_dir)
     if ckpt is not None:
-        state, logger_kwargs = load_for_resume(ckpt, cfg, model, opt)
+        state, logger_kwargs = load_for_resume(ckpt, cfg, model, opt, dist)
     net = model
     if dist.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -257,7 +257,7 @@ def _train(
             "rank %d/%d: training on %d of %d samples per epoch",
             dist.rank,
             dist.world_size,
-            len(dist.shard(torch.arange(len(data.train)))),
+            len(dist.even_shard(torch.arange(len(data.train)))),
             len(data.train),
         )
     log.info(
@@ -350,7 +350,7 @@ def figure_hook(
 
 
 def load_for_resume(
-    path: Path, cfg: DictConfig, model: DelaySNN, opt: Optimization
+    path: Path, cfg: DictConfig, model: DelaySNN, opt: Optimization, dist: Distributed | None = None
 ) -> tuple[TrainState, dict]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -366,8 +366,15 @@ def load_for_resume(
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optim"])
     set_capturable(False, opt.weights, opt.positions)  # on again in fit() if graphs are on
-    set_random_states(ckpt["rng"])
     state = TrainState(**ckpt["state"])
+    dist = dist or Distributed()
+    ranks = ckpt.get("rng_ranks")
+    if ranks is not None and len(ranks) == dist.world_size:
+        set_random_states(ranks[dist.rank])  # each rank continues its own stream
+    elif dist.rank == 0:
+        set_random_states(ckpt["rng"])
+    else:  # another number of ranks: a stream of its own (not rank 0's: dropout masks would repeat)
+        seed_everything((cfg.seed + dist.rank + 65_537 * state.epoch) % 2**32)
     state.stopped_by = None
     log.info("resuming from %s after epoch %d", path, state.epoch)
     run_id = ckpt.get("logger_run_id")

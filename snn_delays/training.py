@@ -131,6 +131,20 @@ class Distributed:
     def shard(self, indices: Tensor) -> Tensor:
         return indices[self.rank :: self.world_size]
 
+    def even_shard(self, indices: Tensor) -> Tensor:
+        """This rank's share of ``indices`` cut to an equal length on every rank (the last
+        ``len % world_size`` dropped): a training rank with one more step than the others would
+        wait for them forever in DistributedDataParallel's gradient all-reduce."""
+        return self.shard(indices[: len(indices) - len(indices) % self.world_size])
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order (every rank must call it)."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -181,7 +195,7 @@ class TrainState:
     train_seconds: float = 0.0
     epoch_seconds: list[float] = field(default_factory=list)  # training time of each epoch
     peak_memory_mib: float | None = None  # most memory held so far (memtrack.peak_mib), all sessions
-    shuffle_rng: Tensor = field(default_factory=lambda: torch.Generator().get_state())
+    shuffle_rng: Tensor = field(default_factory=lambda: torch.Generator().get_state())  # fit: from the seed
     stopped_by: int | None = None  # the signal that interrupted training, if any
 
 
@@ -276,7 +290,7 @@ def train_epoch(
     order = torch.randperm(len(split), generator=gen)
     per_rank = max(cfg.batch_size // dist.world_size, 1)
     sums = torch.zeros(3, device=split.x.device, dtype=torch.float64)
-    shard = dist.shard(order)
+    shard = dist.even_shard(order)
     n_batches = math.ceil(len(shard) / per_rank)
     bar = tqdm(
         batches(split, per_rank, indices=shard, into=graphs.buffer if graphs is not None else None),
@@ -378,7 +392,8 @@ def fit(
     by default fit watches while it runs.
     """
     dist = dist or Distributed()
-    state = state or TrainState()
+    if state is None:  # a fresh run: the data order follows the seed (the same on every rank)
+        state = TrainState(shuffle_rng=torch.Generator().manual_seed(cfg.seed).get_state())
     core = getattr(model, "module", model)
     gen = torch.Generator()
     gen.set_state(state.shuffle_rng)
@@ -441,6 +456,9 @@ def fit(
             state.history.append(row)
             state.epoch_seconds.append(seconds)
             state.peak_memory_mib = max(state.peak_memory_mib or 0.0, peak_mib(device))
+            # every rank's random state (dropout masks differ by rank), so that a resumed run
+            # continues each rank's stream: a collective, hence before the main rank's block
+            rng_ranks = dist.gather(random_states()) if cfg.save_checkpoints and dist.world_size > 1 else None
             if dist.is_main:
                 metrics = {k: v for k, v in row.items() if k != "epoch"}
                 logger.log_metrics(
@@ -453,7 +471,7 @@ def fit(
                 if cfg.save_checkpoints:
                     # best.pt first: last.pt (what a resumed run reads) then never names a best
                     # epoch that best.pt does not hold, whenever the job dies.
-                    payload = checkpoint_payload(core, opt, state, extra_checkpoint)
+                    payload = checkpoint_payload(core, opt, state, extra_checkpoint, rng_ranks)
                     if improved:
                         save_checkpoint(payload, ckpt_dir / "best.pt")
                     save_checkpoint(payload, ckpt_dir / "last.pt")
@@ -477,13 +495,19 @@ def _update_best(state: TrainState, row: dict[str, float], has_valid: bool) -> b
 
 
 def checkpoint_payload(
-    model: nn.Module, opt: Optimization, state: TrainState, extra: dict[str, Any] | None
+    model: nn.Module,
+    opt: Optimization,
+    state: TrainState,
+    extra: dict[str, Any] | None,
+    rng_ranks: list[dict[str, Any]] | None = None,
 ) -> dict:
+    """``rng``: this process's random state; ``rng_ranks``: every rank's, under DDP."""
     return {
         "model": model.state_dict(),
         "optim": opt.state_dict(),
         "state": {k: v for k, v in vars(state).items()},
         "rng": random_states(),
+        **({"rng_ranks": rng_ranks} if rng_ranks else {}),
         **(extra or {}),
     }
 

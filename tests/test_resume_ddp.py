@@ -98,38 +98,55 @@ def test_wandb_run_resumes_under_the_same_id(tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def torchrun(*args: str, timeout: float = 300, popen: bool = False):
+    """``torchrun --standalone --nproc_per_node=2 -m snn_delays.train ARGS`` on the CPU (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "snn_delays.train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    if popen:
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+DDP = ["experiment=synthetic", "logger=csv", "trainer.progress=false"]
+
+
 def test_torchrun_two_ranks_on_cpu(tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "snn_delays.train",
-            "experiment=synthetic",
-            "trainer.epochs=2",
-            "logger=csv",
-            "trainer.progress=false",
-            f"hydra.run.dir={out}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == 0, text
-    assert "rank 0/2: training on 256 of 512" in text and "rank 1/2: training on 256 of 512" in text
+    # 513 samples: shards of 257 and 256 would give rank 0 a ninth step of 32 that rank 1 never
+    # takes, and rank 0 would wait in the gradient all-reduce forever; both take 256.
+    text = torchrun(*DDP, "trainer.epochs=2", "dataset.n_train=513", f"hydra.run.dir={out}", timeout=120)
+    assert "rank 0/2: training on 256 of 513" in text and "rank 1/2: training on 256 of 513" in text
     metrics = read_metrics(out)
     assert metrics["epochs"] == 2
     rows = list(csv.DictReader(open(out / "logs" / "metrics.csv")))
     assert len(rows) == 2  # one logger (rank 0), one row per epoch
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_torchrun_run_resumes_to_the_same_metrics(tmp_path):
+    """Each rank continues its own random stream (dropout masks differ by rank): the checkpoint
+    holds every rank's, and the resumed run's epochs equal the uninterrupted run's. The CSV
+    logger's file keeps the epochs before the cut."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run = [*DDP, "trainer.epochs=6", "seed=3"]
+    torchrun(*run, f"hydra.run.dir={full}")
+    proc = torchrun(*run, f"hydra.run.dir={cut}", popen=True)
+    wait_for_epoch(cut / "checkpoints" / "last.pt", 2, proc)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks, which stop together
+    proc.communicate(timeout=120)
+    ckpt = torch.load(cut / "checkpoints" / "last.pt", weights_only=False)
+    assert 2 <= ckpt["state"]["epoch"] < 6, "the signal should stop training early"
+    assert len(ckpt["rng_ranks"]) == 2
+    assert not torch.equal(ckpt["rng_ranks"][0]["torch"], ckpt["rng_ranks"][1]["torch"])
+    torchrun(*run, f"hydra.run.dir={cut}", "trainer.resume=true")
+    assert history(full) == history(cut)
+    logged = [row["step"] for row in csv.DictReader(open(cut / "logs" / "metrics.csv"))]
+    assert logged == [str(epoch) for epoch in range(1, 7)]
 
 
 class _FakeGroup:

@@ -334,3 +334,49 @@ def compose_train(*overrides: str, return_hydra_config: bool = False) -> DictCon
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def test_the_data_order_follows_the_seed(monkeypatch, tmp_path):
+    """A seed sweep varies the order the training samples come in, not only the initial weights
+    (the shuffle generator started from torch's fixed default seed for every run)."""
+    from types import SimpleNamespace
+
+    from snn_delays import training
+
+    class Drawn(Exception):
+        pass
+
+    def first_order(seed: int) -> list[int]:
+        drawn = []
+
+        def train_epoch(model, split, opt, cfg, gen, *args, **kwargs):
+            drawn.append(torch.randperm(20, generator=gen).tolist())
+            raise Drawn
+
+        monkeypatch.setattr(training, "train_epoch", train_epoch)
+        opt = SimpleNamespace(sigma_init=None, lrs=dict)
+        cfg = training.FitConfig(epochs=1, batch_size=4, eval_batch_size=4, progress=False, seed=seed)
+        with pytest.raises(Drawn):
+            training.fit(torch.nn.Linear(1, 1), SimpleNamespace(train=None), opt, None, cfg, tmp_path)
+        return drawn[0]
+
+    assert first_order(0) == first_order(0)
+    assert first_order(0) != first_order(1)
+
+
+def test_csv_logger_keeps_earlier_steps_and_replaces_steps_logged_again(tmp_path):
+    from snn_delays.loggers import CSVLogger
+
+    first = CSVLogger(tmp_path)
+    for step in (1, 2, 3):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    resumed = CSVLogger(tmp_path)  # a resumed run continues after step 2 (its last.pt)
+    resumed.log_metrics({"train/loss": 30.0, "test/acc": 0.5}, step=3)
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "metrics.csv")))
+    assert [(r["step"], r["train/loss"], r["test/acc"]) for r in rows] == [
+        ("1", "1.0", ""),
+        ("2", "2.0", ""),
+        ("3", "30.0", "0.5"),
+    ]
+    CSVLogger(tmp_path).log_metrics({"train/loss": 7.0}, step=1)  # started over: from step 1 on
+    assert [r["step"] for r in csv.DictReader(open(tmp_path / "logs" / "metrics.csv"))] == ["1"]
