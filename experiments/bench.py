@@ -37,6 +37,11 @@ step (:class:`snn_delays.memtrack.TensorMemory`, plus the input and parameters):
 matmuls, torch.fft's inverse) beside the fused C LIF, which keeps the tensors that ``auto``'s Triton LIF keeps on
 CUDA (``+sj-lif`` rows: spikingjelly's), so its columns estimate CUDA's peaks without
 workspaces (cuDNN, cuBLAS, cuFFT) or CUDA graphs.
+
+A row whose variant fails (an error in its kernels, say) is reported on stderr and left out;
+the others are timed (the first, the reference, stops the run). ``--json`` is rewritten after
+every network and sigma, ``meta.finished`` false until the last: a run stopped part-way keeps
+the rows it measured.
 """
 
 from __future__ import annotations
@@ -316,6 +321,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if gpu and device.index is not None:  # cuda:N: the graphs' stream and Triton follow the current device
         torch.cuda.set_device(device)
     results = []
+
+    def save(finished: bool) -> None:
+        """The rows so far to ``--json``, rewritten after every network and sigma: a run stopped
+        part-way (``gpu_check.sh``'s timeouts) keeps its measured rows, ``finished`` false."""
+        if not args.json:
+            return
+        meta = dict(
+            device=str(args.device),
+            torch=torch.__version__,
+            argv=sys.argv[1:],
+            threads=torch.get_num_threads(),
+            keep_freed_memory=malloc_kept,
+            finished=finished,
+        )
+        if hasattr(os, "getloadavg"):
+            meta["loadavg_after"] = os.getloadavg()  # other processes on the CPUs skew CPU timings
+        if gpu:
+            meta["gpu"] = torch.cuda.get_device_name()
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, results=results), f, indent=1)
+
     for net in args.networks.split(","):
         n_in, *_, k, _, _, batch = NETWORKS[net]
         batch = args.batch or batch
@@ -328,7 +354,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows = []
             for b in args.backends.split(","):
                 base = collect(device)
-                rows.append(bench_one(net, b, sigma, args, x))
+                try:
+                    rows.append(bench_one(net, b, sigma, args, x))
+                except Exception as err:  # noqa: BLE001 - one variant failed: time the others
+                    if not rows:
+                        raise  # the reference: no row can be compared without it
+                    print(f"{net} {b} sigma={sigma:g}: FAILED {type(err).__name__}: {err}", file=sys.stderr)
+                    continue
                 rows[-1]["base_mib"] = base  # CUDA: allocated at the row's start (the input)
             collect(device)
             for row in rows:
@@ -345,20 +377,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     f"{row['eval_peak_mib'] or 0:6.0f} MiB  {tensor_cols}spikes {row['spike_density']}",
                     flush=True,
                 )
-    meta = dict(
-        device=str(args.device),
-        torch=torch.__version__,
-        argv=sys.argv[1:],
-        threads=torch.get_num_threads(),
-        keep_freed_memory=malloc_kept,
-    )
-    if hasattr(os, "getloadavg"):
-        meta["loadavg_after"] = os.getloadavg()  # other processes on the CPUs skew CPU timings
-    if gpu:
-        meta["gpu"] = torch.cuda.get_device_name()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, results=results), f, indent=1)
+            save(finished=False)
+    save(finished=True)
     return results
 
 

@@ -5,18 +5,25 @@
 # steps are ordered by what matters most, should the lease run out (8, evaluation's peak, before 6);
 # targets.txt: parts 2 and 8 against the issue's targets. `bash experiments/gpu_check.sh 12` runs
 # parts 1 and 2 only (a device call is limited to 10 minutes: split the parts over two calls).
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# A device call brings back at most 8 files from $OUT: parts 12687 write 7 (the GPU's name and
+# torch's version head equivalence_cuda.txt, else gpu.txt; part 8's table follows part 2's in
+# bench_gpu.txt), parts 345 four.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 \
+    || { echo "gpu_check.sh: installing .whl/*.whl failed: run experiments/device_wheels.sh here, carry .whl"; exit 1; }
 set -u
 PARTS=${1:-12345678}
 part() { [[ $PARTS == *$1* ]]; }
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv >"$OUT/gpu.txt" 2>&1
-python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
+INFO="$OUT/gpu.txt"
+part 1 && INFO="$OUT/equivalence_cuda.txt"
+nvidia-smi --query-gpu=name,memory.total --format=csv >"$INFO" 2>&1
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$INFO"
 
 # 1. forward and gradients equal on CUDA, several sigmas: float32 (TF32 off, strict), then the
 #    default TF32 of both backends (cuDNN conv vs GEMM), reported.
-part 1 && timeout 180 python3 - <<'PY' 2>&1 | tee "$OUT/equivalence_cuda.txt"
+part 1 && timeout 180 python3 - <<'PY' 2>&1 | tee -a "$OUT/equivalence_cuda.txt"
 import os
 import torch
 from snn_delays.delays import DelayLayer
@@ -137,7 +144,7 @@ part 5 && timeout 120 python3 experiments/gpu_profile.py --network ssc 2>&1 | te
 #    SNN_DELAYS_EVAL_FP16=1 (untimed so far; half the unfolded bytes), with 64 and 1024 MiB blocks
 part 8 && timeout 120 python3 experiments/bench.py --device cuda --networks shd --sigma 0.23 --tensor-memory \
     --backends dcls,fast+graphs+eval-block-16,fast+graphs+eval-block-32,fast+graphs,fast+graphs+eval-block-1024,fast+graphs+eval-fp16,fast+graphs+eval-fp16+eval-block-1024 \
-    --json "$OUT/bench_gpu_eval_blocks.json" 2>&1 | grep -v Warning | tee "$OUT/bench_gpu_eval_blocks.txt"
+    --json "$OUT/bench_gpu_eval_blocks.json" 2>&1 | grep -v Warning | { echo "# part 8"; cat; } | tee -a "$OUT/bench_gpu.txt"
 part 8 && python3 experiments/targets.py "$OUT/bench_gpu_eval_blocks.json" 2>&1 | tee -a "$OUT/targets.txt"
 
 # 6. whole epochs through the trainer on SHD-sized, SHD-layout files: eager, graphs, reference

@@ -16,7 +16,8 @@ float16 operands) shows which of them meet every target. The default is marked: 
 on CUDA (the trainer replays its steps from CUDA graphs there), ``fast`` on the CPU. A row
 benchmarked at another batch or number of steps than the target's is judged but flagged, and a
 ``+graphs`` row whose capture failed (it ran eagerly) is not the default. Exit status: 1 when the
-default misses a target or was not benchmarked where a target applies, else 0.
+default misses a target or was not benchmarked where a target applies, or bench.py was stopped
+before its last row (``meta.finished`` false), else 0.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ def judge(data: dict, source: str = "") -> dict:
     kind = device_kind(meta)
     targets = {t.network: t for t in TARGETS.get(kind, ())}
     print(f"{kind} ({meta.get('gpu') or meta.get('device', '?')}, torch {meta.get('torch', '?')}){source}")
+    stopped = meta.get("finished") is False  # bench.py was stopped part-way (a timeout)
+    if stopped:
+        print("bench.py stopped before its last row: only the rows below were measured")
     groups: dict[tuple[str, float], list[dict]] = {}
     for row in results:
         groups.setdefault((row["network"], row["sigma"]), []).append(row)
@@ -154,7 +158,7 @@ def judge(data: dict, source: str = "") -> dict:
             good = [v["backend"] for v in verdicts if (v["network"], v["sigma"]) == (net, sigma) and v["met"]]
             if net in targets:
                 print(f"rows meeting every target, {net} sigma {sigma:g}: {', '.join(good) or 'none'}")
-    return dict(device=kind, verdicts=verdicts, default_met=default_met and bool(verdicts))
+    return dict(device=kind, verdicts=verdicts, default_met=default_met and bool(verdicts) and not stopped)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

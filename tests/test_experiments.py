@@ -647,3 +647,130 @@ def test_backend_parity_can_be_run_again_on_the_same_root(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         config = (tmp_path / "run_fast" / ".hydra" / "config.yaml").read_text()
         assert f"seed: {seed}" in config
+
+
+def test_bench_keeps_the_other_rows_when_a_variant_fails(monkeypatch, tmp_path, capsys):
+    """A variant that fails (its kernels, say) is reported and left out; the rows after it are
+    timed. The reference failing stops the run: nothing can be compared without it."""
+    import json
+
+    bench = _load_experiment("bench")
+    real = bench.bench_one
+
+    def failing(net, spec, *args):  # noqa: ANN001, ANN002, ANN202
+        if spec.startswith("fast:dense"):
+            raise RuntimeError("no kernel image is available")
+        return real(net, spec, *args)
+
+    monkeypatch.setattr(bench, "bench_one", failing)
+    out = tmp_path / "bench.json"
+    small = ["--batch", "3", "--time-steps", "8", "--sigma", "0.23", "--repeats", "1", "--json", str(out)]
+    rows = bench.main([*small, "--backends", "dcls,fast:dense,fast"])
+    assert [r["backend"] for r in rows] == ["dcls", "fast"]
+    assert "shd fast:dense sigma=0.23: FAILED RuntimeError: no kernel image" in capsys.readouterr().err
+    saved = json.loads(out.read_text())
+    assert [r["backend"] for r in saved["results"]] == ["dcls", "fast"] and saved["meta"]["finished"]
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        bench.main([*small, "--backends", "fast:dense,fast"])
+
+
+def test_bench_json_keeps_the_rows_of_a_run_stopped_part_way(monkeypatch, tmp_path, capsys):
+    """gpu_check.sh stops bench.py at its part's timeout: the JSON holds every network and sigma
+    measured before it (written after each), marked unfinished, and targets.py judges those
+    rows, saying the run was cut short."""
+    import json
+
+    bench = _load_experiment("bench")
+    real = bench.bench_one
+
+    def stopped(net, spec, sigma, *args):  # noqa: ANN001, ANN002, ANN202
+        if sigma != 0.23:
+            raise KeyboardInterrupt  # as the timeout's signal ends the process: not a row's failure
+        return real(net, spec, sigma, *args)
+
+    monkeypatch.setattr(bench, "bench_one", stopped)
+    out = tmp_path / "bench.json"
+    small = ["--batch", "3", "--time-steps", "8", "--sigma", "0.23,K//2", "--repeats", "1"]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main([*small, "--json", str(out), "--backends", "dcls,fast"])
+    saved = json.loads(out.read_text())
+    assert [(r["backend"], r["sigma"]) for r in saved["results"]] == [("dcls", 0.23), ("fast", 0.23)]
+    assert saved["meta"]["finished"] is False
+    capsys.readouterr()
+    (report,) = _load_experiment("targets").main([str(out)])
+    assert "bench.py stopped before its last row" in capsys.readouterr().out
+    assert [v["backend"] for v in report["verdicts"]] == ["fast"] and not report["default_met"]
+
+
+def _stub_commands(bin_dir: Path) -> None:
+    """Stand-ins for python3 and nvidia-smi (no GPU, no wheels here): python3 logs its arguments,
+    writes the ``--json`` file it is given, as bench.py does, and fails, as a part that crashes
+    would; pip succeeds unless STUB_PIP_FAILS is set."""
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(
+        "#!/bin/sh\n"
+        'if [ "$1 $2" = "-m pip" ]; then [ -z "$STUB_PIP_FAILS" ]; exit; fi\n'
+        'echo "$*" >>"$STUB_LOG"\n'
+        'prev=; for a in "$@"; do [ "$prev" = --json ] && echo "{}" >"$a"; prev=$a; done\n'
+        'echo "stub python3 $*"\n'
+        "exit 1\n"
+    )
+    (bin_dir / "nvidia-smi").write_text('#!/bin/sh\necho "name, memory.total [MiB]"\n')
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+
+
+def test_gpu_check_brings_back_every_output_of_the_runbooks_device_calls(tmp_path):
+    """A device call brings back at most 8 files from $OUT (the device README's limit): each of
+    the runbook's calls of gpu_check.sh writes no more, the files the runbook reads among them.
+    The parts run in the script's order (8 right after 2), each after the one before failed, and
+    part 7 retries with Python-only stacks; a failed wheel install stops the script at once."""
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    runbook = (root / "experiments/FAST_DELAYS.md").read_text()
+    calls = re.findall(r"bash experiments/gpu_check\.sh (\d+)", runbook)
+    assert "12687" in calls and "345" in calls
+    _stub_commands(tmp_path / "bin")
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+
+    def gpu_check(parts: str, out: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+        log = tmp_path / f"{out.name}.log"
+        proc = subprocess.run(
+            ["bash", "experiments/gpu_check.sh", parts],
+            cwd=root,
+            env={**env, "OUT": str(out), "STUB_LOG": str(log)},
+            capture_output=True,
+            text=True,
+        )
+        return proc, log.read_text().splitlines() if log.exists() else []
+
+    written = {}
+    for parts in calls:
+        out = tmp_path / f"out{parts}"
+        proc, ran = gpu_check(parts, out)
+        assert "unbound variable" not in proc.stderr and "syntax error" not in proc.stderr, proc.stderr
+        written[parts] = sorted(p.name for p in out.iterdir())
+        # at most 8 come back: keep one spare, should a part write an unplanned file
+        assert len(written[parts]) <= 7 and all(p.is_file() for p in out.iterdir()), written[parts]
+        if parts == "12687":
+            scripts = [Path(line.split()[0]).name for line in ran]
+            assert (
+                scripts
+                == ["-c", "-", "bench.py", "targets.py", "bench.py", "targets.py", "backend_parity.py"]
+                + ["gpu_memory.py"] * 6
+            )
+            assert "eval-block-16" in ran[4]
+            assert [line.split("--stacks ")[1] for line in ran[7:]] == ["all"] + ["python"] * 5
+    wanted = ["targets.txt", "bench_gpu.json", "bench_gpu_eval_blocks.json", "memory_by_origin.txt"]
+    assert set(wanted + ["equivalence_cuda.txt", "epochs.txt"]) <= set(written["12687"])
+    targets = (tmp_path / "out12687" / "targets.txt").read_text()
+    assert "bench_gpu.json" in targets and "bench_gpu_eval_blocks.json" in targets  # parts 2 and 8
+    head = (tmp_path / "out12687" / "equivalence_cuda.txt").read_text().splitlines()
+    assert head[0] == "name, memory.total [MiB]" and "torch.cuda.get_device_name()" in head[1]
+    assert written["345"] == ["gpu.txt", "profile_shd.txt", "profile_ssc.txt", "pytest.txt"]
+    env["STUB_PIP_FAILS"] = "1"
+    proc, ran = gpu_check("12687", tmp_path / "out_nowheels")
+    assert proc.returncode == 1 and "run experiments/device_wheels.sh" in proc.stdout and not ran
+    assert not (tmp_path / "out_nowheels").exists()
