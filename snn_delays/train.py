@@ -239,7 +239,7 @@ def _train(
     data = data.to(device)
     augment = instantiate(cfg.augment, n_classes=data.n_classes)
     config = OmegaConf.to_container(cfg, resolve=True)
-    state, logger_kwargs = TrainState(), {}
+    state, logger_kwargs = TrainState.fresh(cfg.seed), {}
     ckpt = resume_path(cfg, run_dir)
     if ckpt is not None:
         state, logger_kwargs = load_for_resume(ckpt, cfg, model, opt, dist)

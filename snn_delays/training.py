@@ -195,8 +195,13 @@ class TrainState:
     train_seconds: float = 0.0
     epoch_seconds: list[float] = field(default_factory=list)  # training time of each epoch
     peak_memory_mib: float | None = None  # most memory held so far (memtrack.peak_mib), all sessions
-    shuffle_rng: Tensor = field(default_factory=lambda: torch.Generator().get_state())  # fit: from the seed
+    shuffle_rng: Tensor = field(default_factory=lambda: torch.Generator().get_state())  # see fresh()
     stopped_by: int | None = None  # the signal that interrupted training, if any
+
+    @classmethod
+    def fresh(cls, seed: int) -> TrainState:
+        """A run's start: the data order follows ``seed`` (the same on every rank)."""
+        return cls(shuffle_rng=torch.Generator().manual_seed(seed).get_state())
 
 
 def _accumulate(sums: Tensor, loss_sum: Tensor, scores: Tensor, y: Tensor) -> None:
@@ -392,8 +397,7 @@ def fit(
     by default fit watches while it runs.
     """
     dist = dist or Distributed()
-    if state is None:  # a fresh run: the data order follows the seed (the same on every rank)
-        state = TrainState(shuffle_rng=torch.Generator().manual_seed(cfg.seed).get_state())
+    state = state or TrainState.fresh(cfg.seed)
     core = getattr(model, "module", model)
     gen = torch.Generator()
     gen.set_state(state.shuffle_rng)

@@ -336,32 +336,21 @@ def compose_train(*overrides: str, return_hydra_config: bool = False) -> DictCon
         return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
-def test_the_data_order_follows_the_seed(monkeypatch, tmp_path):
+def test_the_data_order_follows_the_seed(tmp_path):
     """A seed sweep varies the order the training samples come in, not only the initial weights
-    (the shuffle generator started from torch's fixed default seed for every run)."""
-    from types import SimpleNamespace
+    (every run's shuffle generator started from torch's fixed default seed): after one epoch the
+    trainer's generator has drawn one permutation from ``seed``."""
 
-    from snn_delays import training
+    def shuffle_state_after_one_epoch(seed: int) -> torch.Tensor:
+        out = tmp_path / f"seed{seed}"
+        run = ["experiment=synthetic", "trainer.epochs=1", "dataset.n_train=64", "logger=none"]
+        run_cli("train", *run, f"seed={seed}", f"hydra.run.dir={out}", *QUIET)
+        return torch.load(out / "checkpoints" / "last.pt", weights_only=False)["state"]["shuffle_rng"]
 
-    class Drawn(Exception):
-        pass
-
-    def first_order(seed: int) -> list[int]:
-        drawn = []
-
-        def train_epoch(model, split, opt, cfg, gen, *args, **kwargs):
-            drawn.append(torch.randperm(20, generator=gen).tolist())
-            raise Drawn
-
-        monkeypatch.setattr(training, "train_epoch", train_epoch)
-        opt = SimpleNamespace(sigma_init=None, lrs=dict)
-        cfg = training.FitConfig(epochs=1, batch_size=4, eval_batch_size=4, progress=False, seed=seed)
-        with pytest.raises(Drawn):
-            training.fit(torch.nn.Linear(1, 1), SimpleNamespace(train=None), opt, None, cfg, tmp_path)
-        return drawn[0]
-
-    assert first_order(0) == first_order(0)
-    assert first_order(0) != first_order(1)
+    for seed in (1, 2):
+        gen = torch.Generator().manual_seed(seed)
+        torch.randperm(64, generator=gen)
+        assert torch.equal(shuffle_state_after_one_epoch(seed), gen.get_state()), seed
 
 
 def test_csv_logger_keeps_earlier_steps_and_replaces_steps_logged_again(tmp_path):
