@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
-import pickle
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,12 @@ CHECKPOINT_NAMES = ("best", "last")
 
 
 class UnreadableCheckpointError(ValueError):
-    """A checkpoint file that exists but cannot be loaded (truncated, empty or not a checkpoint)."""
+    """A checkpoint file that exists but cannot be loaded (truncated, empty or not a checkpoint);
+    ``why``: what went wrong."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(_unreadable(path, why))
+        self.why = why
 
 
 def find_checkpoint(path: str | Path, which: str = "best") -> Path:
@@ -59,10 +62,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        raise UnreadableCheckpointError(_unreadable(path, f"{type(err).__name__}: {err}")) from err
+    except Exception as err:  # truncated, empty, garbage: torch.load raises many kinds
+        raise UnreadableCheckpointError(path, f"{type(err).__name__}: {err}") from err
     if not isinstance(payload, dict):
-        raise UnreadableCheckpointError(_unreadable(path, f"holds a {type(payload).__name__}, not a dict"))
+        raise UnreadableCheckpointError(path, f"holds a {type(payload).__name__}, not a dict")
     return payload
 
 

@@ -29,7 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from snn_delays import fast_delays
-from snn_delays.checkpoints import find_checkpoint
+from snn_delays.checkpoints import UnreadableCheckpointError, find_checkpoint, read_checkpoint
 from snn_delays.config import check_config, register_configs
 from snn_delays.cuda_graphs import set_capturable
 from snn_delays.model import DelaySNN
@@ -353,14 +353,15 @@ def load_for_resume(
     path: Path, cfg: DictConfig, model: DelaySNN, opt: Optimization, dist: Distributed | None = None
 ) -> tuple[TrainState, dict]:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(ckpt, dict) or not {"model", "optim", "state", "rng"} <= set(ckpt):
+        ckpt = read_checkpoint(path)
+        if not {"model", "optim", "state", "rng"} <= set(ckpt):
             raise ValueError("not a checkpoint of snn-delays-train")
-    except Exception as e:  # truncated, empty, garbage: torch raises many kinds
+    except ValueError as e:  # UnreadableCheckpointError too
+        why = e.why if isinstance(e, UnreadableCheckpointError) else f"{type(e).__name__}: {e}"
         raise RuntimeError(
-            f"cannot resume from {path}: the file is unreadable (truncated or corrupt: "
-            f"{type(e).__name__}: {e}). Delete it to start this run afresh, or resume from the best "
-            f"epoch with trainer.resume={path.parent / 'best.pt'}"
+            f"cannot resume from {path}: the file is unreadable (truncated or corrupt: {why}). Delete "
+            f"it to start this run afresh, or resume from the best epoch with "
+            f"trainer.resume={path.parent / 'best.pt'}"
         ) from e
     check_compatible(ckpt.get("config", {}), OmegaConf.to_container(cfg, resolve=True), path)
     model.load_state_dict(ckpt["model"])
