@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from snn_delays.checkpoints import UnreadableCheckpointError, load_checkpoint
-from snn_delays.report import flatten
+from snn_delays.report import flatten, parse_override
 from snn_delays.train import CONF_DIR, pick_device
 from snn_delays.training import evaluate
 
@@ -37,10 +37,6 @@ EVAL_KEYS = ("checkpoint", "device", "batch_size", "splits", "output", "dataset"
 # Dataset keys that say where the data lies or how it is fetched, not what the model sees.
 LOCATION_KEYS = ("root", "download", "cache", "feature_batch_size")
 _DATASET_KEY = re.compile(r"^\+{0,2}dataset\.")
-
-
-def _override_key(override: str) -> str:
-    return override.partition("=")[0].lstrip("+~")
 
 
 def check_keys(cfg: DictConfig) -> None:
@@ -82,7 +78,7 @@ def dataset_config(
         return OmegaConf.create(merged)
     requested_dict = OmegaConf.to_container(requested, resolve=True)
     assert isinstance(requested_dict, dict)
-    keys = [_override_key(o) for o in overrides]
+    keys = [parse_override(o)[0].lstrip("~") for o in overrides]  # a deletion names its key too
     saved_target = saved.get("_target_")
     if "dataset" in keys or "dataset._target_" in keys:
         target = requested_dict.get("_target_")
