@@ -222,6 +222,44 @@ def test_check_config_takes_the_keys_that_are_read():
     )
 
 
+def test_check_configs_record_of_what_the_trainer_supplies_matches_the_trainer(tmp_path, monkeypatch):
+    """``config.SUPPLIED`` (keys refused because the trainer passes them itself) is a second record
+    of what ``train.py`` passes to each config node it instantiates. Record what a real run passes
+    (keywords, arguments of the optimizers' and schedulers' partials, keys set in the optimizer's
+    parameter groups), through a fresh run and a resumed W&B run (which passes its run id), and
+    compare: a drift would refuse a key the user may set, or take one the trainer overrides."""
+    from snn_delays import config, train
+
+    passed: dict[str, set[str]] = {}
+
+    def recording(node, *args, **kwargs):
+        path = node._get_full_key(None)
+        passed.setdefault(path, set()).update(kwargs)
+        made = instantiate(node, *args, **kwargs)
+        if not callable(made) or not hasattr(made, "func"):  # not a partial (optim.*)
+            return made
+
+        def call(*a, **kw):
+            passed[path].update(inspect.signature(made).bind(*a, **kw).arguments)
+            groups = a[0] if a and isinstance(a[0], list) else []
+            passed[path].update(k for g in groups if isinstance(g, dict) for k in g)
+            return made(*a, **kw)
+
+        return call
+
+    monkeypatch.setattr(train, "instantiate", recording)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = ["experiment=synthetic", "dataset.n_train=16", "dataset.n_valid=8", "dataset.n_test=8"]
+    run += ["logger=wandb", "logger.figure_every=0", "trainer.progress=false", "trainer.epochs=1"]
+    train.run(compose_train(*run), tmp_path)
+    train.run(compose_train(*run, "trainer.resume=true"), tmp_path)  # finished: resumes, trains no more
+    assert "run_id" in passed["logger"]  # the resumed run passed the W&B run's id
+    assert {"dataset", "model", "augment", "logger", "optim.weights", "optim.positions"} <= set(passed)
+    for path in set(passed) | set(config.SUPPLIED):
+        assert set(config.SUPPLIED.get(path, {})) == passed.get(path, set()), path
+
+
 # --- the experiments on data in the real formats -----------------------------------------------
 def write_data(name: str, root: Path) -> list[str]:
     """Tiny files for ``name``; the overrides that point its dataset at them."""
