@@ -48,6 +48,7 @@ import platform
 import subprocess
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -602,34 +603,83 @@ def c_disabled(name: str) -> bool:
     return value not in ("", "0") and (name in names or not names <= {"fast_delays", "fast_neurons"})
 
 
+# Compiler settings tried in turn: with OpenMP and this CPU's instructions; without OpenMP
+# (Apple's clang has none unless libomp is installed: the kernels then run on one thread);
+# without -march=native too (compilers that refuse it). The source guards its OpenMP calls.
+C_ATTEMPTS = (
+    ("-O3", "-march=native", "-fopenmp"),
+    ("-O3", "-march=native"),
+    ("-O3",),
+)
+
+
 def compile_c(name: str, source: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     """Compile ``source`` once per source text, flags and machine into the cache dir; load it.
 
-    Returns None where it cannot (no compiler, or ``SNN_DELAYS_NO_C`` set: ``1`` for every
-    library, or a comma list of names, ``fast_delays`` for the delay kernels and
-    ``fast_neurons`` for the LIF): callers fall back.
+    The settings of :data:`C_ATTEMPTS` are tried in turn, each library cached under its own name
+    (every process tries the full settings first, so an OpenMP installed later is taken up); a
+    fallback warns that the kernels run slower, and no library at all that the slower PyTorch
+    paths run, each naming the compiler's error and what to do. Returns None where it cannot (no compiler, or
+    ``SNN_DELAYS_NO_C`` set: ``1`` for every library, or a comma list of names,
+    ``fast_delays`` for the delay kernels and ``fast_neurons`` for the LIF): callers fall back.
     """
     if c_disabled(name):
         return None
-    key = hashlib.sha1((source + " ".join(flags) + platform.machine() + platform.node()).encode())
-    key = key.hexdigest()[:16]
-    path = _cache_dir() / f"{name}_{key}.so"
-    try:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            src = path.with_suffix(f".{os.getpid()}.c")
-            src.write_text(source)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            cc = os.environ.get("CC", "cc")
-            base = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c99"]
-            subprocess.run(
-                [cc, *base, *flags, str(src), "-o", str(tmp), "-lm"], check=True, capture_output=True
+    cc = os.environ.get("CC", "cc")
+    errors = []
+    for n, attempt in enumerate(C_ATTEMPTS):
+        try:
+            lib = _compile_once(name, source, cc, (*attempt, *flags))
+        except (OSError, subprocess.CalledProcessError) as err:
+            errors.append(_compile_error(err))
+            continue
+        if n:
+            dropped = " ".join(f for f in C_ATTEMPTS[0] if f not in attempt)
+            warnings.warn(
+                f"snn_delays: the {name} C kernels compiled only without {dropped} "
+                f"({cc}: {errors[0]}), so they run {'on one thread' if n == 1 else 'slower'}. Use a "
+                "compiler with OpenMP (gcc; on macOS: brew install libomp, or CC=gcc-14).",
+                RuntimeWarning,
+                stacklevel=3,
             )
+        return lib
+    warnings.warn(
+        f"snn_delays: could not compile the {name} C kernels with CC={cc} into {_cache_dir()} "
+        f"({errors[0]}): the CPU runs "
+        "the PyTorch fallbacks, several times slower. Install a C compiler (gcc or clang) or point CC "
+        "at one; SNN_DELAYS_NO_C=1 chooses the fallbacks without this warning.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None
+
+
+def _compile_once(name: str, source: str, cc: str, flags: tuple[str, ...]) -> ctypes.CDLL:
+    """Load the library of these flags from the cache, compiling it first if it is not there."""
+    key = hashlib.sha1((source + " ".join(flags) + platform.machine() + platform.node()).encode())
+    path = _cache_dir() / f"{name}_{key.hexdigest()[:16]}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        src = path.with_suffix(f".{os.getpid()}.c")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            src.write_text(source)
+            cmd = [cc, *flags, "-shared", "-fPIC", "-std=c99", str(src), "-o", str(tmp), "-lm"]
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
             os.replace(tmp, path)
+        finally:
             src.unlink(missing_ok=True)
-        return ctypes.CDLL(str(path))
-    except (OSError, subprocess.CalledProcessError):
-        return None
+            tmp.unlink(missing_ok=True)
+    return ctypes.CDLL(str(path))
+
+
+def _compile_error(err: Exception) -> str:
+    """The compiler's first error line (or the OS error): what the warning quotes."""
+    if isinstance(err, subprocess.CalledProcessError):
+        lines = [ln.strip() for ln in (err.stderr or "").splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else "")
+        return first[:200] or f"exit status {err.returncode}"
+    return str(err)
 
 
 def _load_lib() -> ctypes.CDLL | None:

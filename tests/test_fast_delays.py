@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -588,6 +593,68 @@ def test_no_c_names_the_libraries_it_turns_off(monkeypatch, value, off):
     assert {n for n in ("fast_delays", "fast_neurons") if fast_delays.c_disabled(n)} == off
     if "fast_delays" in off:
         assert fast_delays.compile_c("fast_delays", "int f(void) { return 1; }") is None
+
+
+# A compiler without OpenMP (Apple's clang without libomp): it refuses -fopenmp, as clang does.
+_NO_OPENMP_CC = """#!/bin/sh
+echo "$@" >> "$CC_LOG"
+for a in "$@"; do
+    if [ "$a" = "-fopenmp" ]; then echo "clang: error: unsupported option '-fopenmp'" >&2; exit 1; fi
+done
+exec cc "$@"
+"""
+
+_NO_OPENMP_RUN = """
+import json, warnings, torch
+from snn_delays import fast_delays, fast_neurons
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    ok = fast_delays.c_kernels_available() and fast_neurons.c_kernels_available()
+torch.manual_seed(0)
+x = (torch.rand(30, 4, 12) < 0.2).float()
+w, p = torch.randn(8, 12), torch.rand(8, 12) * 10 - 5
+y = fast_delays.delay_conv(x, w, p, 2.0, 11, impl="c")
+ref = fast_delays.delay_conv_dense(x, w, p, 2.0, 11)
+print(json.dumps({"ok": ok, "err": float((y - ref).abs().max()), "warnings": [str(m.message) for m in caught]}))
+"""
+
+
+def test_c_kernels_compile_without_openmp_and_say_they_run_on_one_thread(tmp_path):
+    """A compiler that refuses -fopenmp (macOS's clang) got no C kernels at all, silently: every
+    CPU call took the dense path, the published speed. The kernels now compile without OpenMP
+    (one thread), with a warning naming the compiler's error and the fix."""
+    cc = tmp_path / "cc"
+    cc.write_text(_NO_OPENMP_CC)
+    cc.chmod(0o755)
+    env = {**os.environ, "CC": str(cc), "CC_LOG": str(tmp_path / "cc.log"), "SNN_DELAYS_CACHE": str(tmp_path)}
+    env.pop("SNN_DELAYS_NO_C", None)
+    for _ in range(2):  # compiled, then loaded from the cache (the full settings tried again)
+        proc = subprocess.run([sys.executable, "-c", _NO_OPENMP_RUN], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        got = json.loads(proc.stdout)
+        assert got["ok"] and got["err"] < 1e-5, got
+        assert len(got["warnings"]) == 2, got["warnings"]  # one per library
+        for lib, message in zip(("fast_delays", "fast_neurons"), got["warnings"], strict=True):
+            assert f"the {lib} C kernels compiled only without -fopenmp" in message
+            assert "unsupported option '-fopenmp'" in message and "on one thread" in message
+    calls = (tmp_path / "cc.log").read_text().splitlines()
+    assert sum("-fopenmp" in c for c in calls) == 4 and sum("-fopenmp" not in c for c in calls) == 2
+
+
+def test_no_c_compiler_warns_that_the_slower_paths_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("SNN_DELAYS_NO_C", raising=False)
+    monkeypatch.setenv("SNN_DELAYS_CACHE", str(tmp_path))
+    source = "int f(void) { return 7; }"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fast_delays.compile_c("probe", source).f() == 7  # the system's compiler: no warning
+    assert not caught
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.warns(RuntimeWarning, match="could not compile the probe2 C kernels with CC=") as caught:
+        assert fast_delays.compile_c("probe2", source) is None
+    message = str(caught[0].message)
+    assert "no-such-cc" in message and "PyTorch fallbacks" in message and "SNN_DELAYS_NO_C=1" in message
+    assert not list(tmp_path.glob("*.c")) and not list(tmp_path.glob("*.tmp"))  # nothing left behind
 
 
 _TF32_PROBE = """
