@@ -589,9 +589,8 @@ _LIB_LOCK = threading.Lock()
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("SNN_DELAYS_CACHE") or os.path.join(
-        tempfile.gettempdir(), f"snn_delays_{os.getuid()}"
-    )
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")  # Windows: no uid
+    root = os.environ.get("SNN_DELAYS_CACHE") or os.path.join(tempfile.gettempdir(), f"snn_delays_{user}")
     return Path(root)
 
 

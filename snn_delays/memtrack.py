@@ -20,7 +20,6 @@ estimates what a training step asks of the CUDA caching allocator beyond its inp
 
 from __future__ import annotations
 
-import resource
 import sys
 import threading
 import weakref
@@ -90,11 +89,12 @@ class TensorMemory(TorchDispatchMode):
             self.peak_bytes = self.live_bytes
 
 
-def peak_mib(device: torch.device | str) -> float:
+def peak_mib(device: torch.device | str) -> float | None:
     """The most memory held so far, in MiB. CUDA: the caching allocator's peak of allocated
     memory on ``device`` (since ``torch.cuda.reset_peak_memory_stats``). Elsewhere: the
     process's resident high-water mark (Linux ``VmHWM``, which ``/proc/self/clear_refs`` can
-    reset; else the peak since the start), which counts the interpreter and libraries too."""
+    reset; else the peak since the start), which counts the interpreter and libraries too;
+    None where the platform has neither (Windows)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -105,5 +105,9 @@ def peak_mib(device: torch.device | str) -> float:
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
+    try:
+        import resource  # not on Windows
+    except ImportError:
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024

@@ -459,16 +459,16 @@ def fit(
             state.epoch, state.shuffle_rng = epoch + 1, gen.get_state()
             state.history.append(row)
             state.epoch_seconds.append(seconds)
-            state.peak_memory_mib = max(state.peak_memory_mib or 0.0, peak_mib(device))
+            if (peak := peak_mib(device)) is not None:  # None: the platform cannot say (Windows' CPU)
+                state.peak_memory_mib = max(state.peak_memory_mib or 0.0, peak)
             # every rank's random state (dropout masks differ by rank), so that a resumed run
             # continues each rank's stream: a collective, hence before the main rank's block
             rng_ranks = dist.gather(random_states()) if cfg.save_checkpoints and dist.world_size > 1 else None
             if dist.is_main:
-                metrics = {k: v for k, v in row.items() if k != "epoch"}
-                logger.log_metrics(
-                    {**metrics, "time/epoch_train_s": seconds, "memory/peak_mib": state.peak_memory_mib},
-                    step=epoch + 1,
-                )
+                metrics = {k: v for k, v in row.items() if k != "epoch"} | {"time/epoch_train_s": seconds}
+                if state.peak_memory_mib is not None:
+                    metrics["memory/peak_mib"] = state.peak_memory_mib
+                logger.log_metrics(metrics, step=epoch + 1)
                 epochs.set_postfix(
                     loss=f"{train['loss']:.3f}", valid=f"{valid['acc']:.3f}", test=f"{test['acc']:.3f}"
                 )

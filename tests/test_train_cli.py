@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, run_cli
+from conftest import ROOT, read_metrics, run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from spike_files import make_shd_root
@@ -369,3 +372,40 @@ def test_csv_logger_keeps_earlier_steps_and_replaces_steps_logged_again(tmp_path
     ]
     CSVLogger(tmp_path).log_metrics({"train/loss": 7.0}, step=1)  # started over: from step 1 on
     assert [r["step"] for r in csv.DictReader(open(tmp_path / "logs" / "metrics.csv"))] == ["1"]
+
+
+# Windows has no ``resource`` module, no ``os.getuid`` and no /proc: what the CPU path read there.
+_WITHOUT_POSIX = """
+import builtins, os, sys
+sys.modules["resource"] = None  # import resource -> ImportError
+del os.getuid
+_open = builtins.open
+def _no_proc(file, *args, **kwargs):
+    if str(file).startswith("/proc/"):
+        raise FileNotFoundError(file)
+    return _open(file, *args, **kwargs)
+builtins.open = _no_proc
+from snn_delays import fast_delays, train
+assert fast_delays.c_kernels_available()  # the cache folder is named without a uid
+sys.argv = ["snn-delays-train", *sys.argv[1:]]
+train.main()
+"""
+
+
+def test_a_platform_without_resource_getuid_or_proc_trains_and_reports_no_peak(tmp_path):
+    """As on Windows: the run trains; its peak memory is unknown (null), not a crash."""
+    out = tmp_path / "run"
+    args = ["experiment=synthetic", "trainer.epochs=1", "logger=csv", f"hydra.run.dir={out}", *QUIET]
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_POSIX, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "USERNAME": "researcher", "USER": "researcher"},  # getpass reads these first
+    )
+    assert proc.returncode == 0, proc.stderr
+    metrics = read_metrics(out)
+    assert metrics["peak_memory_mib"] is None and metrics["epochs"] == 1
+    logged = list(csv.DictReader(open(out / "logs" / "metrics.csv")))
+    assert len(logged) == 1 and "memory/peak_mib" not in logged[0]
