@@ -2,7 +2,8 @@
 
 A checkpoint (``RUN_DIR/checkpoints/{best,last}.pt``, written by :func:`snn_delays.training.fit`)
 holds ``model`` (the state dict), ``config`` (the resolved Hydra config), ``data`` (``n_inputs``,
-``n_classes``, ``dt_ms``, ``name``) and ``state`` (with the ``history``). The model is rebuilt
+``n_classes``, ``dt_ms``, ``name``), ``state`` (with the ``history``), ``optim`` and the random
+states, ``rng`` (rank 0's) and, under DDP, ``rng_ranks`` (every rank's). The model is rebuilt
 from the checkpoint's own config, so no config files are needed to load it.
 Checkpoints are unpickled in full (``weights_only=False``): load only files you trust.
 """
@@ -77,25 +78,47 @@ def _unreadable(path: Path, why: str) -> str:
     )
 
 
-def model_from_checkpoint(payload: dict[str, Any], device: str | torch.device = "cpu") -> DelaySNN:
-    """Rebuild the network from the checkpoint's config and load its weights (in eval mode)."""
+class ForeignCheckpointError(ValueError):
+    """A file that loads, but from which the network cannot be rebuilt: not written by
+    snn-delays-train, or weights that do not fit its config."""
+
+
+def model_from_checkpoint(
+    payload: dict[str, Any], device: str | torch.device = "cpu", path: str | Path | None = None
+) -> DelaySNN:
+    """Rebuild the network from the checkpoint's config and load its weights (in eval mode).
+
+    :class:`ForeignCheckpointError` (naming ``path`` when given) where that cannot be done."""
+    from hydra.errors import InstantiationException
+
     from snn_delays.train import build_model  # the trainer's builder, imported late (it registers configs)
 
-    for key in ("model", "config", "data"):
-        if key not in payload:
-            raise KeyError(f"not a snn-delays training checkpoint: no {key!r} entry")
-    data = payload["data"]
-    model = build_model(
-        OmegaConf.create(payload["config"]["model"]), data["n_inputs"], data["n_classes"], data["dt_ms"]
-    )
-    model.load_state_dict(payload["model"])
+    try:
+        for key in ("model", "config", "data"):
+            if key not in payload:
+                raise KeyError(f"not a snn-delays training checkpoint: no {key!r} entry")
+        data = payload["data"]
+        model = build_model(
+            OmegaConf.create(payload["config"]["model"]), data["n_inputs"], data["n_classes"], data["dt_ms"]
+        )
+        model.load_state_dict(payload["model"])
+    except (KeyError, TypeError, RuntimeError, InstantiationException) as err:
+        where = f"{path}: " if path is not None else ""
+        raise ForeignCheckpointError(
+            f"{where}cannot rebuild the network from this checkpoint ({type(err).__name__}: "
+            f"{str(err).strip()[:600]}); use a checkpoint written by snn-delays-train "
+            "(RUN_DIR/checkpoints/best.pt or last.pt)"
+        ) from err
     return model.to(device).eval()
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[DelaySNN, dict, dict]:
-    """``(model, config, data_info)`` from a checkpoint file; the model is in eval mode."""
+    """``(model, config, data_info)`` from a checkpoint file; the model is in eval mode.
+
+    Raises :class:`FileNotFoundError`, :class:`UnreadableCheckpointError` or
+    :class:`ForeignCheckpointError`, each naming the file."""
     payload = read_checkpoint(path)
-    return model_from_checkpoint(payload, device), payload["config"], dict(payload["data"])
+    return model_from_checkpoint(payload, device, path), payload["config"], dict(payload["data"])
 
 
 def read_history(run_dir: str | Path | None, payload: dict[str, Any] | None = None) -> list[dict[str, float]]:

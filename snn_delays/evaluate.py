@@ -10,7 +10,8 @@ the command line's ``dataset.*`` keys on top. Only the keys that say where the d
 (``LOCATION_KEYS``: ``root``, ``download``, ...) may differ from the saved ones; another dataset
 or other preprocessing (bin width, pooling, split, ...) is refused, as the model was not trained
 on it. The model, its hyperparameters and the training settings all come from the checkpoint, so
-any key that ``conf/eval.yaml`` does not define is refused too.
+any key that ``conf/eval.yaml`` does not define is refused too. A refused key, a missing or
+unreadable checkpoint or missing data ends the command with exit status 2 and the reason on stderr.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from snn_delays.checkpoints import UnreadableCheckpointError, load_checkpoint
+from snn_delays.config import TrainerConfig
 from snn_delays.report import flatten, parse_override
 from snn_delays.train import CONF_DIR, pick_device
 from snn_delays.training import evaluate
@@ -119,6 +121,12 @@ def evaluate_checkpoint(
     of ``cfg.dataset`` counts as requested.
     """
     check_keys(cfg)
+    if cfg.batch_size is not None and (
+        isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1
+    ):
+        raise ValueError(
+            f"batch_size must be a whole number >= 1 (or null: the run's), got {cfg.batch_size!r}"
+        )
     path = Path(cfg.checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no such file")
@@ -137,13 +145,21 @@ def evaluate_checkpoint(
             f"{data.name} has {data.n_inputs} / {data.n_classes}"
         )
     data = data.to(device)
+    batch = run_eval_batch_size(config) if cfg.batch_size is None else cfg.batch_size
     results = {}
     for name in cfg.splits:
         split = getattr(data, name, None)
         if split is None:
             raise ValueError(f"splits: unknown split {name!r}; use train, valid or test")
-        results[name] = evaluate(model, split, cfg.batch_size)
+        results[name] = evaluate(model, split, batch)
     return results
+
+
+def run_eval_batch_size(config: dict[str, Any]) -> int:
+    """The batch the run evaluated in (``trainer.eval_batch_size``): a batch is padded to its
+    longest sample and the scores sum over every step, so the batch can change a prediction."""
+    trainer = config.get("trainer") or {}
+    return int(trainer.get("eval_batch_size") or TrainerConfig.eval_batch_size)
 
 
 def output_path(cfg: DictConfig) -> Path:

@@ -5,6 +5,10 @@ per-epoch history (``metrics.csv``, else the checkpoint's), the position trace
 (``positions.npz``) when the run recorded one, and, for the spike raster only, one test sample
 of the run's dataset (which must already be on disk; ``--no-data`` skips it). Also
 ``python -m snn_delays.plot_cli``.
+
+Exit status: 0 when every figure was written; 1 when some could not be (the others are);
+2 when none is drawn: no checkpoint, an unreadable one or one that snn-delays-train did not
+write, or an output folder that cannot be written to.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from snn_delays.checkpoints import (
+    ForeignCheckpointError,
     UnreadableCheckpointError,
     build_data,
     find_checkpoint,
@@ -49,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--sample", type=int, default=0, help="test-set sample of the raster (default: 0)")
     parser.add_argument("--device", default="cpu", help="device for the raster's forward pass (default: cpu)")
-    parser.add_argument("--dpi", type=int, default=120)
+    parser.add_argument("--dpi", type=int, default=120, help="resolution of the PNG files (default: 120)")
     return parser.parse_args(argv)
 
 
@@ -99,14 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"snn-delays-plot: {err}", file=sys.stderr)
         return 2
     try:
-        model = model_from_checkpoint(payload, args.device)
-    except (KeyError, RuntimeError) as err:  # not a training checkpoint, or weights of another network
-        print(
-            f"snn-delays-plot: {ckpt}: cannot rebuild the network from this checkpoint "
-            f"({type(err).__name__}: {str(err).strip()[:600]}); plot a checkpoint written by "
-            "snn-delays-train (RUN_DIR/checkpoints/best.pt or last.pt)",
-            file=sys.stderr,
-        )
+        model = model_from_checkpoint(payload, args.device, ckpt)
+    except ForeignCheckpointError as err:  # not a training checkpoint, or weights of another network
+        print(f"snn-delays-plot: {err}", file=sys.stderr)
         return 2
     out = args.out if args.out is not None else run_dir / "figures"
     problem = unwritable(out)

@@ -7,12 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import run_cli
 from hydra import compose, initialize_config_dir
 from test_plots import tiny_run
 
-from snn_delays.checkpoints import UnreadableCheckpointError
+from snn_delays.checkpoints import ForeignCheckpointError, UnreadableCheckpointError
 from snn_delays.evaluate import dataset_config, evaluate_checkpoint
 from snn_delays.train import CONF_DIR
 
@@ -122,3 +123,41 @@ def test_eval_names_an_unreadable_checkpoint(run_dir, tmp_path):
     with pytest.raises(UnreadableCheckpointError, match="truncated or corrupt") as err:
         evaluate_checkpoint(eval_cfg(f"checkpoint={bad}"), [])
     assert str(bad) in str(err.value) and "last.pt" in str(err.value)
+
+
+def test_eval_scores_in_the_runs_evaluation_batches(run_dir, tmp_path, monkeypatch):
+    """A batch is padded to its longest sample and the scores see the padding, so eval takes the
+    run's trainer.eval_batch_size (its metrics.json's scores) unless batch_size=N is given."""
+    from snn_delays import evaluate as ev
+
+    payload = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)
+    payload["config"]["trainer"]["eval_batch_size"] = 7
+    ckpt = tmp_path / "best.pt"
+    torch.save(payload, ckpt)
+    seen, real = [], ev.evaluate
+    monkeypatch.setattr(
+        ev, "evaluate", lambda model, split, batch: seen.append(batch) or real(model, split, batch)
+    )
+    evaluate_checkpoint(eval_cfg(f"checkpoint={ckpt}"), [])
+    evaluate_checkpoint(eval_cfg(f"checkpoint={ckpt}", "batch_size=5"), [])
+    assert seen == [7, 7, 5, 5]  # valid and test
+    for bad in ("0", "-2", "1.5", "true"):
+        with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
+            evaluate_checkpoint(eval_cfg(f"checkpoint={ckpt}", f"batch_size={bad}"), [])
+
+
+def test_eval_names_a_file_it_cannot_rebuild_a_network_from(run_dir, tmp_path):
+    """A .pt that snn-delays-train did not write, or weights that do not fit the config: a message
+    naming the file and exit status 2, as snn-delays-plot, not a KeyError traceback."""
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"a": 1}, foreign)
+    proc = run_cli("evaluate", f"checkpoint={foreign}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{foreign}: cannot rebuild the network" in proc.stderr and "no 'model' entry" in proc.stderr
+    payload = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)
+    payload["config"]["model"]["n_hidden"] += 1
+    resized = tmp_path / "resized.pt"
+    torch.save(payload, resized)
+    with pytest.raises(ForeignCheckpointError, match="size mismatch") as err:
+        evaluate_checkpoint(eval_cfg(f"checkpoint={resized}"), [])
+    assert str(resized) in str(err.value)
