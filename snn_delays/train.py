@@ -201,7 +201,7 @@ def refuse_to_overwrite(cfg: DictConfig, run_dir: Path) -> None:
         return
     raise FileExistsError(
         f"{last} exists: {run_dir} already holds a run. Use trainer.resume=true to continue it, or "
-        "another hydra.run.dir (or delete the folder) to start a new run"
+        "another hydra.run.dir (hydra.sweep.dir for a -m sweep), or delete the folder, to start a new run"
     )
 
 
@@ -394,6 +394,7 @@ RESUMABLE_KEYS = (
     "dataset.root",
     "dataset.download",
     "dataset.cache",
+    "dataset.feature_batch_size",
     "trainer.eval_batch_size",
     "trainer.cuda_graphs",
 )
@@ -432,8 +433,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def _torchrun_overrides(argv: list[str]) -> list[str]:
     """Under torchrun every rank runs Hydra: give them one run dir, and only rank 0 Hydra's files.
 
-    The run dir is named after torchrun's ``--rdzv-id`` (``--standalone`` makes a random one).
-    Plain ``torchrun`` leaves it at ``none`` for every run, so on one node the workers use the
+    The run dir is named after torchrun's ``--rdzv-id`` (``--standalone``, and in torch 2.13 a
+    plain one-node run, make a random one). Where torchrun leaves it at ``none`` for every run
+    (its static rendezvous, e.g. with ``--master-port``), on one node the workers use the
     process id of their torchrun instead (the same for all of them, and across its restarts):
     a second run would otherwise refuse to start, or two at once write into one folder.
     """

@@ -307,10 +307,13 @@ def test_without_a_validation_split_the_epoch_is_chosen_on_test_and_said_so(tmp_
 def test_a_sweep_rerun_with_resume_finds_its_job_folders(tmp_path):
     """trainer.resume (and the other keys a continuation may change) stay out of the job folder
     names, so a sweep rerun with trainer.resume=true continues in the same folders."""
+    from snn_delays.evaluate import LOCATION_KEYS
     from snn_delays.train import RESUMABLE_KEYS
 
     cfg = compose_train("experiment=synthetic", return_hydra_config=True)
     assert set(cfg.hydra.job.config.override_dirname.exclude_keys) == set(RESUMABLE_KEYS)
+    # what the evaluator lets change (where the data lies, not what the model sees) may change on resume
+    assert {f"dataset.{k}" for k in LOCATION_KEYS} <= set(RESUMABLE_KEYS)
     sweep = tmp_path / "sweep"
     args = [
         "-m",
