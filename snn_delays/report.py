@@ -8,8 +8,9 @@ row: the number of runs n and, over them, the mean and the sample standard devia
 ``METRICS``. The table is printed and written to ``report.csv`` (raw values) and ``report.md``.
 
 Runs that cannot count are skipped with a warning: no ``metrics.json`` (crashed, or still
-running), fewer epochs than configured (stopped by a signal, e.g. pre-empted; resume it with
-``trainer.resume=true``), or a null metric (left out of that metric's statistics only).
+running), an unreadable or malformed ``metrics.json`` or ``.hydra`` file, fewer epochs than
+configured (stopped by a signal, e.g. pre-empted; resume it with ``trainer.resume=true``), or a
+null metric (left out of that metric's statistics only).
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ validation and test data is the rounded integer-delay one (``model.eval()``).
 
 Per-batch work never synchronises with the host: losses and counts are summed on the device
 and read once per epoch. The model and data arrive on their device; the loop does not move
-them. Checkpoints (``last.pt`` every epoch, ``best.pt`` on a new best validation accuracy)
-hold everything needed to resume exactly: model, optimizers, schedulers, epoch, history and
-random states.
+them. Checkpoints (``last.pt`` every epoch, ``best.pt`` on a new best validation accuracy, or
+test accuracy where there is no validation split) hold everything needed to resume exactly:
+model, optimizers, schedulers, epoch, history, the data order's generator and random states
+(every rank's under DDP).
 """
 
 from __future__ import annotations
