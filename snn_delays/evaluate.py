@@ -136,7 +136,7 @@ def evaluate_checkpoint(
             overrides = list(HydraConfig.get().overrides.task)
         else:
             overrides = ["dataset"] + [f"dataset.{k}" for k in requested or {}]
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, key="device")
     model, config, info = load_checkpoint(path, device=device)
     data = instantiate(dataset_config(config["dataset"], requested, overrides))
     if (data.n_inputs, data.n_classes) != (info["n_inputs"], info["n_classes"]):

@@ -50,19 +50,26 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 register_configs()
 
 
-def pick_device(name: str) -> torch.device:
-    """``trainer.device``; a numbered GPU (``cuda:1``) also becomes the current device, which
-    Triton's launches, the CUDA graphs' stream and the memory counters follow."""
+def pick_device(name: str, key: str = "trainer.device") -> torch.device:
+    """The device setting ``key``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or another torch
+    device type that this machine has (``mps``, ...); a numbered GPU also becomes the current
+    device, which Triton's launches, the CUDA graphs' stream and the memory counters follow."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"trainer.device={name} but CUDA is not available; use trainer.device=cpu or auto")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{key}={name!r} is not a device: use auto, cpu, cuda or cuda:N ({err})") from None
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    if device.type != "cpu" and not getattr(backend, "is_available", lambda: False)():
+        raise RuntimeError(
+            f"{key}={name} but this machine's torch has no {device.type} device; use {key}=cpu or auto"
+        )
     if device.type == "cuda" and device.index is not None:
         count = torch.cuda.device_count()
         if device.index >= count:
             raise ValueError(
-                f"trainer.device={name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+                f"{key}={name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
             )
         torch.cuda.set_device(device)
     return device

@@ -176,6 +176,28 @@ def test_numbered_gpu_becomes_the_current_device(monkeypatch):
         train.pick_device("cuda:2")
 
 
+def test_a_device_the_machine_lacks_or_a_wrong_name_is_refused_naming_the_key(tmp_path, monkeypatch):
+    """trainer.device=gpu gave torch's list of twenty device types, and =mps a bare
+    'not linked with support' from deep in the model's .to(); both now name the key, before any
+    data is read (the eval command's key is device)."""
+    from snn_delays import train
+
+    with pytest.raises(ValueError, match=r"trainer.device='gpu' is not a device: use auto, cpu, cuda"):
+        train.pick_device("gpu")
+    with pytest.raises(RuntimeError, match="device=mps but this machine's torch has no mps device"):
+        train.pick_device("mps", key="device")
+    monkeypatch.setattr(torch.mps, "is_available", lambda: True)  # a Mac's answer, stood in
+    assert train.pick_device("mps") == torch.device("mps")
+    proc = run_cli(
+        "train", "experiment=synthetic", "trainer.device=mps", f"hydra.run.dir={tmp_path}", check=False
+    )
+    assert (
+        proc.returncode != 0
+        and "trainer.device=mps but this machine's torch has no mps device" in proc.stderr
+    )
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_diverging_training_stops_with_an_error_and_saves_nothing_of_it(tmp_path):
     """A learning rate far too high: the loss becomes NaN in the first epoch. The trainer stops
     there with an error instead of training on and saving a NaN model as best.pt."""
