@@ -618,8 +618,8 @@ def compile_c(name: str, source: str, flags: tuple[str, ...] = ()) -> ctypes.CDL
     The settings of :data:`C_ATTEMPTS` are tried in turn, each library cached under its own name
     (every process tries the full settings first, so an OpenMP installed later is taken up); a
     fallback warns that the kernels run slower, and no library at all that the slower PyTorch
-    paths run, each naming the compiler's error and what to do. Returns None where it cannot (no compiler, or
-    ``SNN_DELAYS_NO_C`` set: ``1`` for every library, or a comma list of names,
+    paths run, each naming the compiler's error and what to do. Returns None where it cannot
+    (no compiler, or ``SNN_DELAYS_NO_C`` set: ``1`` for every library, or a comma list of names,
     ``fast_delays`` for the delay kernels and ``fast_neurons`` for the LIF): callers fall back.
     """
     if c_disabled(name):
@@ -644,9 +644,9 @@ def compile_c(name: str, source: str, flags: tuple[str, ...] = ()) -> ctypes.CDL
         return lib
     warnings.warn(
         f"snn_delays: could not compile the {name} C kernels with CC={cc} into {_cache_dir()} "
-        f"({errors[0]}): the CPU runs "
-        "the PyTorch fallbacks, several times slower. Install a C compiler (gcc or clang) or point CC "
-        "at one; SNN_DELAYS_NO_C=1 chooses the fallbacks without this warning.",
+        f"({errors[0]}): the CPU runs the PyTorch fallbacks, several times slower. Install a C "
+        "compiler (gcc or clang) or point CC at one; SNN_DELAYS_NO_C=1 chooses the fallbacks "
+        "without this warning.",
         RuntimeWarning,
         stacklevel=3,
     )
