@@ -59,6 +59,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     (naming the file and what to do) for one that cannot be loaded.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"{path} is a directory, not a checkpoint file: pass RUN_DIR/checkpoints/best.pt (or last.pt), "
+            "e.g. find_checkpoint(path, 'best')"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:

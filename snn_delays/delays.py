@@ -25,6 +25,7 @@ Two backends compute the same function from the same parameters (held by a ``dcl
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,9 @@ class DelayLayer(nn.Module):
         round_eval: bool = True,
     ) -> None:
         super().__init__()
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size (max delay in steps) must be odd and >= 1, got {kernel_size}")
+        if not isinstance(kernel_size, numbers.Integral) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size (max delay in steps) must be odd and >= 1, got {kernel_size!r}")
+        kernel_size = int(kernel_size)
         if backend not in BACKENDS:
             raise ValueError(f"model.delay_backend must be one of {BACKENDS}, got {backend!r}")
         self.in_features, self.out_features, self.kernel_size = in_features, out_features, kernel_size
@@ -145,6 +147,11 @@ class DelayLayer(nn.Module):
 
     # --- forward ----------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.in_features:  # the C kernels would read out of bounds
+            raise ValueError(
+                f"DelayLayer({self.extra_repr()}) takes time-major input (T, B, {self.in_features}), "
+                f"got shape {tuple(x.shape)}"
+            )
         rounded = self.round_eval and not self.training
         if self.backend == "dcls":
             return self._forward_dcls(x, rounded)

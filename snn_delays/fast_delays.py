@@ -1803,6 +1803,21 @@ def delay_conv_dense(x: Tensor, weight: Tensor, pos: Tensor, sigma: float, kerne
     return y.permute(2, 0, 1).contiguous()
 
 
+def _check_shapes(x: Tensor, weight: Tensor, per_synapse: Tensor) -> None:
+    """x (T, B, in), weight and positions or delays (out, in): the C kernels read by these sizes,
+    so a mismatch would read out of bounds."""
+    if (
+        x.dim() != 3
+        or weight.dim() != 2
+        or x.shape[-1] != weight.shape[1]
+        or per_synapse.shape != weight.shape
+    ):
+        raise ValueError(
+            f"delay convolution: x must be (T, B, in) and weight, positions / delays (out, in) with the "
+            f"same in; got x {tuple(x.shape)}, weight {tuple(weight.shape)}, {tuple(per_synapse.shape)}"
+        )
+
+
 def delay_conv(
     x: Tensor, weight: Tensor, pos: Tensor, sigma: float, kernel_size: int, impl: str | None = None
 ) -> Tensor:
@@ -1816,6 +1831,7 @@ def delay_conv(
     CUDA, or the Triton interpreter) or ``dense``. x, ``weight`` and ``pos`` share one dtype
     (under ``torch.autocast``, the parameters are cast to x's).
     """
+    _check_shapes(x, weight, pos)
     weight, pos = _params_like(x, weight, pos)
     path = _path(x, impl)
     if path == "dense":
@@ -1855,6 +1871,7 @@ def integer_delay_conv(
     hand, or from a checkpoint trained without clamping) contributes nothing, as in the
     reference's rounded kernel; no kernel ever indexes outside its window. x and ``weight``
     share one dtype (under ``torch.autocast``, the weights are cast to x's)."""
+    _check_shapes(x, weight, delays)
     (weight,) = _params_like(x, weight)
     outside = (delays < 0) | (delays >= kernel_size)  # elementwise: no host synchronisation
     weight = weight.masked_fill(outside, 0.0)

@@ -15,6 +15,8 @@ tensor kept for the backward), and the dropout outputs the next layer saves are 
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import weakref
 from collections.abc import Iterator
 
@@ -151,6 +153,14 @@ class DelaySNN(nn.Module):
                     f"model.{key} must be a whole number >= 1 (L hidden layers of N neurons, then the "
                     f"readout), got {value!r}"
                 )
+        for key, value in (("n_inputs", n_inputs), ("n_classes", n_classes)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{key} (from the data) must be a whole number >= 1, got {value!r}")
+        n_inputs, n_classes = int(n_inputs), int(n_classes)
+        if not (isinstance(dt_ms, numbers.Real) and math.isfinite(dt_ms) and dt_ms > 0):
+            raise ValueError(f"dt_ms (the data's time step in ms) must be a number > 0, got {dt_ms!r}")
+        if kernel_size is None and not (isinstance(max_delay_ms, numbers.Real) and max_delay_ms >= 0):
+            raise ValueError(f"model.max_delay_ms must be a number >= 0, got {max_delay_ms!r}")
         if kernel_size is None:
             kernel_size = max_delay_steps(max_delay_ms, dt_ms)
         self.delays_mode, self.dt_ms = delays, dt_ms
@@ -191,6 +201,17 @@ class DelaySNN(nn.Module):
 
     def forward(self, x: Tensor, return_spikes: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """``x`` (T, B, n_inputs) -> membrane ``u`` (T + (L+1)(K-1)//2, B, n_classes)."""
+        if x.dim() != 3 or x.shape[-1] != self.n_inputs:
+            if x.dim() == 2:
+                hint = "one sample (T, C)? x.unsqueeze(1)"
+            elif x.dim() == 3:
+                hint = f"the last dimension holds the channels: {x.shape[-1]}, built for {self.n_inputs}"
+            else:
+                hint = "batch-first (B, T, C) is x.transpose(0, 1)"
+            raise ValueError(
+                f"DelaySNN takes time-major input (T, B, n_inputs={self.n_inputs}), "
+                f"got shape {tuple(x.shape)} ({hint})"
+            )
         spikes = []
         training = self.training and torch.is_grad_enabled()
         store = SavedSpikes() if self.compact_saved_spikes and training else None
@@ -245,6 +266,11 @@ class DelaySNN(nn.Module):
     def clamp_positions(self) -> None:
         for layer in self.delay_layers():
             layer.clamp_positions()
+
+    @property
+    def n_inputs(self) -> int:
+        first = self.blocks[0][0]
+        return first.in_features if isinstance(first, DelayLayer) else first.linear.in_features
 
     @property
     def sigma(self) -> float | None:

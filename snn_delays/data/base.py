@@ -10,6 +10,7 @@ an epoch never goes back to the host for data.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ class Split:
     y: Tensor
 
     def __post_init__(self) -> None:
+        self.lengths, self.y = torch.as_tensor(self.lengths), torch.as_tensor(self.y)
+        if self.x.dim() != 3:
+            raise ValueError(f"split x must be (N, T_max, C), got shape {tuple(self.x.shape)}")
         n = self.x.shape[0]
         if self.lengths.shape != (n,) or self.y.shape != (n,):
             raise ValueError(
@@ -45,7 +49,7 @@ class Split:
         return Split(self.x.to(device), self.lengths, self.y.to(device))
 
     def subset(self, index: Tensor) -> Split:
-        index = index.cpu().long()
+        index = _as_index(index)
         dev = self.x.device
         return Split(self.x[index.to(dev)], self.lengths[index], self.y[index.to(dev)])
 
@@ -93,8 +97,9 @@ def batches(
     :meth:`snn_delays.cuda_graphs.GraphedSteps.buffer`); it may hand back the previous
     batch's tensor, overwritten, so a caller that keeps batches must not pass it.
     """
-    order = indices if indices is not None else torch.arange(len(split))
-    order = order.cpu().long()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    order = _as_index(indices) if indices is not None else torch.arange(len(split))
     if shuffle:
         order = order[torch.randperm(len(order), generator=generator)]
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
@@ -110,6 +115,12 @@ def batches(
             x = into((t, n, c), (c, t * c, 1), torch.float32, dev)
             x.copy_(split.x[idx_dev, :t].transpose(0, 1))
         yield x, split.y[idx_dev], idx
+
+
+def _as_index(index: Tensor) -> Tensor:
+    """Sample indices on the CPU; a boolean mask becomes the indices it selects."""
+    index = torch.as_tensor(index).cpu()
+    return index.nonzero().flatten() if index.dtype == torch.bool else index.long()
 
 
 def stratified_split(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
