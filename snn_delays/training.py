@@ -51,8 +51,12 @@ def loss_fn(u: Tensor, y: Tensor) -> Tensor:
 
 
 def sigma_at(epoch: int, sigma_init: float, sigma_final: float, decay_epochs: int) -> float:
-    """Sigma during ``epoch`` (0-based): geometric decay over ``decay_epochs``, then constant."""
-    if decay_epochs <= 0:
+    """Sigma during ``epoch`` (0-based): geometric decay over ``decay_epochs``, then constant.
+
+    A sigma starting at 0 (K = 1, or ``model.sigma_init=0``) has no geometric path: it stays 0,
+    as in the published code (which decays only a sigma above the final one).
+    """
+    if decay_epochs <= 0 or sigma_init == 0:
         return sigma_init
     factor = (sigma_final / sigma_init) ** (1.0 / decay_epochs)
     return sigma_init * factor ** min(epoch, decay_epochs)
@@ -435,8 +439,9 @@ def fit(
                 )
                 raise FloatingPointError(
                     f"training diverged: train loss is {train['loss']} at epoch {epoch + 1} (lower the "
-                    "learning rate: optim.weights.lr and optim.weights_scheduler.max_lr, or "
-                    f"optim.positions.lr). Nothing was saved from this epoch{kept}"
+                    "learning rate: optim.weights_scheduler.max_lr, which sets the weights' rate over "
+                    "optim.weights.lr, or optim.positions.lr). Nothing was saved from this "
+                    f"epoch{kept}"
                 )
             opt.end_epoch()
             seconds = time.perf_counter() - t0

@@ -1,0 +1,67 @@
+"""Valid but unusual trainer settings: the run does what the README and the config comments say."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from snn_delays.train import CONF_DIR, run
+from snn_delays.training import sigma_at
+
+
+def _run(run_dir: Path, *overrides: str) -> dict:
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["experiment=synthetic", "logger=none", "trainer.progress=false", *overrides],
+        )
+    return run(cfg, run_dir)
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("epoch", [0, 1, 5])
+def test_sigma_starting_at_zero_stays_zero(epoch):
+    """A sigma of 0 at the start (K = 1, ``model.sigma_init=0``) raised ZeroDivisionError in
+    the geometric decay; it stays 0, as in the published code (which decays only a sigma above
+    the final one)."""
+    assert sigma_at(epoch, 0.0, 0.23, 3) == 0.0
+    assert sigma_at(3, 7.0, 0.23, 3) == pytest.approx(0.23)  # the ordinary decay is unchanged
+
+
+@pytest.mark.parametrize("override", ["model.max_delay_ms=5", "model.sigma_init=0"])
+def test_kernel_of_one_tap_or_zero_sigma_trains(tmp_path, override):
+    """``model.max_delay_ms`` below one bin (K = 1: every delay 0) or ``model.sigma_init=0``
+    stopped the run at its first epoch with ``ZeroDivisionError: float division by zero``."""
+    metrics = _run(tmp_path / "run", override, "trainer.epochs=2")
+    assert metrics["epochs"] == 2 and math.isfinite(metrics["test_acc"])
+    assert [float(r["sigma"]) for r in _rows(tmp_path / "run")] == [0.0, 0.0]
+
+
+def test_divergence_advice_names_the_rate_that_is_used(tmp_path):
+    """``optim.weights.lr`` is not used (OneCycleLR sets the weights' rate from ``max_lr``), yet
+    the divergence error advised lowering it: a researcher doing so met the same error again."""
+    with pytest.raises(FloatingPointError, match="training diverged") as err:
+        _run(tmp_path / "run", "model=no_delays", "trainer.epochs=2", "optim.weights_scheduler.max_lr=1e24")
+    assert "optim.weights_scheduler.max_lr" in str(err.value)
+    assert "optim.weights.lr and" not in str(err.value)
+
+
+def test_one_cycle_sets_the_weights_rate_whatever_optim_weights_lr_says():
+    """What ``conf/optim/paper.yaml`` says of ``optim.weights.lr``: the schedule's rates alone."""
+    from snn_delays.model import DelaySNN
+    from snn_delays.train import build_optimization
+
+    for lr in (1e-3, 0.5):
+        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+            cfg = compose("train", overrides=["experiment=synthetic", f"optim.weights.lr={lr}"])
+        model = DelaySNN(4, 3, n_hidden=8, n_layers=1, kernel_size=5)
+        opt = build_optimization(cfg.optim, model, epochs=4)
+        assert opt.weights.param_groups[0]["lr"] == pytest.approx(cfg.optim.weights_scheduler.max_lr / 25)
