@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import json
 import logging
 import math
@@ -75,6 +76,12 @@ def pick_device(name: str, key: str = "trainer.device") -> torch.device:
     return device
 
 
+def rank_seed(seed: int, rank: int, epoch: int = 0) -> int:
+    """The seed of ``rank`` (at ``epoch``, for a resumed run whose stored state does not fit),
+    within 0 .. 2**32 - 1 as numpy requires: ``seed=4294967295`` is valid on every rank."""
+    return (seed + rank + 65_537 * epoch) % 2**32
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -92,16 +99,31 @@ def build_optimization(cfg: DictConfig, model: DelaySNN, epochs: int) -> Optimiz
         {"params": list(model.other_parameters()), "weight_decay": 0.0},
     ]
     weights = instantiate(cfg.weights)(groups)
-    opt = Optimization(weights, instantiate(cfg.weights_scheduler)(weights, total_steps=epochs))
+    if epochs < 3 and str(cfg.weights_scheduler.get("_target_", "")).endswith("OneCycleLR"):
+        log.warning(
+            "trainer.epochs=%d: the one-cycle schedule is stepped once per epoch and its last epoch runs "
+            "at max_lr / 25e4, so the weights barely train (the only epoch of 1, the second of 2); "
+            "a smoke test is fine, a result needs more epochs",
+            epochs,
+        )
+    opt = Optimization(weights, _schedule(instantiate(cfg.weights_scheduler), weights, total_steps=epochs))
     layers = model.delay_layers()
     if model.delay_parameters():
         opt.positions = instantiate(cfg.positions)(model.delay_parameters())
-        opt.positions_scheduler = instantiate(cfg.positions_scheduler)(opt.positions, T_max=epochs)
+        opt.positions_scheduler = _schedule(instantiate(cfg.positions_scheduler), opt.positions, T_max=epochs)
     if layers:
         opt.sigma_init = layers[0].sigma
         opt.sigma_final = cfg.sigma_final
         opt.sigma_decay_epochs = max(1, int(epochs * cfg.sigma_decay_fraction))
     return opt
+
+
+def _schedule(make: Any, optimizer: torch.optim.Optimizer, **length: int) -> Any:
+    """The scheduler ``make`` (a partial) over ``optimizer``, given the run's length in epochs
+    (OneCycleLR's ``total_steps``, CosineAnnealingLR's ``T_max``) where it takes that argument:
+    another scheduler (StepLR, ConstantLR, ...) keeps its own settings. Stepped once per epoch."""
+    params = inspect.signature(make).parameters
+    return make(optimizer, **{k: v for k, v in length.items() if k in params})
 
 
 @contextlib.contextmanager
@@ -239,7 +261,7 @@ def _train(
 ) -> dict[str, Any]:
     if device.type == "cpu":
         fast_delays.keep_freed_memory()  # activations reused, not re-faulted every step
-    seed_everything(cfg.seed + dist.rank)
+    seed_everything(rank_seed(cfg.seed, dist.rank))
     data = instantiate(cfg.dataset)
     model = build_model(cfg.model, data.n_inputs, data.n_classes, data.dt_ms).to(device)
     opt = build_optimization(cfg.optim, model, cfg.trainer.epochs)
@@ -382,7 +404,7 @@ def load_for_resume(
     elif dist.rank == 0:
         set_random_states(ckpt["rng"])
     else:  # another number of ranks: a stream of its own (not rank 0's: dropout masks would repeat)
-        seed_everything((cfg.seed + dist.rank + 65_537 * state.epoch) % 2**32)
+        seed_everything(rank_seed(cfg.seed, dist.rank, state.epoch))
     state.stopped_by = None
     log.info("resuming from %s after epoch %d", path, state.epoch)
     run_id = ckpt.get("logger_run_id")

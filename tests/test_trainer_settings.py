@@ -65,3 +65,54 @@ def test_one_cycle_sets_the_weights_rate_whatever_optim_weights_lr_says():
         model = DelaySNN(4, 3, n_hidden=8, n_layers=1, kernel_size=5)
         opt = build_optimization(cfg.optim, model, epochs=4)
         assert opt.weights.param_groups[0]["lr"] == pytest.approx(cfg.optim.weights_scheduler.max_lr / 25)
+
+
+def test_other_schedulers_keep_their_own_settings(tmp_path):
+    """The trainer passed OneCycleLR's ``total_steps`` and CosineAnnealingLR's ``T_max`` to any
+    scheduler: ConstantLR or StepLR failed with ``unexpected keyword argument``. They now run,
+    stepped once per epoch, with the rates torch's own scheduler gives."""
+    import torch
+
+    run = tmp_path / "run"
+    _run(
+        run,
+        "trainer.epochs=3",
+        "optim.weights_scheduler._target_=torch.optim.lr_scheduler.ConstantLR",
+        "~optim.weights_scheduler.max_lr",  # OneCycleLR's (check_config names it otherwise)
+        "+optim.weights_scheduler.factor=0.5",
+        "+optim.weights_scheduler.total_iters=2",
+        "optim.positions_scheduler._target_=torch.optim.lr_scheduler.StepLR",
+        "+optim.positions_scheduler.step_size=1",
+    )
+    p = torch.nn.Parameter(torch.zeros(1))
+    weights, positions = torch.optim.Adam([p], lr=1e-3), torch.optim.Adam([p], lr=0.1)
+    constant = torch.optim.lr_scheduler.ConstantLR(weights, factor=0.5, total_iters=2)
+    step = torch.optim.lr_scheduler.StepLR(positions, step_size=1)
+    expected = []
+    for _ in range(3):
+        expected.append((weights.param_groups[0]["lr"], positions.param_groups[0]["lr"]))
+        constant.step()
+        step.step()
+    logged = [(float(r["lr/weights"]), float(r["lr/positions"])) for r in _rows(run)]
+    assert logged == pytest.approx(expected)
+
+
+def test_the_largest_seed_is_valid_on_every_rank():
+    """``seed=4294967295`` (allowed) failed on torchrun's rank 1: numpy took seed + rank."""
+    from snn_delays.train import rank_seed, seed_everything
+
+    assert rank_seed(2**32 - 1, 1) == 0 and rank_seed(5, 2) == 7
+    for rank in range(4):
+        seed_everything(rank_seed(2**32 - 1, rank))
+
+
+def test_one_or_two_epochs_of_one_cycle_warn_that_the_weights_barely_train(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="snn_delays"):
+        _run(tmp_path / "one", "trainer.epochs=1")
+    assert "trainer.epochs=1: the one-cycle schedule" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="snn_delays"):
+        _run(tmp_path / "three", "trainer.epochs=3")
+    assert "one-cycle" not in caplog.text
