@@ -123,6 +123,8 @@ def _schedule(make: Any, optimizer: torch.optim.Optimizer, **length: int) -> Any
     (OneCycleLR's ``total_steps``, CosineAnnealingLR's ``T_max``) where it takes that argument:
     another scheduler (StepLR, ConstantLR, ...) keeps its own settings. Stepped once per epoch."""
     params = inspect.signature(make).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return make(optimizer, **length)
     return make(optimizer, **{k: v for k, v in length.items() if k in params})
 
 
