@@ -9,8 +9,11 @@ wandb is imported lazily, so the other loggers never pay for it.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -104,17 +107,25 @@ class WandbLogger(NullLogger):
         import wandb  # lazy: importing wandb is slow and only this logger needs it
 
         self._wandb = wandb
-        self.run = wandb.init(
-            project=project,
-            mode=mode,
-            entity=entity,
-            group=group,
-            name=name,
-            tags=list(tags or []),
-            dir=str(self.run_dir),
-            id=run_id,
-            resume="allow" if run_id else None,
-        )
+        self._started = time.time()
+        default_group, default_name = _default_group_and_name()
+        try:
+            self.run = wandb.init(
+                project=project,
+                mode=mode,
+                entity=entity,
+                group=group if group is not None else default_group,
+                name=name if name is not None else default_name,
+                tags=list(tags or []),
+                dir=str(self.run_dir),
+                id=run_id,
+                resume="allow" if run_id else None,
+            )
+        except Exception as err:  # noqa: BLE001 - say what failed and what to do, at start-up
+            raise RuntimeError(
+                f"W&B could not start a {mode} run in {self.run_dir / 'wandb'}: {type(err).__name__}: "
+                f"{err}. Train with logger.mode=offline (no network needed), logger=csv or logger=none"
+            ) from err
         self.run_id = self.run.id
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")
@@ -122,8 +133,10 @@ class WandbLogger(NullLogger):
     def log_config(self, config: dict[str, Any]) -> None:
         self.run.config.update(config, allow_val_change=True)
 
+    # W&B's step is the epoch: an epoch's metrics, figures and histograms share one history row,
+    # and a resumed run (offline too, whose segments `wandb sync` joins) continues its steps.
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.run.log({"epoch": step, **metrics})
+        self.run.log({"epoch": step, **metrics}, step=step)
 
     def log_figure(self, name: str, figure: Any, step: int) -> None:
         # wandb.Image(figure) expects a pyplot figure (it looks up matplotlib.pyplot, which our
@@ -136,10 +149,45 @@ class WandbLogger(NullLogger):
         figure.savefig(buf, format="png", dpi=FIGURE_DPI)
         buf.seek(0)
         with Image.open(buf) as image:
-            self.run.log({"epoch": step, name: self._wandb.Image(image.convert("RGB"))})
+            self.run.log({"epoch": step, name: self._wandb.Image(image.convert("RGB"))}, step=step)
 
     def log_histogram(self, name: str, values: Any, step: int) -> None:
-        self.run.log({"epoch": step, name: self._wandb.Histogram(values)})
+        self.run.log({"epoch": step, name: self._wandb.Histogram(values)}, step=step)
 
     def finish(self) -> None:
+        # The run's summary: what runs are compared on (metrics.json, written by the trainer just
+        # before), not only each key's last epoch.
+        path = self.run_dir / "metrics.json"
+        try:
+            if path.is_file() and path.stat().st_mtime >= self._started - 1:
+                self.run.summary.update(json.loads(path.read_text()))
+        except (OSError, ValueError) as err:
+            warnings.warn(f"{path}: not added to the W&B summary ({err})", stacklevel=2)
         self.run.finish()
+
+
+def _default_group_and_name() -> tuple[str | None, str | None]:
+    """For a Hydra job: its command-line overrides less those that do not change the experiment
+    (as ``snn-delays-report`` groups runs), without the seed (the group) and with it (the name).
+    None outside Hydra, for a W&B sweep's runs, or without such overrides."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if os.environ.get("WANDB_SWEEP_ID") or not HydraConfig.initialized():
+            return None, None
+        overrides = sorted(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - the defaults are a convenience
+        return None, None
+    from snn_delays.report import IGNORED, is_ignored, parse_override
+
+    keep = tuple(k for k in IGNORED if k != "seed")
+    named = [o for o in overrides if not is_ignored(parse_override(o)[0], keep)]
+    grouped = [o for o in named if not is_ignored(parse_override(o)[0])]
+    return _at_most_128(",".join(grouped)), _at_most_128(",".join(named))
+
+
+def _at_most_128(text: str) -> str | None:
+    """W&B refuses a group or name over 128 characters: a long one is cut and told apart by a hash."""
+    if len(text) <= 128:
+        return text or None
+    return f"{text[:119]}~{hashlib.sha1(text.encode()).hexdigest()[:8]}"
