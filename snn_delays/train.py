@@ -280,8 +280,14 @@ def _train(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     logger = instantiate(cfg.logger, run_dir=run_dir, **logger_kwargs) if dist.is_main else None
-    if logger is not None:
-        logger.log_config(config)
+    if logger is not None:  # and what the run derived: the data's sizes, the kernel's taps
+        layers = model.delay_layers()
+        derived = {"n_inputs": data.n_inputs, "n_classes": data.n_classes, "dt_ms": data.dt_ms}
+        model_cfg = {
+            **config["model"],
+            "kernel_size": layers[0].kernel_size if layers else config["model"].get("kernel_size"),
+        }
+        logger.log_config({**config, "model": model_cfg, "data": derived})
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if dist.world_size > 1:
         log.info(
@@ -343,9 +349,12 @@ def _train(
             logger.finish()
     if state.stopped_by is not None:
         log.warning(
-            "stopped by signal %d after epoch %d: resume with trainer.resume=true",
+            "stopped by signal %d after epoch %d: %s",
             state.stopped_by,
             state.epoch,
+            "resume with trainer.resume=true"
+            if cfg.trainer.save_checkpoints
+            else "no checkpoint was saved (trainer.save_checkpoints=false), so it cannot be resumed",
         )
     return metrics
 

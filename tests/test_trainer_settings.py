@@ -116,3 +116,23 @@ def test_one_or_two_epochs_of_one_cycle_warn_that_the_weights_barely_train(tmp_p
     with caplog.at_level(logging.WARNING, logger="snn_delays"):
         _run(tmp_path / "three", "trainer.epochs=3")
     assert "one-cycle" not in caplog.text
+
+
+def test_the_logged_config_holds_what_the_run_derived(tmp_path):
+    """The logged config (W&B's, filtered on in its UI; the csv logger's config.json) had
+    ``model.kernel_size: null`` (K is derived from max_delay_ms and dt_ms) and no data sizes.
+    The checkpoint's config stays as composed, so resume compares like with like."""
+    import json
+
+    import torch
+
+    run = tmp_path / "run"
+    _run(run, "trainer.epochs=1", "logger=csv", "model.max_delay_ms=30")
+    logged = json.loads((run / "logs" / "config.json").read_text())
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert logged["data"] == {k: ckpt["data"][k] for k in ("n_inputs", "n_classes", "dt_ms")}
+    from snn_delays.checkpoints import model_from_checkpoint
+
+    assert logged["model"]["kernel_size"] == model_from_checkpoint(ckpt).delay_layers()[0].kernel_size
+    assert logged["model"]["kernel_size"] >= 3 and ckpt["config"]["model"]["kernel_size"] is None
+    assert "data" not in ckpt["config"]
