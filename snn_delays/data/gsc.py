@@ -93,6 +93,13 @@ def load_gsc(
             "leave it null"
         )
     del seed
+    # feature_batch_size is not in the cache key (it changes memory, not results): a value < 1
+    # must not compute (and cache) empty features; n_mels < 1 would give no inputs at all.
+    if feature_batch_size < 1 or n_mels < 1:
+        raise ValueError(
+            f"need dataset.n_mels >= 1 and dataset.feature_batch_size >= 1, got {n_mels} and "
+            f"{feature_batch_size}"
+        )
     fe = FrontEnd.published(n_mels, top_db) if faithful else FrontEnd(n_mels=n_mels, top_db=top_db)
     root = Path(root).expanduser()
     data_dir = ensure_extracted(root, download)

@@ -6,7 +6,7 @@ Files (Zenke lab, https://zenkelab.org/datasets/): ``shd_{train,test}.h5`` and
     spikes/times   ragged float, seconds, one array per sample
     spikes/units   ragged int, the channel of each spike, 0 .. n_channels-1 (700)
     labels         int, 0 .. n_classes-1
-    extra/keys     class names (optional here), extra/speaker, extra/meta_info/...
+    extra/keys     class names (optional here; files that differ are warned of), extra/speaker, ...
 
 Binning. Times are rounded to whole microseconds (the resolution other loaders use). For a
 sample with spikes ``(t_k, u_k)``, ``t0 = min_k t_k`` (``start_at_first_spike``) or 0, and
@@ -286,9 +286,11 @@ def load_spike_split(
 
 
 def _binning(dt_ms: float, pool: int, n_channels: int, max_duration_s: float | None, start: bool) -> dict:
-    if dt_ms <= 0 or pool < 1 or n_channels < 1:
+    # a fractional pool or channel count would bin int(value) but size the model from the value
+    if dt_ms <= 0 or pool < 1 or n_channels < 1 or pool != int(pool) or n_channels != int(n_channels):
         raise ValueError(
-            f"need dataset.dt_ms > 0, pool >= 1, n_channels >= 1; got {dt_ms}, {pool}, {n_channels}"
+            "need dataset.dt_ms > 0 and whole numbers pool >= 1, n_channels >= 1; "
+            f"got {dt_ms}, {pool}, {n_channels}"
         )
     if max_duration_s is not None and max_duration_s <= 0:
         raise ValueError(f"dataset.max_duration_s must be positive or null, got {max_duration_s}")
@@ -299,6 +301,27 @@ def _binning(dt_ms: float, pool: int, n_channels: int, max_duration_s: float | N
         "max_duration_s": None if max_duration_s is None else float(max_duration_s),
         "start_at_first_spike": bool(start),
     }
+
+
+def _agreed_names(root: Path, names: dict[str, list[str]]) -> list[str]:
+    """The class names of a dataset's files (files without names aside), the first file's. Files
+    that name a label differently get a warning naming both: the labels are used as they are
+    (the integers are the dataset's classes), but that file may follow another class order."""
+    named = [(f, n) for f, n in names.items() if n]
+    if not named:
+        return []
+    first, ref = named[0]
+    for f, n in named[1:]:
+        diff = [c for c, (a, b) in enumerate(zip(ref, n, strict=True)) if a != b]
+        if diff:
+            c = diff[0]
+            warnings.warn(
+                f"{root / first} and {root / f} name the classes differently (label {c} is "
+                f"{ref[c]!r} in one, {n[c]!r} in the other): if their labels follow different class "
+                f"orders, relabel one file; the figures use {first}'s names",
+                stacklevel=3,
+            )
+    return ref
 
 
 def _split(root: Path, filename: str, binning: dict, n_classes: int, download: bool, cache: bool):
@@ -327,8 +350,9 @@ def load_shd(
     """
     root = Path(root).expanduser().absolute()
     binning = _binning(dt_ms, pool, n_channels, max_duration_s, start_at_first_spike)
-    full, names = _split(root, "shd_train.h5", binning, n_classes, download, cache)
-    test, _ = _split(root, "shd_test.h5", binning, n_classes, download, cache)
+    full, train_names = _split(root, "shd_train.h5", binning, n_classes, download, cache)
+    test, test_names = _split(root, "shd_test.h5", binning, n_classes, download, cache)
+    names = _agreed_names(root, {"shd_train.h5": train_names, "shd_test.h5": test_names})
     keep, held = stratified_split(full.y, valid_fraction, seed)
     train = full if len(held) == 0 else full.subset(keep)
     return DataBundle(
@@ -354,8 +378,8 @@ def load_ssc(
     del valid_fraction, seed
     root = Path(root).expanduser().absolute()
     binning = _binning(dt_ms, pool, n_channels, max_duration_s, start_at_first_spike)
-    splits = [
-        _split(root, f"ssc_{s}.h5", binning, n_classes, download, cache) for s in ("train", "valid", "test")
-    ]
-    (train, names), (valid, _), (test, _) = splits
+    files = [f"ssc_{s}.h5" for s in ("train", "valid", "test")]
+    splits = [_split(root, f, binning, n_classes, download, cache) for f in files]
+    (train, _), (valid, _), (test, _) = splits
+    names = _agreed_names(root, {f: split_names for f, (_, split_names) in zip(files, splits, strict=True)})
     return DataBundle("ssc", train, valid, test, n_inputs(n_channels, pool), n_classes, float(dt_ms), names)
