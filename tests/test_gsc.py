@@ -512,3 +512,45 @@ def test_fixture_writes_the_requested_layout(tmp_path):
     assert info.samplerate == 8000 and 0.5 <= info.duration <= 1.2
     assert (files.data_dir / "_background_noise_").is_dir()
     shutil.rmtree(files.data_dir)
+
+
+def _prepare_gsc_in_a_process(root: str, url: str, sha: str, out) -> None:
+    """A torchrun rank's first GSC load: download and extract (each member slowed, so that two
+    processes overlap)."""
+    import time as _time
+
+    from snn_delays.data import gsc as g
+
+    g.ARCHIVE_URL, g.ARCHIVE_SHA256 = url, sha
+    members = g._safe_members
+
+    def slow(tar, archive):
+        for member in members(tar, archive):
+            _time.sleep(0.005)
+            yield member
+
+    g._safe_members = slow
+    try:
+        out.put(str(g.ensure_extracted(Path(root), True)))
+    except BaseException as err:  # noqa: BLE001 - reported to the parent
+        out.put(f"{type(err).__name__}: {err}")
+
+
+def test_two_processes_preparing_gsc_at_once_wait_for_each_other(tmp_path, archive):
+    """torchrun's ranks all reach the first GSC download at once. Both extracted into one scratch
+    folder, and the second wiped the first's work (and then deleted its archive): now one
+    prepares it while the other waits, then finds the folder."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    root, out = tmp_path / "root", ctx.Queue()
+    args = (str(root), archive.as_uri(), gsc.sha256sum(archive), out)
+    procs = [ctx.Process(target=_prepare_gsc_in_a_process, args=args) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert results == [str(root / gsc.FOLDER)] * 2
+    assert (root / gsc.FOLDER / gsc.MARKER).is_file() and not (root / (gsc.FOLDER + ".extracting")).exists()
+    assert len(load_gsc(root=root, download=False, cache=False).train) == 35

@@ -26,6 +26,7 @@ v0.02 holds nothing else and a stray rate means a foreign or damaged file. Bad i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -34,6 +35,7 @@ import os
 import shutil
 import tarfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -140,6 +142,36 @@ def ensure_extracted(root: Path, download: bool) -> Path:
             f"GSC not found: no folder {data_dir}. Download {ARCHIVE_URL}, extract it into that "
             "folder, or allow the download with dataset.download=true."
         )
+    with _one_process_at_a_time(root / f".{FOLDER}.lock"):
+        if data_dir.is_dir():  # another process (a torchrun rank) made it while this one waited
+            return data_dir
+        return _download_and_extract(root, data_dir)
+
+
+@contextlib.contextmanager
+def _one_process_at_a_time(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock``: torchrun's ranks all reach the first download at once,
+    and two extracting into one scratch folder destroy each other's work. Without ``fcntl``
+    (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is preparing GSC (lock %s): waiting for it", lock)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _download_and_extract(root: Path, data_dir: Path) -> Path:
     archive = root / ARCHIVE_URL.rsplit("/", 1)[-1]
     # An archive left by an interrupted extraction is reused only if it verifies.
     if not (archive.is_file() and sha256sum(archive) == ARCHIVE_SHA256):
