@@ -221,7 +221,10 @@ def kernel_figure(
                 cmap="RdBu_r",
                 vmin=-lim,
                 vmax=lim,
-                interpolation="nearest",
+                # "auto": nearest when zoomed in; when a panel has fewer pixel rows than presynaptic
+                # neurons (512 at the published sizes), filtered rather than nearest, which would
+                # drop most rows and the synapses in them
+                interpolation="auto",
             )
             fig.colorbar(im, ax=ax, label="weight", fraction=0.05, pad=0.02)
             ax.set_title(f"neuron {o}: {what}", fontsize="medium")
