@@ -32,8 +32,8 @@ class NullLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def log_figure(self, name: str, figure: Any, step: int) -> None:
-        pass
+    def log_figure(self, name: str, figure: Any, step: int, png: bytes | None = None) -> None:
+        """``png``: the figure already rendered (:func:`snn_delays.plots.log_figures`), else drawn here."""
 
     def log_histogram(self, name: str, values: Any, step: int) -> None:
         pass
@@ -82,10 +82,15 @@ class CSVLogger(NullLogger):
             writer.writeheader()
             writer.writerows(self.rows)
 
-    def log_figure(self, name: str, figure: Any, step: int) -> None:
+    def log_figure(self, name: str, figure: Any, step: int, png: bytes | None = None) -> None:
         path = self.dir / "figures" / f"{name.replace('/', '_')}_{step:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=100)
+        if png is not None:
+            path.write_bytes(png)
+        else:
+            from snn_delays.plots import FIGURE_DPI  # as saved into figures/
+
+            figure.savefig(path, dpi=FIGURE_DPI)
 
 
 class WandbLogger(NullLogger):
@@ -138,17 +143,18 @@ class WandbLogger(NullLogger):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.run.log({"epoch": step, **metrics}, step=step)
 
-    def log_figure(self, name: str, figure: Any, step: int) -> None:
+    def log_figure(self, name: str, figure: Any, step: int, png: bytes | None = None) -> None:
         # wandb.Image(figure) expects a pyplot figure (it looks up matplotlib.pyplot, which our
         # pyplot-free figures never import): hand it the figure rendered as a PNG image instead
         from PIL import Image
 
-        from snn_delays.plots import FIGURE_DPI  # as saved into figures/
+        if png is None:
+            from snn_delays.plots import FIGURE_DPI  # as saved into figures/
 
-        buf = io.BytesIO()
-        figure.savefig(buf, format="png", dpi=FIGURE_DPI)
-        buf.seek(0)
-        with Image.open(buf) as image:
+            buf = io.BytesIO()
+            figure.savefig(buf, format="png", dpi=FIGURE_DPI)
+            png = buf.getvalue()
+        with Image.open(io.BytesIO(png)) as image:
             self.run.log({"epoch": step, name: self._wandb.Image(image.convert("RGB"))}, step=step)
 
     def log_histogram(self, name: str, values: Any, step: int) -> None:

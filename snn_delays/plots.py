@@ -15,6 +15,8 @@ sits, for :func:`position_figure`.
 
 from __future__ import annotations
 
+import inspect
+import io
 import logging
 import math
 import os
@@ -533,6 +535,13 @@ def figure_path(out_dir: str | Path, name: str) -> Path:
     return Path(out_dir) / f"{name.replace('/', '_')}.png"
 
 
+def _takes_png(logger: Any) -> bool:
+    """The logger's ``log_figure`` takes the rendered ``png`` (ours do; a logger of one's own
+    written for the older interface is called without it and renders the figure itself)."""
+    params = inspect.signature(logger.log_figure).parameters.values()
+    return any(p.name == "png" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def log_figures(
     logger: Any,
     figures: Mapping[str, Figure],
@@ -550,13 +559,16 @@ def log_figures(
     paths = []
     for name, fig in figures.items():
         try:
+            buf = io.BytesIO()  # rendered once, for the file and the logger (half a figure epoch)
+            fig.savefig(buf, format="png", dpi=dpi)
+            png = buf.getvalue()
             if out_dir is not None:
                 path = figure_path(out_dir, name)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                fig.savefig(path, dpi=dpi)
+                path.write_bytes(png)
                 paths.append(path)
             if logger is not None:
-                logger.log_figure(name, fig, step)
+                logger.log_figure(name, fig, step, **({"png": png} if _takes_png(logger) else {}))
         except Exception as err:  # noqa: BLE001 - one figure's failure does not cost the others
             log.warning("figure %s (epoch %d) failed: %s: %s", name, step, type(err).__name__, err)
         finally:
