@@ -67,6 +67,7 @@ def test_one_cycle_sets_the_weights_rate_whatever_optim_weights_lr_says():
         assert opt.weights.param_groups[0]["lr"] == pytest.approx(cfg.optim.weights_scheduler.max_lr / 25)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # the replay's
 def test_other_schedulers_keep_their_own_settings(tmp_path):
     """The trainer passed OneCycleLR's ``total_steps`` and CosineAnnealingLR's ``T_max`` to any
     scheduler: ConstantLR or StepLR failed with ``unexpected keyword argument``. They now run,
