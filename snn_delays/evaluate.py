@@ -28,7 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from snn_delays.checkpoints import UnreadableCheckpointError, load_checkpoint
+from snn_delays.checkpoints import load_checkpoint
 from snn_delays.config import TrainerConfig
 from snn_delays.report import flatten, parse_override
 from snn_delays.train import CONF_DIR, pick_device
@@ -172,7 +172,7 @@ def output_path(cfg: DictConfig) -> Path:
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         results = evaluate_checkpoint(cfg)
-    except (FileNotFoundError, ValueError, UnreadableCheckpointError) as err:
+    except (FileNotFoundError, ValueError) as err:  # Unreadable- and ForeignCheckpointError are ValueErrors
         print(f"snn-delays-eval: {err}", file=sys.stderr)
         sys.exit(2)
     for name, r in results.items():

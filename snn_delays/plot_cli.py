@@ -19,8 +19,6 @@ import tempfile
 from pathlib import Path
 
 from snn_delays.checkpoints import (
-    ForeignCheckpointError,
-    UnreadableCheckpointError,
     build_data,
     find_checkpoint,
     model_from_checkpoint,
@@ -94,20 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         ckpt = find_checkpoint(args.path, args.checkpoint)
-    except (FileNotFoundError, ValueError) as err:
+        payload = read_checkpoint(ckpt)
+        model = model_from_checkpoint(payload, args.device, ckpt)
+    except (FileNotFoundError, ValueError) as err:  # Unreadable- and ForeignCheckpointError are ValueErrors
         print(f"snn-delays-plot: {err}", file=sys.stderr)
         return 2
     run_dir = run_dir_of(ckpt)
-    try:
-        payload = read_checkpoint(ckpt)
-    except UnreadableCheckpointError as err:
-        print(f"snn-delays-plot: {err}", file=sys.stderr)
-        return 2
-    try:
-        model = model_from_checkpoint(payload, args.device, ckpt)
-    except ForeignCheckpointError as err:  # not a training checkpoint, or weights of another network
-        print(f"snn-delays-plot: {err}", file=sys.stderr)
-        return 2
     out = args.out if args.out is not None else run_dir / "figures"
     problem = unwritable(out)
     if problem:
