@@ -83,14 +83,11 @@ class CSVLogger(NullLogger):
             writer.writerows(self.rows)
 
     def log_figure(self, name: str, figure: Any, step: int, png: bytes | None = None) -> None:
+        from snn_delays.plots import png_bytes  # as saved into figures/
+
         path = self.dir / "figures" / f"{name.replace('/', '_')}_{step:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        if png is not None:
-            path.write_bytes(png)
-        else:
-            from snn_delays.plots import FIGURE_DPI  # as saved into figures/
-
-            figure.savefig(path, dpi=FIGURE_DPI)
+        path.write_bytes(png if png is not None else png_bytes(figure))
 
 
 class WandbLogger(NullLogger):
@@ -148,13 +145,9 @@ class WandbLogger(NullLogger):
         # pyplot-free figures never import): hand it the figure rendered as a PNG image instead
         from PIL import Image
 
-        if png is None:
-            from snn_delays.plots import FIGURE_DPI  # as saved into figures/
+        from snn_delays.plots import png_bytes  # as saved into figures/
 
-            buf = io.BytesIO()
-            figure.savefig(buf, format="png", dpi=FIGURE_DPI)
-            png = buf.getvalue()
-        with Image.open(io.BytesIO(png)) as image:
+        with Image.open(io.BytesIO(png if png is not None else png_bytes(figure))) as image:
             self.run.log({"epoch": step, name: self._wandb.Image(image.convert("RGB"))}, step=step)
 
     def log_histogram(self, name: str, values: Any, step: int) -> None:

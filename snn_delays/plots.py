@@ -535,6 +535,13 @@ def figure_path(out_dir: str | Path, name: str) -> Path:
     return Path(out_dir) / f"{name.replace('/', '_')}.png"
 
 
+def png_bytes(fig: Figure, dpi: int = FIGURE_DPI) -> bytes:
+    """``fig`` rendered as a PNG file's bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
 def _takes_png(logger: Any) -> bool:
     """The logger's ``log_figure`` takes the rendered ``png`` (ours do; a logger of one's own
     written for the older interface is called without it and renders the figure itself)."""
@@ -557,18 +564,17 @@ def log_figures(
     ``logger`` may be ``None`` (only save). Returns the PNG paths.
     """
     paths = []
+    pass_png = logger is not None and _takes_png(logger)
     for name, fig in figures.items():
         try:
-            buf = io.BytesIO()  # rendered once, for the file and the logger (half a figure epoch)
-            fig.savefig(buf, format="png", dpi=dpi)
-            png = buf.getvalue()
+            png = png_bytes(fig, dpi)  # rendered once, for the file and the logger (half a figure epoch)
             if out_dir is not None:
                 path = figure_path(out_dir, name)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(png)
                 paths.append(path)
             if logger is not None:
-                logger.log_figure(name, fig, step, **({"png": png} if _takes_png(logger) else {}))
+                logger.log_figure(name, fig, step, **({"png": png} if pass_png else {}))
         except Exception as err:  # noqa: BLE001 - one figure's failure does not cost the others
             log.warning("figure %s (epoch %d) failed: %s: %s", name, step, type(err).__name__, err)
         finally:
