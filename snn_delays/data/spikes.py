@@ -312,9 +312,8 @@ def _agreed_names(root: Path, names: dict[str, list[str]]) -> list[str]:
         return []
     first, ref = named[0]
     for f, n in named[1:]:
-        diff = [c for c, (a, b) in enumerate(zip(ref, n, strict=True)) if a != b]
-        if diff:
-            c = diff[0]
+        c = next((c for c, (a, b) in enumerate(zip(ref, n, strict=True)) if a != b), None)
+        if c is not None:
             warnings.warn(
                 f"{root / first} and {root / f} name the classes differently (label {c} is "
                 f"{ref[c]!r} in one, {n[c]!r} in the other): if their labels follow different class "
