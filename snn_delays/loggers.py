@@ -1,7 +1,7 @@
 """Experiment loggers: W&B (offline by default), CSV files, or nothing.
 
 All share one small interface: ``log_config``, ``log_metrics``, ``log_figure``,
-``log_histogram``, ``finish``. Keys are namespaced (``train/loss``, ``valid/acc``,
+``log_histogram``, ``preempted``, ``finish``. Keys are namespaced (``train/loss``, ``valid/acc``,
 ``delay/mean_ms/layer0``). Only rank 0 builds a real logger (see :func:`snn_delays.train.run`).
 wandb is imported lazily, so the other loggers never pay for it.
 """
@@ -37,6 +37,10 @@ class NullLogger:
 
     def log_histogram(self, name: str, values: Any, step: int) -> None:
         pass
+
+    def preempted(self, signum: int) -> None:
+        """Training was stopped by signal ``signum`` (SLURM pre-emption, ``scancel``) before its
+        last epoch, to be resumed: called just before :meth:`finish`."""
 
     def finish(self) -> None:
         pass
@@ -129,6 +133,7 @@ class WandbLogger(NullLogger):
                 f"{err}. Train with logger.mode=offline (no network needed), logger=csv or logger=none"
             ) from err
         self.run_id = self.run.id
+        self._exit_code = 0
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")
 
@@ -153,6 +158,16 @@ class WandbLogger(NullLogger):
     def log_histogram(self, name: str, values: Any, step: int) -> None:
         self.run.log({"epoch": step, name: self._wandb.Histogram(values)}, step=step)
 
+    def preempted(self, signum: int) -> None:
+        # W&B's pre-emption protocol: marked pre-empting, then finished with a non-zero code
+        # (128 + signum, as a shell reports it), the run shows as "preempted", not "finished",
+        # until a resumed run finishes it. Not in a W&B sweep: there SIGTERM is the agent's own
+        # early stop (hyperband), and the sweep would requeue a pre-empted run it meant to end.
+        if os.environ.get("WANDB_SWEEP_ID"):
+            return
+        self.run.mark_preempting()
+        self._exit_code = 128 + int(signum)
+
     def finish(self) -> None:
         # The run's summary: what runs are compared on (metrics.json, written by the trainer just
         # before), not only each key's last epoch.
@@ -162,7 +177,7 @@ class WandbLogger(NullLogger):
                 self.run.summary.update(json.loads(path.read_text()))
         except (OSError, ValueError) as err:
             warnings.warn(f"{path}: not added to the W&B summary ({err})", stacklevel=2)
-        self.run.finish()
+        self.run.finish(exit_code=self._exit_code)
 
 
 def _default_group_and_name() -> tuple[str | None, str | None]:

@@ -346,6 +346,9 @@ def _train(
         )
         metrics = write_outputs(run_dir, state, n_params, selected_on) if dist.is_main else {}
         if logger is not None:
+            # stopped by a signal, to be resumed (a logger of one's own may lack the method)
+            if state.stopped_by is not None and hasattr(logger, "preempted"):
+                logger.preempted(state.stopped_by)
             logger.finish()
     if state.stopped_by is not None:
         log.warning(

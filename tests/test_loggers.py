@@ -168,3 +168,39 @@ def test_wandb_group_is_the_configuration_without_the_seed(monkeypatch):
         ("model=no_delays", "model=no_delays,seed=1"),
         ("mine", "run"),
     ]
+
+
+def test_wandb_run_stopped_by_a_signal_is_marked_preempted(tmp_path, monkeypatch):
+    """A run stopped by SIGTERM / SIGUSR1 before its last epoch showed as "finished" (exit code
+    0). W&B's pre-emption protocol: a pre-empting record, then a non-zero exit code (128 +
+    signum). Not in a W&B sweep, whose agent stops trailing runs (hyperband) with SIGTERM: a
+    pre-empted run would be requeued there."""
+    import signal
+
+    from snn_delays.loggers import WandbLogger
+
+    kinds = {}
+    for name, stop, sweep in (
+        ("done", None, None),
+        ("stopped", signal.SIGTERM, None),
+        ("stopped_in_sweep", signal.SIGTERM, "abc123"),
+    ):
+        if sweep:
+            monkeypatch.setenv("WANDB_SWEEP_ID", sweep)
+        else:
+            monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
+        logger = WandbLogger(tmp_path / name, mode="offline")
+        logger.log_metrics({"valid/acc": 0.5}, step=1)
+        if stop is not None:
+            logger.preempted(stop)
+        logger.finish()
+        records = wandb_records(tmp_path / name)
+        kinds[name] = (
+            any(r.WhichOneof("record_type") == "preempting" for r in records),
+            records[-1].exit.exit_code,
+        )
+    assert kinds == {
+        "done": (False, 0),
+        "stopped": (True, 128 + signal.SIGTERM),
+        "stopped_in_sweep": (False, 0),
+    }

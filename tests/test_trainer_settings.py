@@ -137,3 +137,33 @@ def test_the_logged_config_holds_what_the_run_derived(tmp_path):
     assert logged["model"]["kernel_size"] == model_from_checkpoint(ckpt).delay_layers()[0].kernel_size
     assert logged["model"]["kernel_size"] >= 3 and ckpt["config"]["model"]["kernel_size"] is None
     assert "data" not in ckpt["config"]
+
+
+def test_logger_is_told_of_a_stop_by_signal(tmp_path, monkeypatch):
+    """SIGTERM (SLURM pre-emption, ``scancel``) stops training after the epoch in progress; the
+    logger hears ``preempted(signum)`` before ``finish`` (W&B then marks the run pre-empted), and
+    only then. A run that completes is finished plainly."""
+    import os
+    import signal
+
+    from snn_delays.loggers import CSVLogger
+
+    calls: list = []
+
+    def log_metrics(self, metrics, step):
+        calls.append(("metrics", step))
+        if stop_after is not None and step == stop_after:
+            os.kill(os.getpid(), signal.SIGTERM)  # as SLURM would, during the run
+
+    monkeypatch.setattr(CSVLogger, "log_metrics", log_metrics)
+    monkeypatch.setattr(CSVLogger, "preempted", lambda self, signum: calls.append(("preempted", signum)))
+    monkeypatch.setattr(CSVLogger, "finish", lambda self: calls.append(("finish",)))
+    for stop_after, name in ((1, "cut"), (None, "whole")):
+        calls.clear()
+        metrics = _run(tmp_path / name, "logger=csv", "logger.figure_every=0", "trainer.epochs=3")
+        if stop_after is not None:
+            assert metrics["epochs"] == 1
+            assert calls[-2:] == [("preempted", signal.SIGTERM), ("finish",)]
+        else:
+            assert metrics["epochs"] == 3
+            assert calls[-1] == ("finish",) and not any(c[0] == "preempted" for c in calls)
