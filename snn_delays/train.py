@@ -47,7 +47,17 @@ from snn_delays.training import (
 )
 
 log = logging.getLogger("snn_delays")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _conf_dir() -> str:
+    """The configs: ``snn_delays/conf`` in an installed wheel (setup.cfg ships ``conf/`` there),
+    else the checkout's ``conf/`` beside the package (an editable install, or a source tree)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "conf"
+    return str(packaged if (packaged / "train.yaml").is_file() else here.parent / "conf")
+
+
+CONF_DIR = _conf_dir()
 register_configs()
 
 
@@ -496,7 +506,8 @@ def _torchrun_overrides(argv: list[str]) -> list[str]:
 def main() -> None:
     if not Path(CONF_DIR).is_dir():
         sys.exit(
-            f"snn-delays: config folder {CONF_DIR} not found; install from a checkout with `pip install -e .`"
+            f"snn-delays: config folder {CONF_DIR} not found: reinstall the package (`pip install .`, "
+            "or `pip install -e .` from a checkout)"
         )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.argv += _torchrun_overrides(sys.argv[1:])

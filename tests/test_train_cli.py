@@ -434,3 +434,58 @@ def test_a_platform_without_resource_getuid_or_proc_trains_and_reports_no_peak(t
     assert metrics["peak_memory_mib"] is None and metrics["epochs"] == 1
     logged = list(csv.DictReader(open(out / "logs" / "metrics.csv")))
     assert len(logged) == 1 and "memory/peak_mib" not in logged[0]
+
+
+def test_a_plain_install_without_the_checkout_trains(tmp_path):
+    """``pip install .`` / ``pip install git+URL`` (not editable) left the configs behind:
+    ``config folder .../site-packages/conf not found``. The wheel ships ``conf/`` inside the
+    package, with every module and config of the checkout, and trains from anywhere."""
+    import importlib.util
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"  # a copy: building in the checkout would write its build/ folder
+    src.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("snn_delays", "conf"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(src)]
+    if importlib.util.find_spec("setuptools") and importlib.util.find_spec("wheel"):
+        build.append("--no-build-isolation")  # offline and quick; else pip fetches them from PyPI
+    proc = subprocess.run(build, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = (tmp_path / "dist").glob("snn_delays-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        shipped = set(z.namelist())
+        z.extractall(tmp_path / "site")
+    sources = {
+        f"snn_delays/{p.relative_to(ROOT / 'snn_delays')}" for p in (ROOT / "snn_delays").rglob("*.py")
+    }
+    configs = {f"snn_delays/conf/{p.relative_to(CONF)}" for p in CONF.rglob("*.yaml")}
+    assert sources - shipped == set() and configs - shipped == set()
+
+    elsewhere = tmp_path / "elsewhere"  # neither the checkout nor its conf/ in sight
+    elsewhere.mkdir()
+    env = {"PYTHONPATH": str(tmp_path / "site")}
+    where = run_cli("train", "--cfg", "job", "experiment=synthetic", cwd=elsewhere, env=env)
+    assert "make_synthetic" in where.stdout
+    found = subprocess.run(
+        [sys.executable, "-c", "import snn_delays.train as t; print(t.CONF_DIR)"],
+        capture_output=True,
+        text=True,
+        cwd=elsewhere,
+        env={**os.environ, **env},
+    )
+    assert Path(found.stdout.strip()) == tmp_path / "site" / "snn_delays" / "conf"
+    run_cli(
+        "train",
+        "experiment=synthetic",
+        "trainer.epochs=1",
+        "logger=none",
+        *QUIET,
+        "hydra.run.dir=run",
+        cwd=elsewhere,
+        env=env,
+    )
+    assert read_metrics(elsewhere / "run")["epochs"] == 1
