@@ -223,10 +223,13 @@ def kernel_figure(
                 cmap="RdBu_r",
                 vmin=-lim,
                 vmax=lim,
-                # "auto": nearest when zoomed in; when a panel has fewer pixel rows than presynaptic
+                # nearest when zoomed in; when a panel has fewer pixel rows than presynaptic
                 # neurons (512 at the published sizes), filtered rather than nearest, which would
-                # drop most rows and the synapses in them
-                interpolation="auto",
+                # drop most rows and the synapses in them. Filtered in colour, not in weight,
+                # where a lone synapse averaged with its zero neighbours fades to white. (Matplotlib
+                # 3.10 renamed this "auto" and keeps the name; "auto" is refused before 3.10.)
+                interpolation="antialiased",
+                interpolation_stage="rgba",
             )
             fig.colorbar(im, ax=ax, label="weight", fraction=0.05, pad=0.02)
             ax.set_title(f"neuron {o}: {what}", fontsize="medium")
