@@ -114,6 +114,7 @@ class WandbLogger(NullLogger):
 
         self._wandb = wandb
         self._started = time.time()
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # wandb 0.16 logs elsewhere if it is missing
         default_group, default_name = _default_group_and_name()
         try:
             self.run = wandb.init(
