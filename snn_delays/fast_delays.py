@@ -45,6 +45,7 @@ import importlib
 import math
 import os
 import platform
+import shlex
 import subprocess
 import tempfile
 import threading
@@ -663,7 +664,8 @@ def _compile_once(name: str, source: str, cc: str, flags: tuple[str, ...]) -> ct
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         try:
             src.write_text(source)
-            cmd = [cc, *flags, "-shared", "-fPIC", "-std=c99", str(src), "-o", str(tmp), "-lm"]
+            # CC is a command line, as make reads it: "ccache gcc", "gcc -m64"
+            cmd = [*shlex.split(cc), *flags, "-shared", "-fPIC", "-std=c99", str(src), "-o", str(tmp), "-lm"]
             subprocess.run(cmd, check=True, capture_output=True, text=True)
             os.replace(tmp, path)
         finally:

@@ -657,6 +657,18 @@ def test_no_c_compiler_warns_that_the_slower_paths_run(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("*.c")) and not list(tmp_path.glob("*.tmp"))  # nothing left behind
 
 
+def test_cc_is_a_command_line(tmp_path, monkeypatch):
+    """``CC="ccache gcc"`` or ``CC="gcc -m64"`` (a command line, as make reads it) was run as one
+    program name, so such a setting got the slower PyTorch paths and a warning."""
+    monkeypatch.delenv("SNN_DELAYS_NO_C", raising=False)
+    monkeypatch.setenv("SNN_DELAYS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "env SNN_DELAYS_PROBE=1 cc")  # a wrapper, its argument, the compiler
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fast_delays.compile_c("probe3", "int f(void) { return 3; }").f() == 3
+    assert not caught
+
+
 _TF32_PROBE = """
 import sys, torch
 from snn_delays import fast_delays
