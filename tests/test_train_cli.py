@@ -489,3 +489,36 @@ def test_a_plain_install_without_the_checkout_trains(tmp_path):
         env=env,
     )
     assert read_metrics(elsewhere / "run")["epochs"] == 1
+
+
+def test_setup_cfg_floors_are_ones_spikingjelly_installs_with():
+    """``setup.cfg`` said Python >= 3.10 and torch >= 2.1, but spikingjelly 2.0 (a hard
+    dependency) needs Python >= 3.11 and torch >= 2.6: on the floors promised, pip could only fail,
+    on spikingjelly. Each floor of ours must satisfy what spikingjelly asks of the same package."""
+    import configparser
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    ours = [Requirement(line) for line in cfg["options"]["install_requires"].splitlines() if line.strip()]
+    floors = {
+        r.name.lower(): Version(s.version) for r in ours for s in r.specifier if s.operator in (">=", "==")
+    }
+    floors["python"] = Version(cfg["options"]["python_requires"].strip().lstrip(">="))
+    theirs = md.metadata("spikingjelly")
+    asked = {"python": theirs["Requires-Python"]} | {
+        r.name.lower(): str(r.specifier)
+        for r in map(Requirement, md.requires("spikingjelly") or [])
+        if r.marker is None  # not an extra's
+    }
+    short = {
+        n: (str(floors[n]), asked[n])
+        for n in floors.keys() & asked.keys()
+        if floors[n] not in SpecifierSet(asked[n])
+    }
+    assert {"python", "torch"} <= floors.keys() & asked.keys()
+    assert not short, f"floors below spikingjelly's (ours, theirs): {short}"
