@@ -290,14 +290,14 @@ def _train(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     logger = instantiate(cfg.logger, run_dir=run_dir, **logger_kwargs) if dist.is_main else None
+    sizes = {"n_inputs": data.n_inputs, "n_classes": data.n_classes, "dt_ms": data.dt_ms}  # from the data
     if logger is not None:  # and what the run derived: the data's sizes, the kernel's taps
         layers = model.delay_layers()
-        derived = {"n_inputs": data.n_inputs, "n_classes": data.n_classes, "dt_ms": data.dt_ms}
         model_cfg = {
             **config["model"],
             "kernel_size": layers[0].kernel_size if layers else config["model"].get("kernel_size"),
         }
-        logger.log_config({**config, "model": model_cfg, "data": derived})
+        logger.log_config({**config, "model": model_cfg, "data": sizes})
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if dist.world_size > 1:
         log.info(
@@ -319,12 +319,7 @@ def _train(
     )
     extra = {
         "config": config,
-        "data": {
-            "n_inputs": data.n_inputs,
-            "n_classes": data.n_classes,
-            "dt_ms": data.dt_ms,
-            "name": data.name,
-        },
+        "data": {**sizes, "name": data.name},
         "logger_run_id": getattr(logger, "run_id", None),
     }
     selected_on = "valid" if len(data.valid) else "test"
