@@ -2,7 +2,8 @@
 
 This is the one place where configs become objects (``hydra.utils.instantiate``); everything
 below receives built objects. Outputs land in the Hydra run directory: ``metrics.json``,
-``metrics.csv`` (one row per epoch), ``checkpoints/{best,last}.pt`` and the logger's files.
+``metrics.csv`` (one row per epoch), ``checkpoints/{best,last}.pt``, the logger's files and
+``train.log`` (one line per epoch, and the result).
 Under ``torchrun`` every rank trains a shard of each epoch (DistributedDataParallel) and only
 rank 0 logs and writes.
 """
@@ -189,6 +190,22 @@ def write_outputs(
     return clean
 
 
+def result_line(metrics: dict[str, Any], epochs: int, run_dir: Path) -> str:
+    """The run's result as one log line, from ``metrics.json``'s numbers."""
+
+    def acc(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    done = "finished" if metrics["epochs"] >= epochs else "stopped after"
+    others = "" if metrics["selected_on"] == "test" else f"best_valid_acc {acc(metrics['best_valid_acc'])}, "
+    return (
+        f"{done} {metrics['epochs']}/{epochs} epochs ({metrics['train_seconds']:.1f} s of training): "
+        f"test_acc {acc(metrics['test_acc'])} at epoch {metrics['best_epoch']}, chosen on "
+        f"{metrics['selected_on']} ({others}best_test_acc {acc(metrics['best_test_acc'])}); "
+        f"{run_dir / 'metrics.json'}"
+    )
+
+
 def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
     """The checkpoint ``trainer.resume`` names: this run's last.pt (true), a file, or a run folder
     or its checkpoints/ folder (their last.pt). None: start from scratch."""
@@ -350,6 +367,8 @@ def _train(
             stop=stop,
         )
         metrics = write_outputs(run_dir, state, n_params, selected_on) if dist.is_main else {}
+        if dist.is_main and state.history:
+            log.info("%s", result_line(metrics, cfg.trainer.epochs, run_dir))
         if logger is not None:
             # stopped by a signal, to be resumed (a logger of one's own may lack the method)
             if state.stopped_by is not None and hasattr(logger, "preempted"):

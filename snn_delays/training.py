@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from snn_delays.cuda_graphs import GraphedSteps, StaticInputs, capture_refusal, set_capturable
 from snn_delays.data.base import DataBundle, Split, batches
@@ -414,6 +416,8 @@ def fit(
     with contextlib.ExitStack() as stack:
         if stop is None:
             stop = stack.enter_context(StopFlag())
+        if cfg.progress and dist.is_main and _console_logging():
+            stack.enter_context(logging_redirect_tqdm())  # the epoch lines print above the bars
         epochs = tqdm(
             range(state.epoch, cfg.epochs),
             desc="epochs",
@@ -475,6 +479,7 @@ def fit(
                 if state.peak_memory_mib is not None:
                     metrics["memory/peak_mib"] = state.peak_memory_mib
                 logger.log_metrics(metrics, step=epoch + 1)
+                log.info("%s", epoch_line(row, cfg.epochs, seconds, improved))
                 epochs.set_postfix(
                     loss=f"{train['loss']:.3f}", valid=f"{valid['acc']:.3f}", test=f"{test['acc']:.3f}"
                 )
@@ -489,6 +494,27 @@ def fit(
                     on_epoch_end(core, state)
         state.stopped_by = stop.signum
     return state
+
+
+def epoch_line(row: dict[str, float], epochs: int, seconds: float, improved: bool = False) -> str:
+    """One epoch as a log line (``train.log``, a SLURM job's output): loss and accuracy of each
+    split that has data, sigma, and the epoch's training time."""
+    parts = [f"epoch {int(row['epoch'])}/{epochs}"]
+    for split in ("train", "valid", "test"):
+        if not math.isnan(row[f"{split}/acc"]):  # nan: the split is empty
+            parts.append(f"{split} loss {row[f'{split}/loss']:.4f} acc {row[f'{split}/acc']:.4f}")
+    if "sigma" in row:
+        parts.append(f"sigma {row['sigma']:.3g}")
+    parts.append(f"{seconds:.2f} s" + (" (new best)" if improved else ""))
+    return " | ".join(parts)
+
+
+def _console_logging() -> bool:
+    """Whether the root logger writes to the terminal (Hydra's console handler does)."""
+    return any(
+        isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr)
+        for h in logging.getLogger().handlers
+    )
 
 
 def _update_best(state: TrainState, row: dict[str, float], has_valid: bool) -> bool:

@@ -167,3 +167,66 @@ def test_logger_is_told_of_a_stop_by_signal(tmp_path, monkeypatch):
         else:
             assert metrics["epochs"] == 3
             assert calls[-1] == ("finish",) and not any(c[0] == "preempted" for c in calls)
+
+
+def test_each_epoch_and_the_result_are_logged(tmp_path, caplog):
+    """With ``trainer.progress=false`` (the SLURM script's setting) a job's output and
+    ``train.log`` said nothing between the start and the end of training, and nothing of the
+    result. Each epoch is now one line, the same numbers as metrics.csv, and the run ends with
+    metrics.json's result."""
+    import json
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="snn_delays"):
+        _run(tmp_path / "run", "trainer.epochs=2")
+    lines = [r.getMessage() for r in caplog.records]
+    rows = _rows(tmp_path / "run")
+    for row in rows:
+        line = next(m for m in lines if m.startswith(f"epoch {row['epoch']}/2 |"))
+        for split in ("train", "valid", "test"):
+            want = f"{split} loss {float(row[f'{split}/loss']):.4f} acc {float(row[f'{split}/acc']):.4f}"
+            assert want in line
+        assert f"sigma {float(row['sigma']):.3g}" in line
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    result = next(m for m in lines if m.startswith("finished 2/2 epochs"))
+    assert f"test_acc {metrics['test_acc']:.4f} at epoch {metrics['best_epoch']}, chosen on valid" in result
+    assert f"best_valid_acc {metrics['best_valid_acc']:.4f}" in result
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="snn_delays"):
+        _run(tmp_path / "no_valid", "trainer.epochs=1", "dataset.n_valid=0")
+    lines = [r.getMessage() for r in caplog.records]
+    line = next(m for m in lines if m.startswith("epoch 1/1 |"))
+    assert "valid" not in line and "test loss" in line and "(new best)" in line
+    result = next(m for m in lines if m.startswith("finished 1/1 epochs"))
+    assert "chosen on test" in result and "best_valid_acc" not in result
+
+
+def test_epoch_lines_print_above_the_progress_bars(tmp_path, monkeypatch):
+    """With the bars on, a log line written to the terminal went onto the end of a bar's line;
+    each epoch line now starts a line of its own."""
+    import io
+    import logging
+    import re
+    import sys
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        _run(tmp_path / "run", "trainer.epochs=3", "trainer.progress=true")
+        assert handler in root.handlers  # the terminal's handler is back after training
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    text = err.getvalue()
+    assert "epochs:" in text  # the bars were drawn to the same stream
+    segments = re.split(r"[\r\n]", text)
+    for k in (1, 2, 3):
+        starts = [s for s in segments if f"epoch {k}/3 |" in s]
+        assert len(starts) == 1 and starts[0].startswith(f"epoch {k}/3 |"), starts
