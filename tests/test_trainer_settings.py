@@ -210,9 +210,10 @@ def test_epoch_lines_print_above_the_progress_bars(tmp_path, monkeypatch):
     import re
     import sys
 
-    err = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", err)
-    handler = logging.StreamHandler(sys.stderr)
+    term = io.StringIO()  # a terminal: Hydra's console handler writes to stdout, the bars to stderr
+    monkeypatch.setattr(sys, "stdout", term)
+    monkeypatch.setattr(sys, "stderr", term)
+    handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
@@ -224,7 +225,7 @@ def test_epoch_lines_print_above_the_progress_bars(tmp_path, monkeypatch):
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
-    text = err.getvalue()
+    text = term.getvalue()
     assert "epochs:" in text  # the bars were drawn to the same stream
     segments = re.split(r"[\r\n]", text)
     for k in (1, 2, 3):
