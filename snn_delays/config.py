@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from hydra.utils import get_method
+from hydra.errors import InstantiationException
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig
 
 
@@ -146,3 +147,21 @@ def check_config(cfg: DictConfig) -> None:
             + "; ".join(bad)
             + ". Correct the spelling or drop the key (`snn-delays-train --cfg job` prints the composed config)"
         )
+
+
+def build(node: Any, /, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, whose error shows the target's message as written.
+
+    Hydra's :class:`InstantiationException` quotes the target's error by its ``repr``, so the
+    loaders' messages of several lines (what is missing, where to get it, which key to set)
+    printed on one line with literal ``\\n`` and quotes. The exception keeps its type and
+    Hydra's context (the target, ``full_key``); the error's own text replaces its repr."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause, text = e.__cause__, str(e)
+        if cause is None or repr(cause) not in text:  # another shape of Hydra's message: as it is
+            raise
+        raise InstantiationException(
+            text.replace(repr(cause), f"{type(cause).__name__}: {cause}", 1)
+        ) from cause

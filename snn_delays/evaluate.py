@@ -25,11 +25,10 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from snn_delays.checkpoints import load_checkpoint
-from snn_delays.config import TrainerConfig
+from snn_delays.config import TrainerConfig, build
 from snn_delays.report import flatten, parse_override
 from snn_delays.train import CONF_DIR, pick_device
 from snn_delays.training import evaluate
@@ -138,7 +137,7 @@ def evaluate_checkpoint(
             overrides = ["dataset"] + [f"dataset.{k}" for k in requested or {}]
     device = pick_device(cfg.device, key="device")
     model, config, info = load_checkpoint(path, device=device)
-    data = instantiate(dataset_config(config["dataset"], requested, overrides))
+    data = build(dataset_config(config["dataset"], requested, overrides))
     if (data.n_inputs, data.n_classes) != (info["n_inputs"], info["n_classes"]):
         raise ValueError(
             f"{path} was trained on {info['n_inputs']} inputs / {info['n_classes']} classes, but the dataset "

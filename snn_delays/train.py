@@ -1,6 +1,7 @@
 """``snn-delays-train``: the Hydra entry point (also ``python -m snn_delays.train``).
 
-This is the one place where configs become objects (``hydra.utils.instantiate``); everything
+This is the one place where configs become objects (``hydra.utils.instantiate``, through
+:func:`snn_delays.config.build`, which keeps the errors' messages readable); everything
 below receives built objects. Outputs land in the Hydra run directory: ``metrics.json``,
 ``metrics.csv`` (one row per epoch), ``checkpoints/{best,last}.pt``, the logger's files and
 ``train.log`` (one line per epoch, and the result).
@@ -27,12 +28,11 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from snn_delays import fast_delays
 from snn_delays.checkpoints import UnreadableCheckpointError, find_checkpoint, read_checkpoint
-from snn_delays.config import check_config, register_configs
+from snn_delays.config import build, check_config, register_configs
 from snn_delays.cuda_graphs import set_capturable
 from snn_delays.model import DelaySNN
 from snn_delays.plots import PositionTrace, log_epoch_figures
@@ -100,7 +100,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(model_cfg: DictConfig, n_inputs: int, n_classes: int, dt_ms: float) -> DelaySNN:
-    return instantiate(model_cfg, n_inputs=n_inputs, n_classes=n_classes, dt_ms=dt_ms)
+    return build(model_cfg, n_inputs=n_inputs, n_classes=n_classes, dt_ms=dt_ms)
 
 
 def build_optimization(cfg: DictConfig, model: DelaySNN, epochs: int) -> Optimization:
@@ -109,7 +109,7 @@ def build_optimization(cfg: DictConfig, model: DelaySNN, epochs: int) -> Optimiz
         {"params": model.weight_parameters(), "weight_decay": cfg.weight_decay},
         {"params": list(model.other_parameters()), "weight_decay": 0.0},
     ]
-    weights = instantiate(cfg.weights)(groups)
+    weights = build(cfg.weights)(groups)
     if epochs < 3 and str(cfg.weights_scheduler.get("_target_", "")).endswith("OneCycleLR"):
         log.warning(
             "trainer.epochs=%d: the one-cycle schedule is stepped once per epoch and its last epoch runs "
@@ -117,11 +117,11 @@ def build_optimization(cfg: DictConfig, model: DelaySNN, epochs: int) -> Optimiz
             "a smoke test is fine, a result needs more epochs",
             epochs,
         )
-    opt = Optimization(weights, _schedule(instantiate(cfg.weights_scheduler), weights, total_steps=epochs))
+    opt = Optimization(weights, _schedule(build(cfg.weights_scheduler), weights, total_steps=epochs))
     layers = model.delay_layers()
     if model.delay_parameters():
-        opt.positions = instantiate(cfg.positions)(model.delay_parameters())
-        opt.positions_scheduler = _schedule(instantiate(cfg.positions_scheduler), opt.positions, T_max=epochs)
+        opt.positions = build(cfg.positions)(model.delay_parameters())
+        opt.positions_scheduler = _schedule(build(cfg.positions_scheduler), opt.positions, T_max=epochs)
     if layers:
         opt.sigma_init = layers[0].sigma
         opt.sigma_final = cfg.sigma_final
@@ -291,11 +291,11 @@ def _train(
     if device.type == "cpu":
         fast_delays.keep_freed_memory()  # activations reused, not re-faulted every step
     seed_everything(rank_seed(cfg.seed, dist.rank))
-    data = instantiate(cfg.dataset)
+    data = build(cfg.dataset)
     model = build_model(cfg.model, data.n_inputs, data.n_classes, data.dt_ms).to(device)
     opt = build_optimization(cfg.optim, model, cfg.trainer.epochs)
     data = data.to(device)
-    augment = instantiate(cfg.augment, n_classes=data.n_classes)
+    augment = build(cfg.augment, n_classes=data.n_classes)
     config = OmegaConf.to_container(cfg, resolve=True)
     state, logger_kwargs = TrainState.fresh(cfg.seed), {}
     ckpt = resume_path(cfg, run_dir)
@@ -306,7 +306,7 @@ def _train(
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    logger = instantiate(cfg.logger, run_dir=run_dir, **logger_kwargs) if dist.is_main else None
+    logger = build(cfg.logger, run_dir=run_dir, **logger_kwargs) if dist.is_main else None
     sizes = {"n_inputs": data.n_inputs, "n_classes": data.n_classes, "dt_ms": data.dt_ms}  # from the data
     if logger is not None:  # and what the run derived: the data's sizes, the kernel's taps
         layers = model.delay_layers()

@@ -235,7 +235,7 @@ def test_check_configs_record_of_what_the_trainer_supplies_matches_the_trainer(t
     def recording(node, *args, **kwargs):
         path = node._get_full_key(None)
         passed.setdefault(path, set()).update(kwargs)
-        made = instantiate(node, *args, **kwargs)
+        made = config.build(node, *args, **kwargs)
         if not callable(made) or not hasattr(made, "func"):  # not a partial (optim.*)
             return made
 
@@ -248,7 +248,7 @@ def test_check_configs_record_of_what_the_trainer_supplies_matches_the_trainer(t
         call.__wrapped__ = made  # inspect.signature (the trainer reads the scheduler's) sees the partial's
         return call
 
-    monkeypatch.setattr(train, "instantiate", recording)
+    monkeypatch.setattr(train, "build", recording)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = ["experiment=synthetic", "dataset.n_train=16", "dataset.n_valid=8", "dataset.n_test=8"]

@@ -148,6 +148,26 @@ def test_missing_dataset_offline_names_file_url_and_folder(tmp_path):
     )
     assert proc.returncode != 0
     assert "shd_train.h5" in proc.stderr and "https://" in proc.stderr and str(root) in proc.stderr
+    # the message as written, one line each, not Hydra's repr of it (literal \n, quotes)
+    assert "MissingDataError: dataset file shd_train.h5 not found in" in proc.stderr
+    assert "or allow the download with dataset.download=true." in proc.stderr.splitlines()
+    assert "\\n" not in proc.stderr and "full_key: dataset" in proc.stderr
+
+
+def test_built_objects_errors_keep_their_lines_and_hydras_context():
+    from hydra.errors import InstantiationException
+
+    from snn_delays.config import build
+
+    node = {"_target_": "snn_delays.model.DelaySNN", "n_inputs": 4, "n_classes": 2, "n_hidden": 0}
+    with pytest.raises(InstantiationException) as info:
+        build(node)
+    text = str(info.value)
+    assert text.startswith("Error in call to target 'snn_delays.model.DelaySNN':\nValueError: model.n_hidden")
+    assert isinstance(info.value.__cause__, ValueError) and repr(info.value.__cause__) not in text
+    with pytest.raises(InstantiationException, match="Error locating target"):  # other messages as they are
+        build({"_target_": "snn_delays.no_such_thing"})
+    assert isinstance(build(node | {"n_hidden": 3}), torch.nn.Module)
 
 
 def test_fast_and_dcls_backends_train_to_the_same_accuracy(tmp_path):
