@@ -505,7 +505,7 @@ def epoch_line(row: dict[str, float], epochs: int, seconds: float, improved: boo
             parts.append(f"{split} loss {row[f'{split}/loss']:.4f} acc {row[f'{split}/acc']:.4f}")
     if "sigma" in row:
         parts.append(f"sigma {row['sigma']:.3g}")
-    parts.append(f"{seconds:.2f} s" + (" (new best)" if improved else ""))
+    parts.append(f"{seconds:.2f} s training" + (" (new best)" if improved else ""))
     return " | ".join(parts)
 
 
