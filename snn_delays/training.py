@@ -271,12 +271,14 @@ def graphed_steps(
     device = next(model.parameters()).device
     reason = capture_refusal(opt.weights, opt.positions)
     if reason is None and (device.type != "cuda" or dist.world_size > 1):
-        reason = f"needs one process on a CUDA device (got {device}, {dist.world_size} processes)"
+        processes = "1 process" if dist.world_size == 1 else f"{dist.world_size} processes"
+        reason = f"needs one process on a CUDA device (got {device}, {processes})"
     if reason is not None:
         if required:
             log.warning("trainer.cuda_graphs=true %s: training without graphs", reason)
-        else:
-            log.info("trainer.cuda_graphs=auto: %s; training without graphs", reason)
+        else:  # said where graphs were to be expected; on the CPU, only when asked (debug)
+            level = logging.INFO if device.type == "cuda" else logging.DEBUG
+            log.log(level, "trainer.cuda_graphs=auto: %s; training without graphs", reason)
         return None, None
     set_capturable(True, opt.weights, opt.positions)
     inputs = StaticInputs()  # a batch layout both steps run shares one buffer

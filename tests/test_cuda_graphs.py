@@ -244,6 +244,17 @@ def test_cpu_training_falls_back_with_a_warning(tmp_path, caplog):
     assert state.epoch == 1
 
 
+def test_auto_on_the_cpu_trains_eagerly_and_says_so_only_at_debug(tmp_path, caplog):
+    """``auto`` (the default) on the CPU printed "needs one process on a CUDA device (got cpu,
+    1 processes)" at the start of every CPU run: expected there, so it is a debug line now."""
+    with caplog.at_level(logging.INFO, logger="snn_delays.training"):
+        _train(tmp_path / "info", "cpu", cuda_graphs="auto", epochs=1)
+    assert "cuda_graphs" not in caplog.text
+    with caplog.at_level(logging.DEBUG, logger="snn_delays.training"):
+        _train(tmp_path / "debug", "cpu", cuda_graphs="auto", epochs=1)
+    assert "needs one process on a CUDA device (got cpu, 1 process)" in caplog.text
+
+
 def test_optimizers_that_cannot_be_graphed_train_eagerly(caplog):
     model = DelaySNN(8, 4, n_hidden=16, n_layers=1, kernel_size=15)
     sgd = torch.optim.SGD(model.weight_parameters(), lr=0.1)
