@@ -1,5 +1,7 @@
 """``snn-delays-eval checkpoint=PATH [dataset.root=DIR]``: re-evaluate a checkpoint.
 
+``PATH`` is a ``.pt`` file, or a run folder (or its ``checkpoints/``): its ``best.pt``.
+
 Rebuilds the model from the configuration saved in the checkpoint, evaluates the integer-delay
 network (as during training) on the requested splits, prints the results and writes them as
 JSON (``eval_<checkpoint name>.json`` beside the checkpoint, e.g. ``eval_best.json``, unless
@@ -27,7 +29,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from snn_delays.checkpoints import load_checkpoint
+from snn_delays.checkpoints import find_checkpoint, load_checkpoint
 from snn_delays.config import TrainerConfig, build
 from snn_delays.report import flatten, parse_override
 from snn_delays.train import CONF_DIR, pick_device
@@ -126,9 +128,7 @@ def evaluate_checkpoint(
         raise ValueError(
             f"batch_size must be a whole number >= 1 (or null: the run's), got {cfg.batch_size!r}"
         )
-    path = Path(cfg.checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no such file")
+    path = checkpoint_file(cfg)
     requested = cfg.get("dataset")
     if overrides is None:
         if HydraConfig.initialized():
@@ -161,9 +161,28 @@ def run_eval_batch_size(config: dict[str, Any]) -> int:
     return int(trainer.get("eval_batch_size") or TrainerConfig.eval_batch_size)
 
 
+def checkpoint_file(cfg: DictConfig) -> Path:
+    """The file ``checkpoint=`` names: a ``.pt`` file, or a run folder or its ``checkpoints/``
+    folder (their ``best.pt``, as ``snn-delays-plot`` reads them)."""
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise ValueError(
+            "no checkpoint given: snn-delays-eval checkpoint=RUN_DIR (its checkpoints/best.pt) or "
+            "checkpoint=RUN_DIR/checkpoints/last.pt"
+        )
+    path = Path(cfg.checkpoint)
+    if path.is_dir():
+        try:
+            return find_checkpoint(path, "best")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: {err}") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no such file or folder")
+    return path
+
+
 def output_path(cfg: DictConfig) -> Path:
     """``output=``, else ``eval_<stem>.json`` beside the checkpoint (best.pt -> eval_best.json)."""
-    checkpoint = Path(cfg.checkpoint)
+    checkpoint = checkpoint_file(cfg)
     return Path(cfg.output) if cfg.output else checkpoint.with_name(f"eval_{checkpoint.stem}.json")
 
 
@@ -177,7 +196,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     for name, r in results.items():
         print(f"{name}: acc {r['acc']:.4f}  loss {r['loss']:.4f}")
     out = output_path(cfg)
-    out.write_text(json.dumps({"checkpoint": str(cfg.checkpoint), **results}, indent=2) + "\n")
+    out.write_text(json.dumps({"checkpoint": str(checkpoint_file(cfg)), **results}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -115,6 +115,26 @@ def test_eval_command_writes_one_file_per_checkpoint(run_dir, tmp_path):
     assert proc.returncode == 2 and "dataset.n_test=256" in proc.stderr and "dataset.n_test=32" in proc.stderr
 
 
+def test_eval_takes_a_run_folder_and_names_what_is_missing(run_dir, tmp_path):
+    """``checkpoint=RUN_DIR`` (as ``snn-delays-plot`` and ``trainer.resume`` take it) was refused as
+    "no such file"; without ``checkpoint=`` the command printed omegaconf's traceback."""
+    from snn_delays.evaluate import output_path
+
+    best = evaluate_checkpoint(eval_cfg(f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}"), [])
+    for folder in (run_dir, run_dir / "checkpoints"):
+        cfg = eval_cfg(f"checkpoint={folder}")
+        assert evaluate_checkpoint(cfg, []) == best
+        assert output_path(cfg) == run_dir / "checkpoints" / "eval_best.json"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        FileNotFoundError, match=r"checkpoint=.*empty: no checkpoint at .*checkpoints/best.pt"
+    ):
+        evaluate_checkpoint(eval_cfg(f"checkpoint={tmp_path / 'empty'}"), [])
+    proc = run_cli("evaluate", check=False)
+    assert proc.returncode == 2 and "no checkpoint given: snn-delays-eval checkpoint=RUN_DIR" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_eval_names_an_unreadable_checkpoint(run_dir, tmp_path):
     bad = tmp_path / "checkpoints" / "best.pt"
     bad.parent.mkdir()
