@@ -154,6 +154,15 @@ def test_missing_dataset_offline_names_file_url_and_folder(tmp_path):
     assert "\\n" not in proc.stderr and "full_key: dataset" in proc.stderr
 
 
+def test_help_says_what_the_command_does_and_lists_the_groups():
+    """``--help`` began "train is powered by Hydra." and said nothing of the command."""
+    out = run_cli("train", "--help").stdout
+    assert out.startswith("snn-delays-train [KEY=VALUE ...]: train a feedforward LIF network")
+    assert "snn-delays-train experiment=synthetic logger=none" in out
+    assert "experiment: gsc_paper, shd_paper, ssc_paper, synthetic" in out and "--hydra-help" in out
+    assert "is powered by Hydra" not in out
+
+
 def test_built_objects_errors_keep_their_lines_and_hydras_context():
     from hydra.errors import InstantiationException
 
