@@ -37,7 +37,7 @@ def find_checkpoint(path: str | Path, which: str = "best") -> Path:
     """The checkpoint file for ``path``: a ``.pt`` file, a run directory or its ``checkpoints/``."""
     if which not in CHECKPOINT_NAMES:
         raise ValueError(f"checkpoint must be one of {CHECKPOINT_NAMES}, got {which!r}")
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_file():
         return path
     for candidate in (path / "checkpoints" / f"{which}.pt", path / f"{which}.pt"):

@@ -169,7 +169,7 @@ def checkpoint_file(cfg: DictConfig) -> Path:
             "no checkpoint given: snn-delays-eval checkpoint=RUN_DIR (its checkpoints/best.pt) or "
             "checkpoint=RUN_DIR/checkpoints/last.pt"
         )
-    path = Path(cfg.checkpoint)
+    path = Path(cfg.checkpoint).expanduser()  # zsh leaves ~ in key=~/x
     if path.is_dir():
         try:
             return find_checkpoint(path, "best")
@@ -182,8 +182,10 @@ def checkpoint_file(cfg: DictConfig) -> Path:
 
 def output_path(cfg: DictConfig) -> Path:
     """``output=``, else ``eval_<stem>.json`` beside the checkpoint (best.pt -> eval_best.json)."""
+    if cfg.output:
+        return Path(cfg.output).expanduser()
     checkpoint = checkpoint_file(cfg)
-    return Path(cfg.output) if cfg.output else checkpoint.with_name(f"eval_{checkpoint.stem}.json")
+    return checkpoint.with_name(f"eval_{checkpoint.stem}.json")
 
 
 @hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")

@@ -218,7 +218,7 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> Path | None:
             log.warning("trainer.resume=true but %s does not exist yet: starting from scratch", path)
             return None
         return path
-    path = Path(str(resume))
+    path = Path(str(resume)).expanduser()  # ~ as written in zsh, which leaves it in key=~/x
     try:
         return find_checkpoint(path, "last")
     except FileNotFoundError as err:

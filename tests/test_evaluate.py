@@ -135,6 +135,23 @@ def test_eval_takes_a_run_folder_and_names_what_is_missing(run_dir, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_paths_given_with_a_tilde_are_in_the_home_folder(run_dir, tmp_path, monkeypatch):
+    """Hydra's grammar needs ``key="~/x"`` quoted, and no shell expands it then: ``checkpoint``,
+    ``output`` and ``trainer.resume`` looked for a folder named ``~``."""
+    from omegaconf import OmegaConf
+
+    from snn_delays.evaluate import output_path
+    from snn_delays.train import resume_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(run_dir, tmp_path / "run")
+    cfg = eval_cfg('checkpoint="~/run"', 'output="~/out.json"')
+    assert evaluate_checkpoint(cfg, [])["test"]["acc"] >= 0
+    assert output_path(cfg) == tmp_path / "out.json"
+    resume = OmegaConf.create({"trainer": {"resume": "~/run"}})
+    assert resume_path(resume, tmp_path / "elsewhere") == tmp_path / "run" / "checkpoints" / "last.pt"
+
+
 def test_eval_names_an_unreadable_checkpoint(run_dir, tmp_path):
     bad = tmp_path / "checkpoints" / "best.pt"
     bad.parent.mkdir()
