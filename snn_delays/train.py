@@ -318,10 +318,9 @@ def _train(
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if dist.world_size > 1:
         log.info(
-            "rank %d/%d: training on %d of %d samples per epoch",
-            dist.rank,
+            "%d ranks: each trains on %d of %d samples per epoch",
             dist.world_size,
-            len(dist.even_shard(torch.arange(len(data.train)))),
+            len(dist.even_shard(torch.arange(len(data.train)))),  # the same on every rank
             len(data.train),
         )
     log.info(
@@ -512,8 +511,14 @@ def _torchrun_overrides(argv: list[str]) -> list[str]:
     extra = []
     if run_id and not any(a.startswith("hydra.run.dir=") for a in argv):
         extra.append(f"hydra.run.dir=outputs/torchrun/{run_id}")
-    if int(os.environ.get("RANK", "0")) > 0:
-        extra += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    rank = int(os.environ.get("RANK", "0"))
+    if rank > 0:  # rank 0 tells the run; the others only warn, each line naming its rank
+        extra += [
+            "hydra.output_subdir=null",
+            "hydra/job_logging=stdout",
+            "hydra.job_logging.root.level=WARNING",
+            f"hydra.job_logging.formatters.simple.format='[rank {rank}] %(levelname)s: %(message)s'",
+        ]
     return extra
 
 

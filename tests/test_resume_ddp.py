@@ -120,7 +120,10 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
     # 513 samples: shards of 257 and 256 would give rank 0 a ninth step of 32 that rank 1 never
     # takes, and rank 0 would wait in the gradient all-reduce forever; both take 256.
     text = torchrun(*DDP, "trainer.epochs=2", "dataset.n_train=513", f"hydra.run.dir={out}", timeout=120)
-    assert "rank 0/2: training on 256 of 513" in text and "rank 1/2: training on 256 of 513" in text
+    assert "2 ranks: each trains on 256 of 513 samples" in text
+    # rank 0 tells the run; rank 1 only warns (the 2-epoch one-cycle warning), naming its rank
+    assert text.count("synthetic on cpu: 513 samples train") == 1 and text.count("epoch 2/2 |") == 1
+    assert "[rank 1] WARNING: trainer.epochs=2: the one-cycle schedule" in text
     metrics = read_metrics(out)
     assert metrics["epochs"] == 2
     rows = list(csv.DictReader(open(out / "logs" / "metrics.csv")))
