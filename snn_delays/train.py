@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -349,7 +350,8 @@ def _train(
             f" ({why})" if why else "",
         )
     on_epoch_end = figure_hook(cfg, run_dir, model, data, logger, state.epoch, resumed=ckpt is not None)
-    # Watch for SIGTERM/SIGUSR1 until the outputs are written: a late signal must not cut them.
+    # Watch for SIGTERM/SIGUSR1/Ctrl-C until the outputs are written: a late signal must not cut
+    # them. After a Ctrl-C, leaving the block raises KeyboardInterrupt (main() exits by SIGINT).
     with StopFlag() as stop:
         state = fit(
             net,
@@ -373,16 +375,24 @@ def _train(
             if state.stopped_by is not None and hasattr(logger, "preempted"):
                 logger.preempted(state.stopped_by)
             logger.finish()
-    if state.stopped_by is not None:
-        log.warning(
-            "stopped by signal %d after epoch %d: %s",
-            state.stopped_by,
-            state.epoch,
-            "resume with trainer.resume=true"
-            if cfg.trainer.save_checkpoints
-            else "no checkpoint was saved (trainer.save_checkpoints=false), so it cannot be resumed",
-        )
+        if state.stopped_by is not None:
+            log.warning(
+                "stopped by %s after epoch %d: %s",
+                signal_name(state.stopped_by),
+                state.epoch,
+                "resume with trainer.resume=true"
+                if cfg.trainer.save_checkpoints
+                else "no checkpoint was saved (trainer.save_checkpoints=false), so it cannot be resumed",
+            )
     return metrics
+
+
+def signal_name(signum: int) -> str:
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+    return f"Ctrl-C ({name})" if signum == signal.SIGINT else name
 
 
 def figure_hook(
@@ -530,7 +540,15 @@ def main() -> None:
         )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.argv += _torchrun_overrides(sys.argv[1:])
-    _hydra_main()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:
+        # Ctrl-C: what there was to save is saved (the trainer said so). Exit as killed by SIGINT,
+        # without a traceback, so that a shell loop over runs stops too.
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        sys.exit(128 + signal.SIGINT)  # where the signal does not end the process (Windows)
 
 
 if __name__ == "__main__":

@@ -339,7 +339,13 @@ def delay_stats(model: nn.Module, dt_ms: float) -> dict[str, float]:
 
 
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1 (SLURM pre-emption): the loop saves and returns early."""
+    """Set by SIGTERM / SIGUSR1 (SLURM pre-emption) or a first Ctrl-C (SIGINT): the loop saves
+    and returns early. A second Ctrl-C raises ``KeyboardInterrupt`` at once.
+
+    On leaving, the signal goes on to the handler that was there before (submitit's requeue
+    handler; for Ctrl-C Python's, which raises ``KeyboardInterrupt`` once the state is saved, so
+    that a sweep or a shell loop stops too). SIGINT is left alone where it is ignored (a
+    background job) or handled by someone else."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -349,10 +355,19 @@ class StopFlag:
         return self.signum is not None
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self.signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            log.warning(
+                "Ctrl-C: stopping after this training step and saving; press it again to quit at once"
+            )
         self.signum = signum
 
     def __enter__(self) -> StopFlag:
-        for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+        signals = [signal.SIGTERM, getattr(signal, "SIGUSR1", None)]
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signals.append(signal.SIGINT)
+        for s in signals:
             if s is not None:
                 try:
                     self._previous[s] = signal.signal(s, self._handle)

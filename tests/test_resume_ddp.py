@@ -63,6 +63,61 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
     assert drop_time == history(cut)
 
 
+def _default_sigint() -> None:  # a child of a background job inherits SIGINT ignored
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_ctrl_c_saves_stops_and_exits_as_interrupted(tmp_path):
+    """Ctrl-C printed a KeyboardInterrupt traceback from wherever the step was, and left no
+    metrics.json. A first Ctrl-C now stops as SIGTERM does (the epoch in progress abandoned,
+    the outputs written, resumable); then the process ends as killed by SIGINT, so that a shell
+    loop over runs, or a Hydra sweep, stops too."""
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "snn_delays.train", *RUN, f"hydra.run.dir={cut}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
+    wait_for_epoch(cut / "checkpoints" / "last.pt", 2, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGINT, out + err
+    assert "Traceback" not in err and "stopped by Ctrl-C (SIGINT) after epoch" in out + err
+    assert 2 <= read_metrics(cut)["epochs"] < 12
+    run_cli("train", *RUN, f"hydra.run.dir={cut}", "trainer.resume=true")
+    assert read_metrics(cut)["epochs"] == 12
+
+
+def test_a_second_ctrl_c_quits_at_once_and_an_ignored_one_stays_ignored():
+    from snn_delays.training import StopFlag
+
+    def deliver():
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):  # Python runs the handler between bytecodes
+            time.sleep(0.001)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        stop = StopFlag().__enter__()
+        deliver()  # the first: a flag, no KeyboardInterrupt
+        assert stop() and stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):  # the second: at once
+            deliver()
+        with pytest.raises(KeyboardInterrupt):  # on leaving: Python's handler, once saved
+            stop.__exit__(None, None, None)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with StopFlag() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            deliver()
+            assert not stop()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_resume_from_another_model_says_which_keys_differ(tmp_path):
     out = tmp_path / "run"
     run_cli("train", *RUN[:1], "trainer.epochs=1", "logger=none", f"hydra.run.dir={out}")
