@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from snn_delays.checkpoints import find_checkpoint, load_checkpoint
 from snn_delays.config import TrainerConfig, build
 from snn_delays.report import flatten, parse_override
-from snn_delays.train import CONF_DIR, pick_device
+from snn_delays.train import CONF_DIR, pick_device, run_interruptibly
 from snn_delays.training import evaluate
 
 # The settings of conf/eval.yaml: any other key on the command line is refused.
@@ -206,7 +206,7 @@ def main() -> None:
     # dataset.KEY=VALUE must work without a dataset group (the checkpoint's dataset is used, and
     # eval.yaml has none): force-add it, so it also sets a key a chosen group already has.
     sys.argv[1:] = [_DATASET_KEY.sub("++dataset.", arg) for arg in sys.argv[1:]]
-    _hydra_main()
+    run_interruptibly(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -540,11 +540,15 @@ def main() -> None:
         )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.argv += _torchrun_overrides(sys.argv[1:])
+    run_interruptibly(_hydra_main)
+
+
+def run_interruptibly(command: Callable[[], Any]) -> None:
+    """Run a command-line entry point; on Ctrl-C exit as killed by SIGINT, without a traceback, so
+    that a shell loop over runs stops too (the trainer has saved what there was to save)."""
     try:
-        _hydra_main()
+        command()
     except KeyboardInterrupt:
-        # Ctrl-C: what there was to save is saved (the trainer said so). Exit as killed by SIGINT,
-        # without a traceback, so that a shell loop over runs stops too.
         sys.stderr.flush()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)

@@ -91,6 +91,22 @@ def test_ctrl_c_saves_stops_and_exits_as_interrupted(tmp_path):
     assert read_metrics(cut)["epochs"] == 12
 
 
+def test_commands_interrupted_elsewhere_exit_as_interrupted_without_a_traceback():
+    """Ctrl-C outside training (preparing data, in snn-delays-eval) ends the command as killed by
+    SIGINT, with no traceback: each entry point's Hydra main is made to raise KeyboardInterrupt."""
+    for module in ("train", "evaluate"):
+        code = (
+            f"import sys\nfrom snn_delays import {module} as m\n"
+            "def interrupted():\n    raise KeyboardInterrupt\n"
+            "m._hydra_main = interrupted\nsys.argv = ['cmd']\nm.main()\nprint('not reached')"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, preexec_fn=_default_sigint
+        )
+        assert proc.returncode == -signal.SIGINT, (module, proc.stderr)
+        assert "Traceback" not in proc.stderr and "not reached" not in proc.stdout
+
+
 def test_a_second_ctrl_c_quits_at_once_and_an_ignored_one_stays_ignored():
     from snn_delays.training import StopFlag
 
