@@ -11,6 +11,7 @@ rank 0 logs and writes.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
 import inspect
@@ -153,7 +154,9 @@ def distributed(device_name: str) -> Iterator[tuple[Distributed, torch.device]]:
     job. Waiting at the barrier releases the GIL until every rank is done, so those threads
     finish their work first. Destroying the group alone would not do: it joins those threads
     only when nothing else holds the group, and DistributedDataParallel's constructor leaves
-    references to it behind (torch 2.13).
+    references to it behind (torch 2.13). The barrier made the abort rare, not impossible, so
+    the command-line entry point also ends a worker without the interpreter's finalization
+    (:func:`exit_without_finalizing`).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -538,9 +541,30 @@ def main() -> None:
             f"snn-delays: config folder {CONF_DIR} not found: reinstall the package (`pip install .`, "
             "or `pip install -e .` from a checkout)"
         )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if torchrun:
         sys.argv += _torchrun_overrides(sys.argv[1:])
     run_interruptibly(_hydra_main)
+    if torchrun:
+        exit_without_finalizing()
+
+
+def exit_without_finalizing(code: int = 0) -> None:
+    """End a torchrun worker whose work is done: the atexit handlers run (logging's flush, W&B's
+    teardown), then the process exits without the interpreter's finalization.
+
+    DistributedDataParallel keeps the gloo process group alive past ``destroy_process_group``
+    (its threads are not joined; torch 2.13), and a gloo thread that touches a Python object
+    while the interpreter finalizes aborts the process (SIGABRT, "terminate called without an
+    active exception"). The barrier in :func:`distributed` made that rare, not impossible (once
+    in a CI-sized run of the suite): torchrun then fails the whole job after every output was
+    written."""
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's, run at exit anyway
+    if run_exit_handlers is not None:
+        run_exit_handlers()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_interruptibly(command: Callable[[], Any]) -> None:

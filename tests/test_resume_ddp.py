@@ -197,9 +197,24 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
     assert "[rank 1] WARNING: trainer.epochs=2: the one-cycle schedule" in text
     metrics = read_metrics(out)
     assert metrics["epochs"] == 2
+    assert "finished 2/2 epochs" in (out / "train.log").read_text()  # flushed before the exit
     rows = list(csv.DictReader(open(out / "logs" / "metrics.csv")))
     assert len(rows) == 2  # one logger (rank 0), one row per epoch
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_a_finished_worker_runs_its_exit_handlers_and_skips_finalization():
+    """A torchrun worker's interpreter finalization could abort it (a gloo thread kept alive by
+    DistributedDataParallel); the entry point now ends workers after the atexit handlers (the
+    log files' flush, W&B's teardown) without it."""
+    code = (
+        "import atexit\natexit.register(lambda: print('atexit ran', flush=True))\n"
+        "class Finalized:\n    def __del__(self):\n        print('finalized', flush=True)\n"
+        "keep = Finalized()\nfrom snn_delays.train import exit_without_finalizing\n"
+        "exit_without_finalizing(3)\nprint('not reached')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 3 and proc.stdout == "atexit ran\n", proc.stdout + proc.stderr
 
 
 def test_torchrun_run_resumes_to_the_same_metrics(tmp_path):
