@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -36,17 +38,23 @@ def wait_for_epoch(path, epoch, proc, timeout=240):
     raise AssertionError("no checkpoint in time")
 
 
-def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    run_cli("train", *RUN, f"hydra.run.dir={full}")
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "snn_delays.train", *RUN, f"hydra.run.dir={cut}"],
+def start_training(run_dir: Path, **popen: Any) -> subprocess.Popen:
+    """``snn-delays-train RUN`` in ``run_dir``, in the background."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "snn_delays.train", *RUN, f"hydra.run.dir={run_dir}"],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        **popen,
     )
+
+
+def test_interrupted_run_resumes_to_the_same_metrics(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_cli("train", *RUN, f"hydra.run.dir={full}")
+
+    proc = start_training(cut)
     wait_for_epoch(cut / "checkpoints" / "last.pt", 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -73,14 +81,7 @@ def test_ctrl_c_saves_stops_and_exits_as_interrupted(tmp_path):
     the outputs written, resumable); then the process ends as killed by SIGINT, so that a shell
     loop over runs, or a Hydra sweep, stops too."""
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "snn_delays.train", *RUN, f"hydra.run.dir={cut}"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=_default_sigint,
-    )
+    proc = start_training(cut, preexec_fn=_default_sigint)
     wait_for_epoch(cut / "checkpoints" / "last.pt", 2, proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
