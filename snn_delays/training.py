@@ -359,7 +359,8 @@ class StopFlag:
             if self.signum == signal.SIGINT:
                 raise KeyboardInterrupt
             log.warning(
-                "Ctrl-C: stopping after this training step and saving; press it again to quit at once"
+                "Ctrl-C: stopping (the epoch in progress is dropped, the last finished one kept); "
+                "press it again to quit at once"
             )
         self.signum = signum
 
