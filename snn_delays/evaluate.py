@@ -169,36 +169,35 @@ def checkpoint_file(cfg: DictConfig) -> Path:
             "no checkpoint given: snn-delays-eval checkpoint=RUN_DIR (its checkpoints/best.pt) or "
             "checkpoint=RUN_DIR/checkpoints/last.pt"
         )
-    path = Path(cfg.checkpoint).expanduser()  # zsh leaves ~ in key=~/x
-    if path.is_dir():
-        try:
-            return find_checkpoint(path, "best")
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: {err}") from None
-    if not path.is_file():
+    if not Path(cfg.checkpoint).expanduser().exists():  # zsh leaves ~ in key=~/x
         raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no such file or folder")
-    return path
+    try:
+        return find_checkpoint(cfg.checkpoint, "best")  # the file, or the folder's best.pt
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: {err}") from None
 
 
-def output_path(cfg: DictConfig) -> Path:
-    """``output=``, else ``eval_<stem>.json`` beside the checkpoint (best.pt -> eval_best.json)."""
+def output_path(cfg: DictConfig, checkpoint: Path | None = None) -> Path:
+    """``output=``, else ``eval_<stem>.json`` beside the checkpoint (best.pt -> eval_best.json);
+    ``checkpoint``: :func:`checkpoint_file`'s answer, where the caller has it."""
     if cfg.output:
         return Path(cfg.output).expanduser()
-    checkpoint = checkpoint_file(cfg)
+    checkpoint = checkpoint or checkpoint_file(cfg)
     return checkpoint.with_name(f"eval_{checkpoint.stem}.json")
 
 
 @hydra.main(config_path=CONF_DIR, config_name="eval", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
+        checkpoint = checkpoint_file(cfg)
         results = evaluate_checkpoint(cfg)
     except (FileNotFoundError, ValueError) as err:  # Unreadable- and ForeignCheckpointError are ValueErrors
         print(f"snn-delays-eval: {err}", file=sys.stderr)
         sys.exit(2)
     for name, r in results.items():
         print(f"{name}: acc {r['acc']:.4f}  loss {r['loss']:.4f}")
-    out = output_path(cfg)
-    out.write_text(json.dumps({"checkpoint": str(checkpoint_file(cfg)), **results}, indent=2) + "\n")
+    out = output_path(cfg, checkpoint)
+    out.write_text(json.dumps({"checkpoint": str(checkpoint), **results}, indent=2) + "\n")
     print(f"wrote {out}")
 
 
