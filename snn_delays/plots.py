@@ -570,7 +570,9 @@ def log_figures(
     pass_png = logger is not None and _takes_png(logger)
     for name, fig in figures.items():
         try:
-            png = png_bytes(fig, dpi)  # rendered once, for the file and the logger (half a figure epoch)
+            # rendered once, for the file and the logger (half a figure epoch); not at all where
+            # neither reads it (no folder, and a logger that draws the figure itself)
+            png = png_bytes(fig, dpi) if out_dir is not None or pass_png else None
             if out_dir is not None:
                 path = figure_path(out_dir, name)
                 path.parent.mkdir(parents=True, exist_ok=True)

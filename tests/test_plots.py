@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -202,13 +203,9 @@ def test_figures_for_run_and_log_figures_save_and_log_everything(model, tmp_path
     assert all(not fig.axes for fig in figures.values()), "figures are closed after logging"
 
 
-def test_each_figure_is_rendered_once_for_its_file_and_the_logger(model, tmp_path):
-    """A figure epoch rendered every figure twice (figures/, then the logger: ~45 % of a figure
-    epoch of the SSC network, ~10 s on this CPU); the logger now gets the same PNG bytes."""
-    from snn_delays.loggers import CSVLogger
-
-    figures = plots.figures_for_run(model, history(), None, torch.ones(10, 6))
-    renders = {}
+def count_renders(figures: dict) -> dict[str, int]:
+    """Each figure's ``savefig`` calls, counted into the returned dict as they happen."""
+    renders: dict[str, int] = {}
     for name, fig in figures.items():
 
         def counting(*args, _save=fig.savefig, _name=name, **kwargs):
@@ -216,11 +213,34 @@ def test_each_figure_is_rendered_once_for_its_file_and_the_logger(model, tmp_pat
             return _save(*args, **kwargs)
 
         fig.savefig = counting
+    return renders
+
+
+def test_each_figure_is_rendered_once_for_its_file_and_the_logger(model, tmp_path):
+    """A figure epoch rendered every figure twice (figures/, then the logger: ~45 % of a figure
+    epoch of the SSC network, ~10 s on this CPU); the logger now gets the same PNG bytes."""
+    from snn_delays.loggers import CSVLogger
+
+    figures = plots.figures_for_run(model, history(), None, torch.ones(10, 6))
+    renders = count_renders(figures)
     paths = plots.log_figures(CSVLogger(tmp_path), figures, 3, tmp_path / "figures")
     assert renders == dict.fromkeys(figures, 1)
     for name, path in zip(figures, paths, strict=True):
         logged = tmp_path / "logs" / "figures" / f"{name.replace('/', '_')}_0003.png"
         assert logged.read_bytes() == path.read_bytes()
+
+    # no folder, and a logger of the older interface (no png) that draws each figure itself:
+    # rendered by that logger alone, not also for bytes nobody reads
+    class DrawsItself(RecordingLogger):
+        def log_figure(self, name, figure, step):
+            figure.savefig(io.BytesIO(), format="png")
+            super().log_figure(name, figure, step)
+
+    figures = plots.figures_for_run(model, history(), None, torch.ones(10, 6))
+    renders = count_renders(figures)
+    logger = DrawsItself()
+    assert plots.log_figures(logger, figures, 4) == []
+    assert renders == dict.fromkeys(figures, 1) and [n for n, _ in logger.figures] == list(figures)
 
 
 def test_a_figure_that_fails_to_log_costs_only_itself(model, tmp_path, caplog):
