@@ -36,6 +36,7 @@ from snn_delays import fast_delays
 from snn_delays.checkpoints import UnreadableCheckpointError, find_checkpoint, read_checkpoint
 from snn_delays.config import build, check_config, register_configs
 from snn_delays.cuda_graphs import set_capturable
+from snn_delays.data.base import progress_bars
 from snn_delays.model import DelaySNN
 from snn_delays.plots import PositionTrace, log_epoch_figures
 from snn_delays.training import (
@@ -295,7 +296,8 @@ def _train(
     if device.type == "cpu":
         fast_delays.keep_freed_memory()  # activations reused, not re-faulted every step
     seed_everything(rank_seed(cfg.seed, dist.rank))
-    data = build(cfg.dataset)
+    with progress_bars(fit_cfg.progress and dist.is_main):  # downloads, binning, features
+        data = build(cfg.dataset)
     model = build_model(cfg.model, data.n_inputs, data.n_classes, data.dt_ms).to(device)
     opt = build_optimization(cfg.optim, model, cfg.trainer.epochs)
     data = data.to(device)

@@ -179,30 +179,75 @@ def test_gsc_refuses_sizes_below_one_and_caches_nothing(gsc_root, setting):
 # ---------------------------------------------------------------- two processes at once
 
 
-def _load_in_child(root: str, start, out) -> None:
-    start.wait()
-    data = spikes.load_shd(root, n_classes=4, download=False)
-    out.put([float(getattr(data, s).x.double().sum()) for s in SPLITS] + data.valid.y.tolist())
+def _load_in_child(kind: str, root: str, start, out) -> None:
+    """A torchrun rank's first load of ``root``: returns a digest of the data and how many
+    files (spike files, or GSC splits) this process binned or computed itself."""
+    import time
+
+    done = []
+    if kind == "shd":
+        read = spikes.read_spike_file
+
+        def counted(path, binning, **kwargs):
+            done.append(path)
+            time.sleep(0.5)  # the other process reaches the cache meanwhile
+            return read(path, binning, **kwargs)
+
+        spikes.read_spike_file = counted
+        start.wait()
+        data = spikes.load_shd(root, n_classes=4, download=False)
+    else:
+        compute = gsc.compute_features
+
+        def counted(*args, **kwargs):
+            done.append(args[1])
+            time.sleep(0.5)
+            return compute(*args, **kwargs)
+
+        gsc.compute_features = counted
+        start.wait()
+        data = gsc.load_gsc(root, download=False)
+    digest = [float(getattr(data, s).x.double().sum()) for s in SPLITS] + data.valid.y.tolist()
+    out.put((digest, len(done)))
+
+
+def _load_in_two_processes(kind: str, root: Path) -> list[tuple[list, int]]:
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_load_in_child, args=(kind, str(root), start, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    start.set()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
+def _digest(data) -> list:
+    return [float(getattr(data, s).x.double().sum()) for s in SPLITS] + data.valid.y.tolist()
 
 
 def test_two_processes_build_one_cache(tmp_path):
     """Two ranks of a job binning the same root at once: both get the same data, the cache holds
-    one file per split file and no temporary file, and a later load reads it."""
+    one file per split file and no temporary file, and a later load reads it. Both binned
+    every file (a torchrun job on a node of 8 GPUs binned SSC 8 times over, each rank with
+    its own copy in memory): now one bins each file, the other waits and reads the cache."""
     make_shd_root(tmp_path, n_train=200, n_test=40, n_classes=4)
-    ctx = multiprocessing.get_context("spawn")
-    start, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_load_in_child, args=(str(tmp_path), start, out)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    start.set()
-    results = [out.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    assert results[0] == results[1]
-    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == ["shd_test", "shd_train"]
-    again = spikes.load_shd(tmp_path, n_classes=4, download=False)
-    assert [float(getattr(again, s).x.double().sum()) for s in SPLITS] + again.valid.y.tolist() == results[0]
+    (a, n_a), (b, n_b) = _load_in_two_processes("shd", tmp_path)
+    assert a == b and n_a + n_b == 2  # shd_train.h5 and shd_test.h5, once each
+    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir() if p.name != ".lock")
+    assert cached == ["shd_test", "shd_train"]
+    assert _digest(spikes.load_shd(tmp_path, n_classes=4, download=False)) == a
+
+
+def test_two_processes_compute_the_gsc_features_once(gsc_root):
+    (a, n_a), (b, n_b) = _load_in_two_processes("gsc", gsc_root)
+    assert a == b and n_a + n_b == 3  # train, valid, test, once each
+    assert len(list((gsc_root / "cache").glob("gsc_*.pt"))) == 1
+    assert not list((gsc_root / "cache").glob("*.part"))
+    assert _digest(gsc.load_gsc(gsc_root, download=False)) == a
 
 
 def test_same_root_twice_in_one_process_gives_independent_tensors(gsc_root, tmp_path):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import inspect
 import io
+import logging
 import os
 import re
 import shutil
@@ -18,10 +20,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from spike_files import make_shd_root, make_spike_dataset, make_ssc_root, write_spike_h5
 
 from snn_delays.data import download, spikes
-from snn_delays.data.base import stratified_split
+from snn_delays.data.base import progress_bars, stratified_split
+from snn_delays.train import CONF_DIR, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -210,7 +214,12 @@ def served(tmp_path):
 
 
 def _leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    """What ``folder`` holds, but the (empty) lock file one download at a time leaves."""
+    if not folder.exists():
+        return []
+    lock = folder / ".download.lock"
+    assert not lock.exists() or lock.stat().st_size == 0
+    return sorted(p.name for p in folder.iterdir() if p != lock)
 
 
 @pytest.mark.parametrize("suffix", [".zip", ".gz"])
@@ -261,6 +270,66 @@ def test_load_shd_downloads_through_mirrors(served, tmp_path, monkeypatch):
     data = spikes.load_shd(tmp_path / "root", n_classes=2, valid_fraction=0.0)
     assert len(data.train) == len(data.test) == 10
     assert sorted(_leftovers(tmp_path / "root")) == ["cache", "shd_test.h5", "shd_train.h5"]
+
+
+def _serve_shd(served: Path, monkeypatch) -> None:
+    """``load_shd`` downloads from ``served``, and bins one sample per chunk (so that even a
+    tiny file draws the binning bar)."""
+    shutil.copy(served / "shd_train.h5.zip", served / "shd_test.h5.zip")
+    md5 = _md5(served / "shd_train.h5.zip")
+    monkeypatch.setattr(spikes, "MIRRORS", (served.as_uri() + "/",))
+    monkeypatch.setattr(spikes, "ZIP_MD5", {"shd_train.h5": md5, "shd_test.h5": md5})
+    monkeypatch.setattr(spikes, "read_spike_file", functools.partial(spikes.read_spike_file, chunk=1))
+
+
+STAGES = ("downloading shd_train.h5.zip", "unpacking shd_train.h5.zip", "binning 10 samples of")
+
+
+@pytest.mark.parametrize("shown", [True, False])
+def test_data_bars_follow_progress_bars(served, tmp_path, monkeypatch, capsys, caplog, shown):
+    """The download and binning bars drew on stderr whatever the setting; inside
+    ``progress_bars(False)`` they are hidden, and each stage still says what it does in a log
+    line."""
+    _serve_shd(served, monkeypatch)
+    with caplog.at_level(logging.INFO, logger="snn_delays"), progress_bars(shown):
+        spikes.load_shd(tmp_path / "root", n_classes=2, valid_fraction=0.0)
+    err = capsys.readouterr().err
+    assert ("shd_train.h5.zip:" in err and "binning shd_train.h5:" in err) is shown, err
+    assert shown or err == ""
+    lines = [r.getMessage() for r in caplog.records]
+    for stage in STAGES:
+        assert any(m.startswith(stage) for m in lines), (stage, lines)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="snn_delays"):
+        spikes.load_shd(tmp_path / "root", n_classes=2, valid_fraction=0.0)
+    assert "binning" not in capsys.readouterr().err  # bars are shown again, and binning is cached
+    assert any(r.getMessage().startswith("shd_train.h5 binned, from cache") for r in caplog.records)
+
+
+@pytest.mark.parametrize("progress", ["true", "false"])
+def test_trainer_progress_hides_the_data_bars(served, tmp_path, monkeypatch, capfd, progress):
+    """``trainer.progress=false`` (the SLURM script's setting) left a first run's download and
+    binning bars in the job's output."""
+    _serve_shd(served, monkeypatch)
+    root = tmp_path / "root"
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "dataset=shd",
+                f"dataset.root={root}",
+                "dataset.n_classes=2",
+                "dataset.valid_fraction=0",
+                "model.n_hidden=8",
+                "trainer.epochs=1",
+                "logger=none",
+                f"trainer.progress={progress}",
+            ],
+        )
+    run(cfg, tmp_path / "run")
+    err = capfd.readouterr().err
+    assert ("binning shd_train.h5:" in err) is (progress == "true"), err
+    assert ("shd_train.h5.zip:" in err) is (progress == "true"), err
 
 
 # --- bad files: every error names the file ------------------------------------------------
@@ -405,6 +474,49 @@ def test_other_processes_temporary_files_are_left_alone(served, tmp_path):
     assert _leftovers(root) == sorted(["shd_train.h5", *others])
 
 
+def _fetch_in_child(root: str, url: str, md5: str, start, out) -> None:
+    """A torchrun rank's first load: fetch through ``ensure_file``, counting the downloads."""
+    import time
+
+    stream, streamed = download._stream, []
+
+    def counted(*args):
+        streamed.append(args[0])
+        time.sleep(0.5)  # the other process arrives meanwhile
+        return stream(*args)
+
+    download._stream = counted
+    start.wait()
+    got = download.ensure_file(Path(root), "shd_train.h5", [url], md5, True)
+    out.put(
+        (
+            got.read_bytes() == (Path(url[len("file://") :]).parent / "shd_train.h5").read_bytes(),
+            len(streamed),
+        )
+    )
+
+
+def test_two_processes_download_once(served, tmp_path):
+    """Every rank of a torchrun job downloaded the file (8 downloads of SSC on a node of 8
+    GPUs); one downloads now while the other waits, then finds the file."""
+    import multiprocessing
+
+    archive = served / "shd_train.h5.zip"
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    args = (str(tmp_path / "root"), archive.as_uri(), _md5(archive), start, out)
+    procs = [ctx.Process(target=_fetch_in_child, args=args) for _ in range(2)]
+    for p in procs:
+        p.start()
+    start.set()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert all(same for same, _ in results) and sum(n for _, n in results) == 1, results
+    assert _leftovers(tmp_path / "root") == ["shd_train.h5"]
+
+
 def test_file_finished_by_another_process_ends_the_mirror_loop(served, tmp_path, monkeypatch):
     root = tmp_path / "root"
     root.mkdir()
@@ -460,7 +572,7 @@ def test_cache_write_failure_only_warns(tmp_path, monkeypatch, failure):
         data = spikes.load_shd(tmp_path, n_classes=4, download=False)
     assert len(data.test) == 10
     if failure == "disk full":
-        assert not list((tmp_path / "cache").iterdir())  # no .part left behind
+        assert [p.name for p in (tmp_path / "cache").iterdir()] == [".lock"]  # no .part left behind
 
 
 def test_times_not_in_seconds_are_refused(tmp_path):

@@ -31,6 +31,7 @@ from snn_delays.data.audio import (
     power_to_db,
     resample,
 )
+from snn_delays.data.base import progress_bars
 from snn_delays.data.download import ArchiveError, ChecksumError, MissingDataError
 from snn_delays.data.gsc import GSCDataError, load_gsc
 
@@ -387,7 +388,7 @@ def test_a_cache_that_cannot_be_written_is_a_warning(fresh_root, monkeypatch, ca
     assert (len(data.train), len(data.valid), len(data.test)) == (35, 35, 35)
     assert "continuing without it" in caplog.text and str(root / "cache" / "gsc_") in caplog.text
     if failure == "disk full":
-        assert list((root / "cache").iterdir()) == []  # no .part left behind
+        assert [p.name for p in (root / "cache").iterdir()] == [".lock"]  # no .part left behind
     else:
         assert (root / "cache").read_text() == "not a folder"
 
@@ -430,6 +431,41 @@ def test_download_verify_and_extract(tmp_path, archive, monkeypatch):
     assert (len(data.train), len(data.valid), len(data.test)) == (35, 35, 35)
     assert (root / gsc.FOLDER / gsc.MARKER).is_file() and not stale.exists()
     assert not (root / archive.name).exists()  # deleted once extracted
+
+
+@pytest.mark.parametrize("shown", [True, False])
+def test_data_bars_follow_progress_bars(tmp_path, archive, monkeypatch, capsys, caplog, shown):
+    """The download, extraction and feature bars drew on stderr with ``trainer.progress=false``
+    and on every torchrun rank; ``progress_bars(False)`` hides them, and each stage still says
+    what it does in a log line."""
+    monkeypatch.setattr(gsc, "ARCHIVE_URL", archive.as_uri())
+    monkeypatch.setattr(gsc, "ARCHIVE_SHA256", gsc.sha256sum(archive))
+    with caplog.at_level(logging.INFO, logger="snn_delays"), progress_bars(shown):
+        load_gsc(root=tmp_path / "root", cache=False)
+    err = capsys.readouterr().err
+    for bar in (f"{archive.name}:", f"extracting {archive.name}:", "log-mel train:", "log-mel test:"):
+        assert (bar in err) is shown, (bar, err)
+    assert shown or err == ""
+    lines = [r.getMessage() for r in caplog.records]
+    for stage in (f"downloading {archive.name}", f"extracting {archive.name}", "computing the log-mel"):
+        assert any(m.startswith(stage) for m in lines), (stage, lines)
+
+
+def test_a_filesystem_refusing_locks_is_prepared_without_one(tmp_path, archive, monkeypatch):
+    """A cluster filesystem mounted without locks (Lustre without ``flock``, some NFS) refuses
+    ``flock`` with ENOSYS or ENOLCK: the first GSC load failed with that error. It now goes on
+    without the lock (each rank does the work itself, as alone)."""
+    import errno
+    import fcntl
+
+    def refuse(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    monkeypatch.setattr(gsc, "ARCHIVE_URL", archive.as_uri())
+    monkeypatch.setattr(gsc, "ARCHIVE_SHA256", gsc.sha256sum(archive))
+    data = load_gsc(root=tmp_path / "root")
+    assert len(data.train) == 35 and len(list((tmp_path / "root" / "cache").glob("gsc_*.pt"))) == 1
 
 
 def test_existing_folder_is_used_without_download(gsc_root, monkeypatch):

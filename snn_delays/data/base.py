@@ -10,6 +10,8 @@ an epoch never goes back to the host for data.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import logging
 import numbers
 import os
 from collections.abc import Callable, Iterator
@@ -19,6 +21,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -175,3 +180,72 @@ def save_cache(path: Path, obj: Any) -> Exception | None:
         with contextlib.suppress(OSError):  # NotADirectoryError when the cache folder is a file
             part.unlink(missing_ok=True)
     return None
+
+
+_PROGRESS = contextvars.ContextVar("snn_delays_data_progress", default=True)
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Show (``True``, the default outside any block) or hide the data-preparation bars
+    (download, extraction, binning, features) inside the block. The trainer hides them with
+    ``trainer.progress=false`` and on every torchrun rank but the first; each stage still logs
+    one INFO line when it starts."""
+    token = _PROGRESS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def progress_bar(iterable: Any = None, **kwargs: Any) -> tqdm:
+    """A ``tqdm`` bar, disabled where :func:`progress_bars` hides them."""
+    kwargs["disable"] = kwargs.get("disable", False) or not _PROGRESS.get()
+    return tqdm(iterable, **kwargs)
+
+
+@contextlib.contextmanager
+def one_process_at_a_time(lock: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` inside the block.
+
+    torchrun's ranks all reach a first download, extraction or cache build at once: under the
+    lock the first does the work while the others wait (logging that they do, ``what`` saying
+    what the work is), then find it done. Without ``fcntl`` (Windows), where the lock file
+    cannot be made (a read-only dataset folder) or where the filesystem refuses locks (a
+    cluster filesystem mounted without them), there is no lock and each process does the work
+    itself, as it would alone (every file is written atomically, so that is only slower).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    locked = None
+    if fcntl is not None:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            locked = open(lock, "a")  # noqa: SIM115 (closed below, after the block)
+            try:
+                fcntl.flock(locked, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("another process is %s (lock %s): waiting for it", what, lock)
+                fcntl.flock(locked, fcntl.LOCK_EX)
+        except OSError as err:
+            log.debug("no lock on %s (%s): this process is %s itself", lock, err, what)
+            if locked is not None:
+                locked.close()
+                locked = None
+    try:
+        yield
+    finally:
+        if locked is not None:
+            fcntl.flock(locked, fcntl.LOCK_UN)
+            locked.close()
+
+
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """``(size, mtime_ns)`` of ``path``, ``None`` when absent: whether another process wrote it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns

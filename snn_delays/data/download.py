@@ -3,8 +3,10 @@
 Nothing half-written ever sits under a final name: a download streams into
 ``<dest>.<pid>.part``, its length and md5 are checked, and only then is it renamed
 (``os.replace``, atomic on one filesystem); decompression likewise writes
-``<target>.<pid>.part`` and renames it when complete. The process id keeps the temporary files
-of processes that fetch the same file at once (every torchrun rank) apart. A file already
+``<target>.<pid>.part`` and renames it when complete. torchrun's ranks download one at a time
+(a lock file, ``<root>/.download.lock``): the first fetches the file, the others then find it.
+Where the filesystem refuses locks they fetch at once, and the process id in the temporary names
+keeps their files apart. A file already
 present under its final name is used as it is, so users may bring their own copies; an archive
 present under the name a URL serves is verified and unpacked without any network access, and
 is never deleted (only an archive a download wrote is).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import shutil
 import urllib.error
@@ -22,12 +25,12 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from tqdm import tqdm
-
-from snn_delays.data.base import part_path
+from snn_delays.data.base import one_process_at_a_time, part_path, progress_bar
 
 _CHUNK = 1 << 20
 _USER_AGENT = "snn_delays (https://pypi.org/project/snn-delays)"
+
+log = logging.getLogger(__name__)
 
 
 class MissingDataError(FileNotFoundError):
@@ -61,7 +64,9 @@ def _stream(url: str, out: Path, name: str) -> str:
     size = 0
     with urllib.request.urlopen(request, timeout=60) as response, open(out, "wb") as f:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=name) as bar:
+        announced = f" ({total / 1e6:.0f} MB)" if total else ""
+        log.info("downloading %s%s from %s into %s", name, announced, url, out.parent)
+        with progress_bar(total=total, unit="B", unit_scale=True, desc=name) as bar:
             for block in iter(lambda: response.read(_CHUNK), b""):
                 f.write(block)
                 digest.update(block)
@@ -129,6 +134,8 @@ def extract(archive: Path, target: Path, name: str | None = None) -> Path:
     """
     name = archive.name if name is None else name
     part = part_path(target)
+    if name != target.name:
+        log.info("unpacking %s into %s", name, target)
     try:
         _unpack_to(archive, part, name)
         os.replace(part, target)
@@ -163,7 +170,7 @@ def ensure_file(root: Path, filename: str, urls: list[str], md5: str | None, dow
     serves (one fetched by hand) is verified and unpacked first, with no network access even
     when ``download`` is false, and kept; a downloaded archive is deleted once unpacked. After
     each failure, a ``root/filename`` that appeared meanwhile (another process fetched it) is
-    returned. Raises ``MissingDataError`` (a ``FileNotFoundError``) naming the file, the URLs,
+    returned. Downloads hold ``root/.download.lock``: one process at a time fetches. Raises ``MissingDataError`` (a ``FileNotFoundError``) naming the file, the URLs,
     the folder and every failed attempt when nothing gave the file.
     """
     root = Path(root)
@@ -183,19 +190,33 @@ def ensure_file(root: Path, filename: str, urls: list[str], md5: str | None, dow
                 return target
     if download:
         root.mkdir(parents=True, exist_ok=True)
-        for url in urls:
-            name = _archive_name(url)
-            try:
-                if root / name == target:  # served uncompressed: no unpacking step
-                    return download_url(url, target, md5)
-                fetched = part_path(root / name)  # this process's own copy, deleted once unpacked
-                try:
-                    _fetch(url, fetched, md5, name)
-                    return extract(fetched, target, name)
-                finally:
-                    fetched.unlink(missing_ok=True)
-            except (OSError, ValueError) as err:
-                failures.append(f"{url}: {err}")
-                if target.exists():
-                    return target
+        # torchrun's ranks: one downloads while the others wait, then find the file
+        with one_process_at_a_time(root / ".download.lock", f"downloading {filename}"):
+            if target.exists():
+                return target
+            _download_first(root, target, urls, md5, failures)
+            if target.exists():
+                return target
     raise MissingDataError(_missing_message(target, urls, failures, download))
+
+
+def _download_first(root: Path, target: Path, urls: list[str], md5: str | None, failures: list[str]) -> None:
+    """Make ``target`` from the first URL that gives it, adding each failure to ``failures``;
+    stop as soon as ``target`` exists (another process, without a lock, fetched it)."""
+    for url in urls:
+        name = _archive_name(url)
+        try:
+            if root / name == target:  # served uncompressed: no unpacking step
+                download_url(url, target, md5)
+                return
+            fetched = part_path(root / name)  # this process's own copy, deleted once unpacked
+            try:
+                _fetch(url, fetched, md5, name)
+                extract(fetched, target, name)
+                return
+            finally:
+                fetched.unlink(missing_ok=True)
+        except (OSError, ValueError) as err:
+            failures.append(f"{url}: {err}")
+            if target.exists():
+                return

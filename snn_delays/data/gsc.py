@@ -26,7 +26,6 @@ v0.02 holds nothing else and a stray rate means a foreign or damaged file. Bad i
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -35,7 +34,6 @@ import os
 import shutil
 import tarfile
 import zlib
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,10 +41,16 @@ import numpy as np
 import soundfile as sf
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from snn_delays.data.audio import FrontEnd, log_mel, pad_or_cut
-from snn_delays.data.base import DataBundle, Split, save_cache
+from snn_delays.data.base import (
+    DataBundle,
+    Split,
+    file_stamp,
+    one_process_at_a_time,
+    progress_bar,
+    save_cache,
+)
 from snn_delays.data.download import ArchiveError, ChecksumError, MissingDataError, download_url
 
 log = logging.getLogger(__name__)
@@ -142,33 +146,10 @@ def ensure_extracted(root: Path, download: bool) -> Path:
             f"GSC not found: no folder {data_dir}. Download {ARCHIVE_URL}, extract it into that "
             "folder, or allow the download with dataset.download=true."
         )
-    with _one_process_at_a_time(root / f".{FOLDER}.lock"):
+    with one_process_at_a_time(root / f".{FOLDER}.lock", "preparing GSC"):
         if data_dir.is_dir():  # another process (a torchrun rank) made it while this one waited
             return data_dir
         return _download_and_extract(root, data_dir)
-
-
-@contextlib.contextmanager
-def _one_process_at_a_time(lock: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``lock``: torchrun's ranks all reach the first download at once,
-    and two extracting into one scratch folder destroy each other's work. Without ``fcntl``
-    (Windows) there is no lock."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is preparing GSC (lock %s): waiting for it", lock)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _download_and_extract(root: Path, data_dir: Path) -> Path:
@@ -215,7 +196,8 @@ def _extract(archive: Path, data_dir: Path) -> None:
         try:
             with tarfile.open(archive) as tar:
                 members = _safe_members(tar, archive)
-                for member in tqdm(members, desc=f"extracting {archive.name}", unit="file"):
+                log.info("extracting %s into %s", archive.name, data_dir)
+                for member in progress_bar(members, desc=f"extracting {archive.name}", unit="file"):
                     tar.extract(member, tmp, **kwargs)
         except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
             raise ArchiveError(f"{archive} could not be extracted: {err}") from err
@@ -357,7 +339,8 @@ def compute_features(
 ) -> Tensor:
     """Features ``(len(files), n_frames, n_mels)`` of the listed clips, in batches."""
     x = torch.empty(len(files), fe.n_frames, fe.n_mels)
-    with tqdm(total=len(files), desc=f"log-mel {desc}", unit="clip") as bar:
+    log.info("computing the log-mel features of %d %s clips", len(files), desc)
+    with progress_bar(total=len(files), desc=f"log-mel {desc}", unit="clip") as bar:
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
             waves = torch.stack([pad_or_cut(read_clip(data_dir / f), fe.clip_samples) for f in chunk])
@@ -418,15 +401,30 @@ def _read_cache(path: Path, files: dict[str, list[str]], fe: FrontEnd) -> dict[s
     return xs
 
 
+def _compute_all(
+    data_dir: Path, files: dict[str, list[str]], fe: FrontEnd, batch_size: int
+) -> dict[str, Tensor]:
+    return {name: compute_features(data_dir, fl, fe, batch_size, name) for name, fl in files.items()}
+
+
 def _cached_features(
     cache_dir: Path, data_dir: Path, files: dict[str, list[str]], fe: FrontEnd, cache: bool, batch_size: int
 ) -> dict[str, Split]:
     path = cache_dir / f"gsc_{cache_key(fe, files, data_dir)}.pt" if cache else None
-    xs = _read_cache(path, files, fe) if path is not None and path.is_file() else None
-    if xs is None:
-        xs = {name: compute_features(data_dir, fl, fe, batch_size, name) for name, fl in files.items()}
-        if path is not None and (err := save_cache(path, xs)) is not None:
-            log.warning("could not write the GSC cache %s (%s); continuing without it", path, err)
+    seen = file_stamp(path) if path is not None else None
+    xs = _read_cache(path, files, fe) if seen is not None else None
+    if xs is None and path is not None:
+        # torchrun's ranks: one computes and caches the features, the others wait and read them
+        with one_process_at_a_time(cache_dir / ".lock", "computing the GSC features"):
+            now = file_stamp(path)
+            if now is not None and now != seen:  # written meanwhile
+                xs = _read_cache(path, files, fe)
+            if xs is None:
+                xs = _compute_all(data_dir, files, fe, batch_size)
+                if (err := save_cache(path, xs)) is not None:
+                    log.warning("could not write the GSC cache %s (%s); continuing without it", path, err)
+    elif xs is None:
+        xs = _compute_all(data_dir, files, fe, batch_size)
     return {
         name: Split(xs[name], torch.full((len(fl),), fe.n_frames), _labels(fl)) for name, fl in files.items()
     }

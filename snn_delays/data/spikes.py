@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import warnings
 from collections.abc import Sequence
@@ -35,9 +36,16 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from snn_delays.data.base import DataBundle, Split, save_cache, stratified_split
+from snn_delays.data.base import (
+    DataBundle,
+    Split,
+    file_stamp,
+    one_process_at_a_time,
+    progress_bar,
+    save_cache,
+    stratified_split,
+)
 from snn_delays.data.download import ensure_file
 
 FORMAT_VERSION = 1
@@ -55,6 +63,7 @@ _REQUIRED = ("spikes/times", "spikes/units", "labels")
 # means times not in seconds (milliseconds, say) or one absurd time, and would allocate a huge
 # tensor. Zenke-lab samples last about 1 s.
 MAX_SPAN_S = 60.0
+log = logging.getLogger(__name__)
 _REFETCH = "delete the file and download it again (or replace it with a good copy)"
 
 
@@ -206,7 +215,8 @@ def read_spike_file(path: Path, binning: dict[str, Any], chunk: int = 512) -> di
             times, units, labels = _open_datasets(f, path)
             chunks, lengths = [], []
             starts = range(0, len(labels), chunk)
-            for a in tqdm(starts, desc=f"binning {path.name}", disable=len(starts) < 8):
+            log.info("binning %d samples of %s (%s ms bins)", len(labels), path, binning["dt_ms"])
+            for a in progress_bar(starts, desc=f"binning {path.name}", disable=len(starts) < 8):
                 x, n_bins = bin_spikes(times[a : a + chunk], units[a : a + chunk], **binning, first=a)
                 chunks.append(_compact(x))
                 lengths.append(n_bins)
@@ -256,16 +266,31 @@ def _write_cache(path: Path, data: dict[str, Any]) -> None:
         warnings.warn(f"could not write the cache {path} ({err}); continuing without it", stacklevel=2)
 
 
+def _binned_through_cache(path: Path, binning: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
+    cached = cache_path(path, cache_dir, binning)
+    seen = file_stamp(cached)
+    data = _read_cache(cached)
+    if data is None:
+        # torchrun's ranks: one bins and caches the file, the others wait and read the cache
+        with one_process_at_a_time(cache_dir / ".lock", f"binning {path.name}"):
+            if file_stamp(cached) != seen:  # written meanwhile
+                data = _read_cache(cached)
+            if data is None:
+                data = read_spike_file(path, binning)
+                _write_cache(cached, data)
+                return data
+    log.info("%s binned, from cache %s", path.name, cached)
+    return data
+
+
 def load_spike_split(
     path: Path, binning: dict[str, Any], n_classes: int, cache_dir: Path | None
 ) -> tuple[Split, list[str]]:
     """One binned split of a spike file (cached when ``cache_dir`` is given), labels checked."""
-    cached = cache_path(path, cache_dir, binning) if cache_dir is not None else None
-    data = _read_cache(cached) if cached is not None else None
-    if data is None:
+    if cache_dir is None:
         data = read_spike_file(path, binning)
-        if cached is not None:
-            _write_cache(cached, data)
+    else:
+        data = _binned_through_cache(path, binning, cache_dir)
     y = data["y"]
     if not len(y):
         raise DatasetFormatError(f"{path}: holds no samples (0 labels): {_REFETCH}")
