@@ -31,12 +31,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from snn_delays.checkpoints import find_checkpoint, load_checkpoint
 from snn_delays.config import TrainerConfig, build
+from snn_delays.data.base import progress_bars
 from snn_delays.report import flatten, parse_override
 from snn_delays.train import CONF_DIR, pick_device, run_interruptibly
 from snn_delays.training import evaluate
 
 # The settings of conf/eval.yaml: any other key on the command line is refused.
-EVAL_KEYS = ("checkpoint", "device", "batch_size", "splits", "output", "dataset")
+EVAL_KEYS = ("checkpoint", "device", "batch_size", "splits", "output", "progress", "dataset")
 # Dataset keys that say where the data lies or how it is fetched, not what the model sees.
 LOCATION_KEYS = ("root", "download", "cache", "feature_batch_size")
 _DATASET_KEY = re.compile(r"^\+{0,2}dataset\.")
@@ -137,7 +138,9 @@ def evaluate_checkpoint(
             overrides = ["dataset"] + [f"dataset.{k}" for k in requested or {}]
     device = pick_device(cfg.device, key="device")
     model, config, info = load_checkpoint(path, device=device)
-    data = build(dataset_config(config["dataset"], requested, overrides))
+    progress = cfg.get("progress", True)
+    with progress_bars(progress):
+        data = build(dataset_config(config["dataset"], requested, overrides))
     if (data.n_inputs, data.n_classes) != (info["n_inputs"], info["n_classes"]):
         raise ValueError(
             f"{path} was trained on {info['n_inputs']} inputs / {info['n_classes']} classes, but the dataset "
@@ -150,7 +153,7 @@ def evaluate_checkpoint(
         split = getattr(data, name, None)
         if split is None:
             raise ValueError(f"splits: unknown split {name!r}; use train, valid or test")
-        results[name] = evaluate(model, split, batch)
+        results[name] = evaluate(model, split, batch, desc=name if progress else None)
     return results
 
 

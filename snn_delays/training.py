@@ -233,15 +233,25 @@ def evaluate(
     batch_size: int,
     dist: Distributed | None = None,
     graphs: GraphedSteps | None = None,
+    desc: str | None = None,
 ) -> dict[str, float]:
-    """Loss and accuracy of the evaluated (integer-delay) network on one split."""
+    """Loss and accuracy of the evaluated (integer-delay) network on one split; ``desc``: a
+    progress bar so named (none when ``None``)."""
     dist = dist or Distributed()
     if len(split) == 0:
         return {"loss": float("nan"), "acc": float("nan")}
     model.eval()
     sums = torch.zeros(3, device=split.x.device, dtype=torch.float64)  # loss*n, correct, n
     into = graphs.buffer if graphs is not None else None  # batches written where the graph reads them
-    for x, y, _ in batches(split, batch_size, indices=dist.shard(torch.arange(len(split))), into=into):
+    shard = dist.shard(torch.arange(len(split)))
+    bar = tqdm(
+        batches(split, batch_size, indices=shard, into=into),
+        total=math.ceil(len(shard) / batch_size),
+        desc=desc,
+        leave=False,
+        disable=desc is None,
+    )
+    for x, y, _ in bar:
         loss_sum, scores = graphs(x, y) if graphs is not None else eval_step(model, x, y)
         _accumulate(sums, loss_sum, scores, y)
     loss, correct, n = dist.all_sum(sums).tolist()
@@ -468,8 +478,13 @@ def fit(
             opt.end_epoch()
             seconds = time.perf_counter() - t0
             state.train_seconds += seconds
-            valid = evaluate(model, data.valid, cfg.eval_batch_size, dist, eval_graphs)
-            test = evaluate(model, data.test, cfg.eval_batch_size, dist, eval_graphs)
+            bars = cfg.progress and dist.is_main
+            valid = evaluate(
+                model, data.valid, cfg.eval_batch_size, dist, eval_graphs, "valid" if bars else None
+            )
+            test = evaluate(
+                model, data.test, cfg.eval_batch_size, dist, eval_graphs, "test" if bars else None
+            )
             row = {
                 "epoch": epoch + 1,
                 "train/loss": train["loss"],

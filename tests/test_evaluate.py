@@ -173,7 +173,9 @@ def test_eval_scores_in_the_runs_evaluation_batches(run_dir, tmp_path, monkeypat
     torch.save(payload, ckpt)
     seen, real = [], ev.evaluate
     monkeypatch.setattr(
-        ev, "evaluate", lambda model, split, batch: seen.append(batch) or real(model, split, batch)
+        ev,
+        "evaluate",
+        lambda model, split, batch, **kw: seen.append(batch) or real(model, split, batch, **kw),
     )
     evaluate_checkpoint(eval_cfg(f"checkpoint={ckpt}"), [])
     evaluate_checkpoint(eval_cfg(f"checkpoint={ckpt}", "batch_size=5"), [])
@@ -198,3 +200,14 @@ def test_eval_names_a_file_it_cannot_rebuild_a_network_from(run_dir, tmp_path):
     with pytest.raises(ForeignCheckpointError, match="size mismatch") as err:
         evaluate_checkpoint(eval_cfg(f"checkpoint={resized}"), [])
     assert str(resized) in str(err.value)
+
+
+@pytest.mark.parametrize("progress", ["true", "false"])
+def test_eval_draws_a_bar_per_split_unless_told_not_to(run_dir, capsys, progress):
+    """Evaluating a large split (SSC's test set on a CPU) showed nothing until it ended."""
+    best = run_dir / "checkpoints" / "best.pt"
+    evaluate_checkpoint(eval_cfg(f"checkpoint={best}", f"progress={progress}", "batch_size=8"), [])
+    err = capsys.readouterr().err
+    for split in ("valid", "test"):
+        assert (f"{split}:   0%" in err and "0/4" in err) is (progress == "true"), err  # 4 batches
+    assert progress == "true" or err == ""

@@ -227,6 +227,7 @@ def test_epoch_lines_print_above_the_progress_bars(tmp_path, monkeypatch):
         root.setLevel(old_level)
     text = term.getvalue()
     assert "epochs:" in text  # the bars were drawn to the same stream
+    assert "valid:" in text and "test:" in text  # and those of each epoch's evaluation
     segments = re.split(r"[\r\n]", text)
     for k in (1, 2, 3):
         starts = [s for s in segments if f"epoch {k}/3 |" in s]
