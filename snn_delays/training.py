@@ -453,6 +453,7 @@ def fit(
             initial=state.epoch,
             total=cfg.epochs,
         )
+        started, first = time.perf_counter(), state.epoch  # for the time left
         for epoch in epochs:
             if opt.sigma_init is not None:
                 core.set_sigma(sigma_at(epoch, opt.sigma_init, opt.sigma_final, opt.sigma_decay_epochs))
@@ -512,7 +513,9 @@ def fit(
                 if state.peak_memory_mib is not None:
                     metrics["memory/peak_mib"] = state.peak_memory_mib
                 logger.log_metrics(metrics, step=epoch + 1)
-                log.info("%s", epoch_line(row, cfg.epochs, seconds, improved))
+                per_epoch = (time.perf_counter() - started) / (epoch + 1 - first)
+                left = per_epoch * (cfg.epochs - epoch - 1)
+                log.info("%s", epoch_line(row, cfg.epochs, seconds, improved, left))
                 epochs.set_postfix(
                     loss=f"{train['loss']:.3f}", valid=f"{valid['acc']:.3f}", test=f"{test['acc']:.3f}"
                 )
@@ -529,9 +532,13 @@ def fit(
     return state
 
 
-def epoch_line(row: dict[str, float], epochs: int, seconds: float, improved: bool = False) -> str:
+def epoch_line(
+    row: dict[str, float], epochs: int, seconds: float, improved: bool = False, left_s: float | None = None
+) -> str:
     """One epoch as a log line (``train.log``, a SLURM job's output): loss and accuracy of each
-    split that has data, sigma, and the epoch's training time."""
+    split that has data, sigma, the epoch's training time, and (``left_s``, before the last
+    epoch) the time the remaining epochs should take at this run's pace so far (evaluation and
+    checkpoints included)."""
     parts = [f"epoch {int(row['epoch'])}/{epochs}"]
     for split in ("train", "valid", "test"):
         if not math.isnan(row[f"{split}/acc"]):  # nan: the split is empty
@@ -539,7 +546,17 @@ def epoch_line(row: dict[str, float], epochs: int, seconds: float, improved: boo
     if "sigma" in row:
         parts.append(f"sigma {row['sigma']:.3g}")
     parts.append(f"{seconds:.2f} s training" + (" (new best)" if improved else ""))
+    if left_s is not None and int(row["epoch"]) < epochs:
+        parts.append(f"about {_duration(left_s)} left")
     return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``17 min``, ``3 h 05 min``."""
+    if seconds < 90:
+        return f"{max(round(seconds), 1)} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def _console_logging() -> bool:

@@ -176,6 +176,7 @@ def test_each_epoch_and_the_result_are_logged(tmp_path, caplog):
     metrics.json's result."""
     import json
     import logging
+    import re
 
     with caplog.at_level(logging.INFO, logger="snn_delays"):
         _run(tmp_path / "run", "trainer.epochs=2")
@@ -187,6 +188,8 @@ def test_each_epoch_and_the_result_are_logged(tmp_path, caplog):
             want = f"{split} loss {float(row[f'{split}/loss']):.4f} acc {float(row[f'{split}/acc']):.4f}"
             assert want in line
         assert f"sigma {float(row['sigma']):.3g}" in line
+        # the time the other epochs should take, a SLURM job's only estimate (no bars there)
+        assert re.search(r"\| about \d+ s left$", line) if row["epoch"] == "1" else "left" not in line
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     result = next(m for m in lines if m.startswith("finished 2/2 epochs"))
     assert f"test_acc {metrics['test_acc']:.4f} at epoch {metrics['best_epoch']}, chosen on valid" in result
@@ -200,6 +203,24 @@ def test_each_epoch_and_the_result_are_logged(tmp_path, caplog):
     assert "valid" not in line and "test loss" in line and "(new best)" in line
     result = next(m for m in lines if m.startswith("finished 1/1 epochs"))
     assert "chosen on test" in result and "best_valid_acc" not in result
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.2, "1 s"),
+        (42.4, "42 s"),
+        (89, "89 s"),
+        (90, "2 min"),
+        (5339, "89 min"),
+        (5400, "1 h 30 min"),
+        (11100, "3 h 05 min"),
+    ],
+)
+def test_time_left_reads_as_a_duration(seconds, text):
+    from snn_delays.training import _duration
+
+    assert _duration(seconds) == text
 
 
 def test_epoch_lines_print_above_the_progress_bars(tmp_path, monkeypatch):
