@@ -3,13 +3,12 @@
 Nothing half-written ever sits under a final name: a download streams into
 ``<dest>.<pid>.part``, its length and md5 are checked, and only then is it renamed
 (``os.replace``, atomic on one filesystem); decompression likewise writes
-``<target>.<pid>.part`` and renames it when complete. torchrun's ranks download one at a time
-(a lock file, ``<root>/.download.lock``): the first fetches the file, the others then find it.
+``<target>.<pid>.part`` and renames it when complete. torchrun's ranks download one at a time (a
+lock file, ``<root>/.download.lock``): the first fetches the file, the others then find it.
 Where the filesystem refuses locks they fetch at once, and the process id in the temporary names
-keeps their files apart. A file already
-present under its final name is used as it is, so users may bring their own copies; an archive
-present under the name a URL serves is verified and unpacked without any network access, and
-is never deleted (only an archive a download wrote is).
+keeps their files apart. A file already present under its final name is used as it is, so users
+may bring their own copies; an archive present under the name a URL serves is verified and
+unpacked without any network access, and is never deleted (only an archive a download wrote is).
 """
 
 from __future__ import annotations
@@ -170,8 +169,9 @@ def ensure_file(root: Path, filename: str, urls: list[str], md5: str | None, dow
     serves (one fetched by hand) is verified and unpacked first, with no network access even
     when ``download`` is false, and kept; a downloaded archive is deleted once unpacked. After
     each failure, a ``root/filename`` that appeared meanwhile (another process fetched it) is
-    returned. Downloads hold ``root/.download.lock``: one process at a time fetches. Raises ``MissingDataError`` (a ``FileNotFoundError``) naming the file, the URLs,
-    the folder and every failed attempt when nothing gave the file.
+    returned. Downloads hold ``root/.download.lock``: one process at a time fetches. Raises
+    ``MissingDataError`` (a ``FileNotFoundError``) naming the file, the URLs, the folder and
+    every failed attempt when nothing gave the file.
     """
     root = Path(root)
     target = root / filename
