@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from snn_delays.checkpoints import (
     build_data,
     find_checkpoint,
@@ -36,14 +38,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="snn-delays-plot", description=__doc__.splitlines()[0].split(": ", 1)[1]
     )
-    parser.add_argument("path", type=Path, help="a run directory (with checkpoints/) or a checkpoint file")
+    parser.add_argument("path", type=_path, help="a run directory (with checkpoints/) or a checkpoint file")
     parser.add_argument(
         "--checkpoint",
         choices=("best", "last"),
         default="best",
         help="which checkpoint of a run directory (default: best)",
     )
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/figures)")
+    parser.add_argument("--out", type=_path, default=None, help="output folder (default: RUN_DIR/figures)")
     parser.add_argument("--no-data", action="store_true", help="skip the spike raster (it needs the dataset)")
     parser.add_argument(
         "--download",
@@ -51,15 +53,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="let the dataset loader download missing files for the raster (may be GBs)",
     )
     parser.add_argument("--sample", type=int, default=0, help="test-set sample of the raster (default: 0)")
-    parser.add_argument("--device", default="cpu", help="device for the raster's forward pass (default: cpu)")
-    parser.add_argument("--dpi", type=int, default=120, help="resolution of the PNG files (default: 120)")
+    parser.add_argument(
+        "--device", type=_device, default="cpu", help="device for the raster's forward pass (default: cpu)"
+    )
+    parser.add_argument(
+        "--dpi", type=_positive_int, default=120, help="resolution of the PNG files (default: 120)"
+    )
     return parser.parse_args(argv)
+
+
+def _path(text: str) -> Path:
+    return Path(text).expanduser()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number of dots per inch")
+    return value
+
+
+def _device(text: str) -> str:
+    """``text`` if torch can allocate on it here, else an argparse error saying why."""
+    try:
+        torch.empty(0, device=text)
+    except (RuntimeError, AssertionError) as err:
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise argparse.ArgumentTypeError(
+            f"{text!r} cannot be used on this machine ({why}); pass --device cpu (the default)"
+        ) from err
+    return text
 
 
 def raster_sample(config: dict, index: int, download: bool = False) -> tuple | None:
     """``(x, label, class_names)`` of one sample, or ``None`` (with a message) if the data is missing."""
     try:
         data = build_data(config, download=download)
+        splits = (("test", data.test), ("valid", data.valid), ("train", data.train))  # sample_input's order
+        split, n = next(((name, len(s)) for name, s in splits if len(s) > 0), ("test", 0))
+        if n and not -n <= index < n:  # sample_input would wrap it round to another sample
+            print(
+                f"snn-delays-plot: skipping the spike raster: --sample {index} is out of range: the run's "
+                f"{split} split has {n} samples (0 to {n - 1})",
+                file=sys.stderr,
+            )
+            return None
         x, label = sample_input(data, index)
         return x, label, data.class_names
     except Exception as err:  # noqa: BLE001 - any failure to load data only costs the raster

@@ -279,10 +279,20 @@ def report(
             warnings.append(line)
             print(f"warning: {line}", file=sys.stderr)
     out = out or root
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(groups, out / "report.csv")
-    write_markdown(groups, warnings, root, out / "report.md")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(groups, out / "report.csv")
+        write_markdown(groups, warnings, root, out / "report.md")
+    except OSError as err:
+        raise SystemExit(
+            f"snn-delays-report: cannot write report.csv and report.md into {out} "
+            f"({type(err).__name__}: {err.strerror or err}); pass --out with a folder you can write to"
+        ) from err
     return groups, warnings
+
+
+def _path(text: str) -> Path:
+    return Path(text).expanduser()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -291,10 +301,10 @@ def main(argv: list[str] | None = None) -> None:
         description="Mean ± std over seeds of the runs of a Hydra multirun, one row per configuration.",
     )
     parser.add_argument(
-        "dir", type=Path, help="a multirun folder (searched recursively), e.g. multirun/<date>/<time>"
+        "dir", type=_path, help="a multirun folder (searched recursively), e.g. multirun/<date>/<time>"
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="where to write report.csv and report.md (default: DIR)"
+        "--out", type=_path, default=None, help="where to write report.csv and report.md (default: DIR)"
     )
     parser.add_argument(
         "--ignore",

@@ -515,3 +515,44 @@ def test_plot_command_names_a_checkpoint_of_another_network(run_dir, tmp_path, c
     assert plot_cli.main([str(bad), "--no-data", "--out", str(tmp_path / "figures")]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "cannot rebuild the network" in err and "size mismatch" in err
+
+
+def test_plot_command_refuses_a_bad_device_or_dpi_with_a_usage_error(run_dir, capsys):
+    """An unusable ``--device`` or a dpi <= 0 is a one-line usage error naming the option (exit 2),
+    not a traceback from torch or a warning per figure."""
+    for option, value in (("--device", "nodevice"), ("--device", "cuda:99"), ("--dpi", "0")):
+        with pytest.raises(SystemExit) as exit_:
+            plot_cli.main([str(run_dir), "--no-data", option, value])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {option}: " in err and "Traceback" not in err
+
+
+def test_plot_command_refuses_a_sample_beyond_the_test_set(capsys):
+    config = {
+        "dataset": {
+            "_target_": "snn_delays.data.synthetic.make_synthetic",
+            "n_train": 8,
+            "n_valid": 0,
+            "n_test": 4,
+        }
+    }
+    assert plot_cli.raster_sample(config, 3) is not None and plot_cli.raster_sample(config, -4) is not None
+    assert plot_cli.raster_sample(config, 4) is None  # not sample 0 again, wrapped round
+    assert (
+        "--sample 4 is out of range: the run's test split has 4 samples (0 to 3)" in capsys.readouterr().err
+    )
+
+
+def test_plot_command_expands_a_tilde_in_out(run_dir, tmp_path, monkeypatch):
+    written: dict = {}
+
+    def fake_log_figures(logger, figures, step, out_dir, dpi):
+        written.update(out=out_dir)
+        return [plots.figure_path(out_dir, name) for name in figures]
+
+    monkeypatch.setattr(plot_cli, "log_figures", fake_log_figures)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert plot_cli.main([str(run_dir), "--no-data", "--out", "~/figs"]) == 0  # as from --out=~/figs
+    assert written["out"] == tmp_path / "figs" and not (tmp_path / "~").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -213,3 +214,22 @@ def test_malformed_runs_are_skipped_with_a_warning_naming_the_file(tmp_path: Pat
     assert "skipped 4_bad_overrides: unreadable .hydra/overrides.yaml" in text
     assert "skipped 5_bad_config: unreadable .hydra/config.yaml" in text
     assert "skipped 6_overrides_mapping: malformed .hydra/overrides.yaml" in text
+
+
+def test_an_output_folder_that_cannot_be_written_is_a_clear_error(tmp_path: Path) -> None:
+    _fake_run(tmp_path / "sweep", "0_a", ["seed=0"], {"test_acc": 0.5})
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for out in (blocker, blocker / "sub"):
+        with pytest.raises(
+            SystemExit, match=f"cannot write report.csv and report.md into {re.escape(str(out))} .*--out"
+        ):
+            rep.main([str(tmp_path / "sweep"), "--out", str(out)])
+
+
+def test_a_tilde_in_the_folders_is_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_run(tmp_path / "sweep", "0_a", ["seed=0"], {"test_acc": 0.5})
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    rep.main(["~/sweep", "--out", "~/out"])  # as from a quoted path or --out=~/out
+    assert (tmp_path / "out" / "report.csv").is_file() and not (tmp_path / "~").exists()
