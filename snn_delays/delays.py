@@ -47,7 +47,11 @@ class DelayLayer(nn.Module):
     """Learnable-delay synapses between ``in_features`` and ``out_features`` neurons.
 
     ``learn_positions=False`` keeps the random initial delays fixed (the paper's "fixed
-    delays" variant). ``round_eval`` evaluates the integer-delay network in ``eval()`` mode.
+    delays" variant): rounded to whole steps at initialisation, as the published code's
+    ``round_pos``, and with ``sigma_init=None`` a sigma of 0, so that training runs the
+    integer-delay network that is evaluated (to DCLS's floor of 0.27 steps, which leaks 1e-3 of
+    a tap to each neighbour); sigma ``K // 2`` would blur every fixed delay over the kernel
+    while it decays. ``round_eval`` evaluates the integer-delay network in ``eval()`` mode.
     ``spikes_in`` (set by :class:`snn_delays.model.DelaySNN` on every delay layer after the
     first): the input is spikes, which ``SNN_DELAYS_EVAL_FP16=1`` may multiply as float16 in
     CUDA's evaluation (:func:`snn_delays.fast_delays.eval_fp16`).
@@ -85,7 +89,11 @@ class DelayLayer(nn.Module):
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.dcls.weight, nonlinearity="relu")
             nn.init.uniform_(self.dcls.P, -lim, lim)
-            self.dcls.SIG.fill_(lim if sigma_init is None else sigma_init)
+            if not learn_positions:
+                self.dcls.P.round_()
+            if sigma_init is None:
+                sigma_init = lim if learn_positions else 0.0
+            self.dcls.SIG.fill_(sigma_init)
         self.dcls.SIG.requires_grad_(False)  # sigma is scheduled, never learned
         self._sigma_key: tuple[int, int] | None = None  # (storage, version) of the cached value
         self._sigma_value = 0.0

@@ -219,7 +219,8 @@ def test_training_layer_is_the_spec_formula(backend, sigma):
 
 def test_initialisation_follows_spec():
     """Weights Kaiming-uniform with the ReLU gain, U(-sqrt(6 / fan_in), sqrt(6 / fan_in)), in every
-    synaptic layer (delays or not); positions U(-(K//2), K//2); sigma K//2."""
+    synaptic layer (delays or not); positions U(-(K//2), K//2); sigma K//2. Fixed delays are
+    rounded to whole steps (the published ``round_pos``) at sigma 0."""
     k = 25
     for delays in ("learned", "fixed", "none"):
         model = DelaySNN(140, 20, n_hidden=256, n_layers=2, kernel_size=k, delays=delays)
@@ -233,7 +234,10 @@ def test_initialisation_follows_spec():
             assert p.min() >= -(k // 2) and p.max() <= k // 2
             assert p.min() < -(k // 2) + 0.1 and p.max() > k // 2 - 0.1
             assert p.std() == pytest.approx(2 * (k // 2) / math.sqrt(12), rel=0.05)
-            assert layer.sigma == k // 2
+            if delays == "learned":
+                assert layer.sigma == k // 2 and not torch.equal(p, p.round())
+            else:
+                assert layer.sigma == 0 and torch.equal(p, p.round())
 
 
 def test_clamp_is_to_the_spec_range_on_both_sides():
