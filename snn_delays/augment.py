@@ -12,8 +12,14 @@ never read a value back to the host. Widths and positions are integers drawn uni
   (the batch is already shuffled) at the same time steps. With probability ``p`` the segment
   has width ``w ~ U{0..T}`` at ``s ~ U{0..T-w}`` (else ``w = 0``):
   ``x'[t, b] = x[t, b']`` for ``s <= t < s + w``, else ``x[t, b]``; the target becomes the
-  mixture ``(1 - lam) * onehot(y[b]) + lam * onehot(y[b'])`` with ``lam = w / T``, the fraction
-  of the batch's time steps taken from the partner.
+  mixture ``(1 - lam) * onehot(y[b]) + lam * onehot(y[b'])`` with ``lam`` the share of the
+  mixed sample's steps that come from the partner, counting only each sample's own steps, not
+  its zero padding: ``lam = P / (P + S)``, ``P`` the steps ``t < L[b']`` inside the segment,
+  ``S`` the steps ``t < L[b]`` outside it (``lam = 0`` where both are 0). ``L`` is each sample's
+  length, by default the steps up to its last nonzero one (the binned spike samples end at
+  their last spike). Where both samples fill the batch, ``lam = w / T``; a segment that falls
+  in the partner's padding pastes zeros and moves no label weight (the published code's
+  ``lam`` counted the padded batch's steps, giving label weight to pasted zeros).
 
 The loss then stays ``F.cross_entropy(scores, target)``: with class probabilities as targets
 it is ``-sum_c target[b, c] log_softmax(scores[b])[c]``, i.e. ``(1 - lam) CE(y) + lam CE(y')``.
@@ -59,16 +65,30 @@ def channel_mask(x: Tensor, n_masks: int, max_width: int, p: float = 1.0) -> Ten
     return x.masked_fill(_bands(n_masks, max_width, c, b, p, x.device)[None], 0)
 
 
-def time_cutmix(x: Tensor, y: Tensor, n_classes: int, p: float = 1.0) -> tuple[Tensor, Tensor]:
+def sample_lengths(x: Tensor) -> Tensor:
+    """(B,) steps of each sample of a zero-padded batch: up to its last nonzero step (0 if none)."""
+    steps = torch.arange(1, x.shape[0] + 1, device=x.device)[:, None]  # (T, 1)
+    return ((x != 0).any(-1) * steps).amax(0)
+
+
+def time_cutmix(
+    x: Tensor, y: Tensor, n_classes: int, p: float = 1.0, lengths: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Paste a time segment of sample ``(b+1) mod B`` into sample ``b``; soft targets (B, n_classes).
 
+    ``lengths`` (B,): each sample's steps before its padding (default :func:`sample_lengths`).
     Returns ``(x', target)`` with ``target`` float, rows summing to 1 (see module).
     """
     t, b, _ = x.shape
     partner = torch.arange(b, device=x.device).roll(-1)
     segment = _bands(1, t, t, b, p, x.device).T  # (T, B)
     x_out = torch.where(segment[..., None], x[:, partner], x)
-    lam = segment.sum(0).to(x.dtype if x.is_floating_point() else torch.float32) / t
+    lengths = sample_lengths(x) if lengths is None else lengths.to(x.device)
+    real = torch.arange(t, device=x.device)[:, None] < lengths  # (T, B): a sample's own steps
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    from_partner = (segment & real[:, partner]).sum(0).to(dtype)
+    from_self = (~segment & real).sum(0).to(dtype)
+    lam = from_partner / (from_partner + from_self).clamp(min=1)
     target = torch.zeros(b, n_classes, device=x.device, dtype=lam.dtype)
     target.scatter_add_(1, y[:, None], (1 - lam)[:, None])
     target.scatter_add_(1, y[partner][:, None], lam[:, None])
@@ -111,9 +131,11 @@ class Augment:
         return masks or self.cutmix_prob > 0
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        # the samples' lengths before the masks, which may zero a sample's last steps
+        lengths = sample_lengths(x) if self.cutmix_prob > 0 else None
         if self.mask_prob > 0:
             x = time_mask(x, self.time_masks, self.time_mask_steps, self.mask_prob)
             x = channel_mask(x, self.channel_masks, self.channel_mask_width, self.mask_prob)
         if self.cutmix_prob > 0:
-            return time_cutmix(x, y, self.n_classes, self.cutmix_prob)
+            return time_cutmix(x, y, self.n_classes, self.cutmix_prob, lengths)
         return x, y

@@ -147,6 +147,36 @@ def test_cutmix_segment_lengths_cover_zero_to_t_and_probability():
     assert torch.equal(time_cutmix(x, torch.arange(b) % 2, 2, p=0.0)[0], x)
 
 
+def test_cutmix_label_counts_the_samples_steps_not_their_padding():
+    """A zero-padded batch (samples of 5..30 steps in 30): the label weight moved to the partner
+    is the share of the mixed sample's steps (its nonzero values here) that came from it. A
+    segment pasted from the partner's padding (zeros) moves none."""
+    torch.manual_seed(11)
+    t, b = 30, 400
+    lengths = torch.randint(5, t + 1, (b,))
+    lengths[0] = t  # the batch is as long as its longest sample
+    x = coded_batch(t, b, 2) * (torch.arange(t)[:, None] < lengths)[..., None]  # zero padding
+    y = torch.arange(b) % 2
+    partner = (torch.arange(b) + 1) % b
+    torch.manual_seed(12)
+    out, target = time_cutmix(x, y, n_classes=2)
+    value, source = out[..., 0], (out[..., 0] // 10000).long()  # (T, B)
+    from_partner = ((value != 0) & (source == partner)).sum(0).float()
+    from_self = ((value != 0) & (source == torch.arange(b))).sum(0).float()
+    lam = from_partner / (from_partner + from_self).clamp(min=1)
+    expected = torch.zeros(b, 2)
+    expected[torch.arange(b), y] += 1 - lam
+    expected[torch.arange(b), y[partner]] += lam
+    assert torch.allclose(target, expected, atol=1e-6)
+    # the case that matters: zeros pasted over the sample's end, nothing of the partner's
+    only_padding = (from_partner == 0) & (out != x).any(-1).any(0)
+    assert only_padding.sum() > 10, "the seed should give such samples"
+    assert torch.allclose(target[only_padding], F.one_hot(y[only_padding], 2).float())
+    # lengths given: the same as inferred here, where every sample ends on a nonzero step
+    torch.manual_seed(12)
+    assert torch.equal(time_cutmix(x, y, n_classes=2, lengths=lengths)[1], target)
+
+
 def test_cutmix_same_label_partner_keeps_a_one_hot_target():
     torch.manual_seed(8)
     x = nonzero_batch(t=10, b=8)
