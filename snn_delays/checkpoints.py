@@ -43,7 +43,9 @@ def find_checkpoint(path: str | Path, which: str = "best") -> Path:
     for candidate in (path / "checkpoints" / f"{which}.pt", path / f"{which}.pt"):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(f"no checkpoint at {path} (looked for {path}/checkpoints/{which}.pt)")
+    raise FileNotFoundError(
+        f"no checkpoint at {path} (looked for {path}/checkpoints/{which}.pt and {path}/{which}.pt)"
+    )
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -76,6 +78,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def _unreadable(path: Path, why: str) -> str:
+    if path.suffix != ".pt":  # metrics.json, config.yaml, a figure: not a damaged checkpoint
+        return (
+            f"{path} is not a checkpoint ({why}): snn-delays-train writes RUN/checkpoints/best.pt "
+            "and last.pt; pass one of them, or the run folder for its best.pt"
+        )
     others = [f"{name}.pt" for name in CHECKPOINT_NAMES if name != path.stem]
     return (
         f"{path}: unreadable checkpoint, truncated or corrupt ({why}), e.g. the run was killed while "

@@ -160,6 +160,10 @@ def test_eval_names_an_unreadable_checkpoint(run_dir, tmp_path):
     with pytest.raises(UnreadableCheckpointError, match="truncated or corrupt") as err:
         evaluate_checkpoint(eval_cfg(f"checkpoint={bad}"), [])
     assert str(bad) in str(err.value) and "last.pt" in str(err.value)
+    # a run's other file given by mistake is not "truncated or corrupt, the run was killed"
+    with pytest.raises(UnreadableCheckpointError, match="is not a checkpoint") as err:
+        evaluate_checkpoint(eval_cfg(f"checkpoint={run_dir / 'metrics.json'}"), [])
+    assert "killed" not in str(err.value) and "RUN/checkpoints/best.pt" in str(err.value)
 
 
 def test_eval_scores_in_the_runs_evaluation_batches(run_dir, tmp_path, monkeypatch):
