@@ -55,6 +55,7 @@ class Run:
     from_overrides: bool  # identity is the command-line overrides (else the whole config)
     seed: str
     metrics: dict[str, float]  # the non-null values of METRICS
+    keys: frozenset[str] = frozenset()  # every key of its overrides (or config), ignored ones too
 
 
 @dataclass
@@ -170,7 +171,7 @@ def load_run(path: Path, root: Path, ignored: tuple[str, ...], warn: list[str]) 
     pairs = dict(parse_override(o) for o in overrides) if overrides is not None else flatten(config)
     seed = pairs.get("seed", str(config.get("seed", "?")))
     identity = tuple(sorted((k, v) for k, v in pairs.items() if not is_ignored(k, ignored)))
-    return Run(path, identity, overrides is not None, seed, values)
+    return Run(path, identity, overrides is not None, seed, values, frozenset(pairs))
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
@@ -269,6 +270,11 @@ def report(
         raise SystemExit(
             f"snn-delays-report: none of the {len(run_dirs)} runs under {root} has usable metrics"
         )
+    for key in ignored:
+        if key not in IGNORED and not any(is_ignored(k, (key,)) for run in runs for k in run.keys):
+            line = f"--ignore {key}: no run has that key, so it ignored nothing (a typo?)"
+            warnings.append(line)
+            print(f"warning: {line}", file=sys.stderr)
     groups = group_runs(runs)
     for g in groups:
         seeds = [r.seed for r in g.runs]

@@ -233,3 +233,17 @@ def test_a_tilde_in_the_folders_is_the_home_folder(tmp_path: Path, monkeypatch: 
     monkeypatch.chdir(tmp_path)
     rep.main(["~/sweep", "--out", "~/out"])  # as from a quoted path or --out=~/out
     assert (tmp_path / "out" / "report.csv").is_file() and not (tmp_path / "~").exists()
+
+
+def test_an_ignore_key_no_run_has_is_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--ignore optim.lr`` for ``optim.weights.lr`` silently ignored nothing: the runs stayed
+    apart and the report looked as if the key made a difference."""
+    for seed, lr in ((0, "0.1"), (1, "0.2")):
+        _fake_run(
+            tmp_path / "sweep", f"{seed}", [f"seed={seed}", f"optim.weights.lr={lr}"], {"test_acc": 0.5}
+        )
+    rep.main([str(tmp_path / "sweep"), "--ignore", "optim.lr"])
+    assert "--ignore optim.lr: no run has that key" in capsys.readouterr().err
+    rep.main([str(tmp_path / "sweep"), "--ignore", "optim.weights"])  # a prefix of a key does count
+    out = capsys.readouterr()
+    assert "no run has that key" not in out.err and "configurations: 1" in out.out
