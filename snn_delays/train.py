@@ -285,6 +285,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train as ``cfg`` says, writing into ``run_dir``; returns the metrics of metrics.json."""
     check_config(cfg)  # a key nothing would read, or a bad model name: refused before any data is read
     fit_cfg = fit_config(cfg)
+    build(cfg.augment, n_classes=2)  # and a bad augment.* value (built for real once the data says n_classes)
     refuse_to_overwrite(cfg, run_dir)
     with distributed(cfg.trainer.device) as (dist, device):
         return _train(cfg, run_dir, dist, device, fit_cfg)

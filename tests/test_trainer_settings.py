@@ -253,3 +253,15 @@ def test_epoch_lines_print_above_the_progress_bars(tmp_path, monkeypatch):
     for k in (1, 2, 3):
         starts = [s for s in segments if f"epoch {k}/3 |" in s]
         assert len(starts) == 1 and starts[0].startswith(f"epoch {k}/3 |"), starts
+
+
+def test_a_bad_augment_value_is_refused_before_the_data_is_read(tmp_path):
+    """``augment.cutmix_prob=2`` was refused only once the dataset was loaded (a download, or
+    binning SSC, spent for nothing)."""
+    from hydra.errors import InstantiationException
+
+    overrides = ["dataset=shd", f"dataset.root={tmp_path / 'nothing'}", "dataset.download=false"]
+    with pytest.raises(InstantiationException, match="shd_train.h5 not found"):  # no data indeed
+        _run(tmp_path / "a", *overrides)
+    with pytest.raises(InstantiationException, match=r"augment.cutmix_prob must be in \[0, 1\], got 2"):
+        _run(tmp_path / "b", *overrides, "augment=default", "augment.cutmix_prob=2")
