@@ -55,10 +55,11 @@ def loss_fn(u: Tensor, y: Tensor) -> Tensor:
 def sigma_at(epoch: int, sigma_init: float, sigma_final: float, decay_epochs: int) -> float:
     """Sigma during ``epoch`` (0-based): geometric decay over ``decay_epochs``, then constant.
 
-    A sigma starting at 0 (K = 1, or ``model.sigma_init=0``) has no geometric path: it stays 0,
-    as in the published code (which decays only a sigma above the final one).
+    A sigma starting at or below the final one (0 for K = 1, or ``model.sigma_init`` <= 0.23)
+    stays where it starts, as in the published code (which decays only a sigma above the final
+    one); it was raised to the final one, or, from 0, divided by zero.
     """
-    if decay_epochs <= 0 or sigma_init == 0:
+    if decay_epochs <= 0 or sigma_init <= sigma_final:
         return sigma_init
     factor = (sigma_final / sigma_init) ** (1.0 / decay_epochs)
     return sigma_init * factor ** min(epoch, decay_epochs)

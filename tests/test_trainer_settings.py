@@ -36,6 +36,14 @@ def test_sigma_starting_at_zero_stays_zero(epoch):
     assert sigma_at(3, 7.0, 0.23, 3) == pytest.approx(0.23)  # the ordinary decay is unchanged
 
 
+@pytest.mark.parametrize("sigma_init", [0.1, 0.23, -1.0])
+@pytest.mark.parametrize("epoch", [0, 1, 3, 5])
+def test_sigma_starting_at_or_below_the_final_one_stays(sigma_init, epoch):
+    """The published decay multiplies sigma only while it is above 0.23; a ``model.sigma_init``
+    of 0.1 was raised to 0.23 over the decay epochs (and a negative one gave a complex sigma)."""
+    assert sigma_at(epoch, sigma_init, 0.23, 3) == sigma_init
+
+
 @pytest.mark.parametrize("override", ["model.max_delay_ms=5", "model.sigma_init=0"])
 def test_kernel_of_one_tap_or_zero_sigma_trains(tmp_path, override):
     """``model.max_delay_ms`` below one bin (K = 1: every delay 0) or ``model.sigma_init=0``
