@@ -93,6 +93,8 @@ class DelayLayer(nn.Module):
                 self.dcls.P.round_()
             if sigma_init is None:
                 sigma_init = lim if learn_positions else 0.0
+            if not (isinstance(sigma_init, numbers.Real) and sigma_init >= 0):  # NaN too
+                raise ValueError(f"model.sigma_init must be a number >= 0 (or null), got {sigma_init!r}")
             self.dcls.SIG.fill_(sigma_init)
         self.dcls.SIG.requires_grad_(False)  # sigma is scheduled, never learned
         self._sigma_key: tuple[int, int] | None = None  # (storage, version) of the cached value

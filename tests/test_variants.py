@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 
 from snn_delays.train import CONF_DIR, build_model, build_optimization
 from snn_delays.training import sigma_at
@@ -52,3 +53,13 @@ def test_learned_delays_still_start_blurred_at_continuous_positions():
     model = build_model(cfg.model, n_inputs=8, n_classes=4, dt_ms=10.0)
     layer = model.delay_layers()[0]
     assert layer.sigma == layer.kernel_size // 2 and not torch.equal(layer.dcls.P, layer.dcls.P.round())
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan")])
+def test_a_negative_sigma_is_refused(value):
+    """DCLS takes |sigma|: model.sigma_init=-1 trained at sigma 1 while the schedule and the
+    logs said -1."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=synthetic", "logger=none", f"model.sigma_init={value}"])
+    with pytest.raises(InstantiationException, match="model.sigma_init must be a number >= 0"):
+        build_model(cfg.model, n_inputs=8, n_classes=4, dt_ms=10.0)
