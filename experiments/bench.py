@@ -282,14 +282,28 @@ def bench_one(net: str, spec: str, sigma: float, args: argparse.Namespace, x: to
     )
 
 
+def _networks(text: str) -> str:
+    unknown = [n for n in text.split(",") if n not in NETWORKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}: use {', '.join(NETWORKS)}")
+    return text
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present"
+    )
     parser.add_argument("--batch", type=int, default=None, help="default: the published batch")
     parser.add_argument("--time-steps", type=int, default=100)
     parser.add_argument("--steps", type=int, default=None, help="calls per timing (CPU 1, GPU 20)")
     parser.add_argument("--repeats", type=int, default=3, help="timings, best kept")
-    parser.add_argument("--networks", default="shd")
+    parser.add_argument(
+        "--networks",
+        type=_networks,
+        default="shd",
+        help="comma list of shd, ssc (default: shd; the reference is slow on SSC on a CPU)",
+    )
     parser.add_argument("--sigma", default="0.23,K//2", help="comma list; K//2 = the initial sigma")
     parser.add_argument("--density", type=float, default=0.05, help="input spike density")
     parser.add_argument(

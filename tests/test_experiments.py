@@ -813,3 +813,13 @@ def test_gpu_check_brings_back_every_output_of_the_runbooks_device_calls(tmp_pat
     proc, ran = gpu_check("12687", tmp_path / "out_nowheels")
     assert proc.returncode == 1 and "run experiments/device_wheels.sh" in proc.stdout and not ran
     assert not (tmp_path / "out_nowheels").exists()
+
+
+def test_bench_names_an_unknown_network(capsys):
+    """``--networks foo`` ended in a KeyError traceback."""
+    bench = _load_experiment("bench")
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--networks", "shd,foo"])
+    assert (
+        exit_.value.code == 2 and "argument --networks: unknown foo: use shd, ssc" in capsys.readouterr().err
+    )
