@@ -370,7 +370,9 @@ def spike_raster(
     mode is restored afterwards. Delays make each layer's output longer than its input; all
     panels share the time axis.
     """
-    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
+    # on the host: the trainer's sample lives where its data does (the GPU), and the input panel
+    # is drawn from numpy
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float().cpu()
     if x.dim() == 3:
         x = x[:, 0]
     was_training = model.training
@@ -396,9 +398,11 @@ def spike_raster(
         interpolation="nearest",
         extent=(0, inp.shape[0] * dt, -0.5, inp.shape[1] - 0.5),
     )
-    axes[0].set_title(
-        f"input: {inp.shape[1]} channels, total {inp.sum():.0f} (counts per {dt:g} ms bin)", fontsize="medium"
-    )
+    if (inp >= 0).all() and (inp == np.round(inp)).all():  # spike counts (SHD, SSC, synthetic)
+        what = f"total {inp.sum():.0f} (counts per {dt:g} ms bin)"
+    else:  # analog features (GSC's log-mel dB): no spike count to sum
+        what = f"analog values per {dt:g} ms bin, {inp.min():.3g} to {inp.max():.3g}"
+    axes[0].set_title(f"input: {inp.shape[1]} channels, {what}", fontsize="medium")
     axes[0].set_ylabel("input channel")
     for i, (ax, s) in enumerate(zip(axes[1:-1], spikes, strict=True)):
         t, nrn = np.nonzero(s)

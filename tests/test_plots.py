@@ -149,6 +149,51 @@ def test_spike_raster_has_input_each_hidden_layer_and_output_on_one_time_axis(mo
     assert "label b" in fig.axes[-1].get_title()
 
 
+class OnDevice(torch.Tensor):
+    """A sample that lives on an accelerator, as the trainer's does (its data is moved to the
+    GPU): numpy() refuses it, as torch does a CUDA tensor; cpu() gives the host copy."""
+
+    def numpy(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first.")
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor).clone()
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "proxy",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+        ),
+    ],
+)
+def test_spike_raster_of_a_sample_on_the_gpu(model, where):
+    """On a GPU run the trainer's raster sample is a CUDA tensor (split.x[0] of the data moved to
+    the device): the input panel called x.numpy() on it, so every figure epoch of a GPU run
+    raised, and log_epoch_figures dropped all its figures with one warning."""
+    x = (torch.rand(12, 6) < 0.3).float()
+    if where == "cuda":
+        model, sample = model.cuda(), x.cuda()
+    else:
+        sample = x.as_subclass(OnDevice)
+    fig = plots.spike_raster(model, sample, label=1)
+    np.testing.assert_array_equal(np.asarray(fig.axes[0].images[0].get_array()), x.numpy().T)
+    expected = plots.spike_raster(model, x, label=1)
+    assert [ax.get_title() for ax in fig.axes] == [ax.get_title() for ax in expected.axes]
+
+
+def test_spike_raster_of_analog_input_claims_no_spike_count(model):
+    """GSC feeds log-mel dB values: the input panel titled them "total -1234 (counts per 10 ms
+    bin)", the sum of decibels called a spike count."""
+    x = torch.linspace(-80.0, 20.0, 12 * 6).reshape(12, 6)
+    title = plots.spike_raster(model, x).axes[0].get_title()
+    assert "count" not in title and "analog values per 10 ms bin, -80 to 20" in title
+    counts = plots.spike_raster(model, torch.tensor([[0, 2, 1, 0, 0, 0]] * 12)).axes[0].get_title()
+    assert counts == "input: 6 channels, total 36 (counts per 10 ms bin)"
+
+
 def test_training_curves_draw_the_panels_with_data():
     fig = plots.training_curves(history())
     assert len(fig.axes) == 5 and labelled(fig)  # loss, accuracy, sigma, learning rates, mean delays
