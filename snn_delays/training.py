@@ -145,6 +145,16 @@ class Distributed:
         wait for them forever in DistributedDataParallel's gradient all-reduce."""
         return self.shard(indices[: len(indices) - len(indices) % self.world_size])
 
+    def share_buffers(self, module: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm's running statistics, which each rank updates with its own
+        batches) on every rank: all evaluate the network rank 0 saves. Said here rather than
+        left to DistributedDataParallel's forward, which broadcasts them in a rank's first
+        evaluation forward only: a rank with no batch of a split (fewer samples than ranks)
+        skipped that broadcast, and the others waited for it forever."""
+        if self.world_size > 1:
+            for buffer in module.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
     def gather(self, obj: Any) -> list[Any]:
         """``obj`` of every rank, in rank order (every rank must call it)."""
         if self.world_size == 1:
@@ -237,14 +247,20 @@ def evaluate(
     desc: str | None = None,
 ) -> dict[str, float]:
     """Loss and accuracy of the evaluated (integer-delay) network on one split; ``desc``: a
-    progress bar so named (none when ``None``)."""
+    progress bar so named (none when ``None``).
+
+    Under DDP each rank scores every ``world_size``-th batch of the one-process batching, so the
+    scores are those of one process (and ``snn-delays-eval``). A batch is padded to its longest
+    sample and the scores count every step: a rank that scored every ``world_size``-th sample
+    made other batches, and the scores changed with the number of ranks."""
     dist = dist or Distributed()
     if len(split) == 0:
         return {"loss": float("nan"), "acc": float("nan")}
     model.eval()
     sums = torch.zeros(3, device=split.x.device, dtype=torch.float64)  # loss*n, correct, n
     into = graphs.buffer if graphs is not None else None  # batches written where the graph reads them
-    shard = dist.shard(torch.arange(len(split)))
+    index = torch.arange(len(split))
+    shard = index[index // batch_size % dist.world_size == dist.rank]  # whole batches, in order
     bar = tqdm(
         batches(split, batch_size, indices=shard, into=into),
         total=math.ceil(len(shard) / batch_size),
@@ -481,12 +497,11 @@ def fit(
             seconds = time.perf_counter() - t0
             state.train_seconds += seconds
             bars = cfg.progress and dist.is_main
+            dist.share_buffers(core)  # and the bare model evaluates: no collective hidden in a forward
             valid = evaluate(
-                model, data.valid, cfg.eval_batch_size, dist, eval_graphs, "valid" if bars else None
+                core, data.valid, cfg.eval_batch_size, dist, eval_graphs, "valid" if bars else None
             )
-            test = evaluate(
-                model, data.test, cfg.eval_batch_size, dist, eval_graphs, "test" if bars else None
-            )
+            test = evaluate(core, data.test, cfg.eval_batch_size, dist, eval_graphs, "test" if bars else None)
             row = {
                 "epoch": epoch + 1,
                 "train/loss": train["loss"],

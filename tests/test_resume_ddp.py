@@ -204,6 +204,61 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
 
 
+def test_torchrun_evaluates_a_split_smaller_than_the_ranks(tmp_path):
+    """DistributedDataParallel's forward broadcast rank 0's BatchNorm statistics in a rank's first
+    evaluation forward: with one validation sample rank 1 had no batch, so rank 0 waited for it in
+    that broadcast and rank 1 for rank 0 in the scores' sum, forever. The ranks now share rank 0's
+    statistics before evaluating; every sample is scored once (1 valid, 3 test)."""
+    out = tmp_path / "ddp"
+    args = [*DDP, "trainer.epochs=1", "dataset.n_valid=1", "dataset.n_test=3", f"hydra.run.dir={out}"]
+    proc = torchrun(*args, popen=True)
+    try:
+        text = "".join(proc.communicate(timeout=90))
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun stops its workers
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise AssertionError("the ranks waited for one another forever") from None
+    assert proc.returncode == 0, text
+    with open(out / "metrics.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert float(row["valid/acc"]) in (0.0, 1.0) and 3 * float(row["test/acc"]) in (0.0, 1.0, 2.0, 3.0)
+
+
+def test_ranks_score_the_batches_of_one_process():
+    """A batch is padded to its longest sample and the scores count every step. Rank r scored
+    samples r, r + N, ...: other batches, other padding, so a network's scores depended on the
+    number of ranks and snn-delays-eval did not reproduce a DDP run's. Each rank now scores
+    every N-th batch of the one-process batching: the sums are the one-process scores."""
+    from snn_delays.data.base import Split
+    from snn_delays.model import DelaySNN
+    from snn_delays.training import Distributed, evaluate
+
+    torch.manual_seed(0)
+    net = DelaySNN(8, 4, n_hidden=16, n_layers=1, max_delay_ms=50.0)
+    with torch.no_grad():
+        net.blocks[0][1].bias.fill_(1.0)  # spikes in the padding too: padding moves the scores
+    n = 37
+    lengths = torch.randint(3, 21, (n,))
+    x = (torch.rand(n, 20, 8) < 0.3).float() * (torch.arange(20)[None, :, None] < lengths[:, None, None])
+    split = Split(x, lengths, torch.randint(4, (n,)))
+    sums = []
+
+    class Rank(Distributed):  # records its sums; the all-reduce adds them
+        def all_sum(self, t):
+            sums.append(t.clone())
+            return t
+
+    one = evaluate(net, split, 5)
+    for rank in range(3):
+        evaluate(net, split, 5, Rank(rank, 3))
+    loss, correct, count = sum(sums).tolist()
+    assert count == n and correct / n == one["acc"] and loss / n == pytest.approx(one["loss"], rel=1e-12)
+
+
 def test_a_finished_worker_runs_its_exit_handlers_and_skips_finalization():
     """A torchrun worker's interpreter finalization could abort it (a gloo thread kept alive by
     DistributedDataParallel); the entry point now ends workers after the atexit handlers (the
