@@ -18,8 +18,10 @@ before the capture is a new warm-up), and a batch of another shape than the grap
 smaller batch) runs eagerly. The optimizers run with ``capturable=True`` (their step counts
 live on the GPU; :func:`set_capturable`). The evaluation step bakes in nothing that changes (parameters and BatchNorm
 statistics are read from their memory at each replay; the integer delays are computed from
-the positions inside the graph), so its graph is captured once for the run. Should a capture
-fail (a kernel that synchronises with the host, say), training goes on without graphs.
+the positions inside the graph), so its graph is captured once for the run; with
+``model.round_eval=false`` the evaluated network reads sigma too, and is captured again
+whenever sigma changes. Should a capture fail (a kernel that synchronises with the host,
+say), training goes on without graphs.
 """
 
 from __future__ import annotations

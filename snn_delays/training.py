@@ -315,6 +315,13 @@ def graphed_steps(
     )
 
 
+def _evaluation_reads_sigma(model: nn.Module) -> bool:
+    """The evaluated network depends on sigma (a delay layer with ``round_eval=False`` runs the
+    Gaussian kernel, whose width a CUDA graph bakes in as a number), so the evaluation graph,
+    otherwise captured once for the run, must be captured again when sigma changes."""
+    return any(not layer.round_eval for layer in model.delay_layers())
+
+
 def train_epoch(
     model: nn.Module,
     split: Split,
@@ -424,7 +431,9 @@ def set_random_states(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per GPU the saving process saw: restore those this machine has (a run
+        # resumed with fewer GPUs, or none, than it was saved with; indexing past them failed)
+        torch.cuda.set_rng_state_all(list(state["cuda"])[: torch.cuda.device_count()])
 
 
 def fit(
@@ -473,7 +482,10 @@ def fit(
         started, first = time.perf_counter(), state.epoch  # for the time left
         for epoch in epochs:
             if opt.sigma_init is not None:
+                before = core.sigma
                 core.set_sigma(sigma_at(epoch, opt.sigma_init, opt.sigma_final, opt.sigma_decay_epochs))
+                if eval_graphs is not None and core.sigma != before and _evaluation_reads_sigma(core):
+                    eval_graphs.new_epoch()  # its graph baked in the old sigma: captured anew
             lrs = opt.lrs()
             t0 = time.perf_counter()
             train = train_epoch(
