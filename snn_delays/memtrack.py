@@ -89,12 +89,28 @@ class TensorMemory(TorchDispatchMode):
             self.peak_bytes = self.live_bytes
 
 
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start :func:`peak_mib`'s peak anew from what is held now: Hydra's launcher runs a ``-m``
+    sweep's jobs in one process, and each job's peak included the jobs before it. CUDA: the
+    caching allocator's peak statistics; Linux: ``VmHWM`` (``/proc/self/clear_refs``);
+    elsewhere nothing can be reset."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the resident high-water mark to the current resident size
+    except OSError:
+        pass
+
+
 def peak_mib(device: torch.device | str) -> float | None:
     """The most memory held so far, in MiB. CUDA: the caching allocator's peak of allocated
     memory on ``device`` (since ``torch.cuda.reset_peak_memory_stats``). Elsewhere: the
-    process's resident high-water mark (Linux ``VmHWM``, which ``/proc/self/clear_refs`` can
-    reset; else the peak since the start), which counts the interpreter and libraries too;
-    None where the platform has neither (Windows)."""
+    process's resident high-water mark (Linux ``VmHWM``, since :func:`reset_peak_memory`; else
+    the peak since the start), which counts the interpreter and libraries too; None where the
+    platform has neither (Windows)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20

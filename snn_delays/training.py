@@ -36,7 +36,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from snn_delays.cuda_graphs import GraphedSteps, StaticInputs, capture_refusal, set_capturable
 from snn_delays.data.base import DataBundle, Split, batches
-from snn_delays.memtrack import peak_mib
+from snn_delays.memtrack import peak_mib, reset_peak_memory
 
 log = logging.getLogger(__name__)
 Augmenter = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]  # (x, y) -> (x, target)
@@ -480,6 +480,7 @@ def fit(
             total=cfg.epochs,
         )
         started, first = time.perf_counter(), state.epoch  # for the time left
+        reset_peak_memory(device)  # this run's peak, not that of a sweep's earlier jobs
         for epoch in epochs:
             if opt.sigma_init is not None:
                 before = core.sigma

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -251,3 +253,44 @@ def test_gaussian_kernel_of_the_cuda_paths_keeps_nothing_for_the_backward():
     only_pos = fast_delays.recomputed_gaussian_kernel(weight.detach(), pos, 1.0, 11)
     (dp,) = torch.autograd.grad(only_pos, pos, g)
     assert torch.equal(dp, want[1])
+
+
+SWEEP_JOB = """
+import sys
+from pathlib import Path
+
+import torch
+
+from snn_delays.data.synthetic import make_synthetic
+from snn_delays.loggers import NullLogger
+from snn_delays.memtrack import peak_mib
+from snn_delays.model import DelaySNN
+from snn_delays.training import FitConfig, Optimization, fit
+
+big = bytearray(1500 * 2**20)  # an earlier job of the sweep, in the same process
+big[:: 4096] = b"x" * len(range(0, len(big), 4096))  # touched: resident
+del big
+before = peak_mib("cpu")
+torch.manual_seed(0)
+data = make_synthetic(n_train=64, n_valid=16, n_test=16, seed=1)
+model = DelaySNN(8, 4, n_hidden=16, n_layers=1, kernel_size=7)
+weights = torch.optim.Adam(model.weight_parameters(), lr=1e-3)
+opt = Optimization(weights, torch.optim.lr_scheduler.ConstantLR(weights, factor=1.0))
+cfg = FitConfig(1, 32, 32, progress=False, save_checkpoints=False, cuda_graphs=False)
+state = fit(model, data, opt, NullLogger(), cfg, Path(sys.argv[1]))
+print(before, state.peak_memory_mib)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux's VmHWM reset")
+def test_a_runs_peak_memory_leaves_out_the_sweep_jobs_before_it(tmp_path):
+    """Hydra's launcher runs a -m sweep's jobs in one process: each job's peak_memory_mib was the
+    largest of all the jobs before it (VmHWM on the CPU, the allocator's peak on CUDA)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", SWEEP_JOB, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    before, peak = map(float, proc.stdout.split())
+    assert before > 1500 and peak < before - 1000, (before, peak)
