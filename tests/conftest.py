@@ -45,6 +45,24 @@ def run_cli(
     return proc
 
 
+def run_at_once(target, *args, n: int = 2, timeout: int = 120) -> list:  # noqa: ANN001
+    """``target(*args, start, out)`` in ``n`` spawned processes released together (as torchrun's
+    ranks reach a first download or cache build): what each put on ``out``, in arrival order."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, start, out)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    start.set()
+    results = [out.get(timeout=timeout) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 

@@ -4,13 +4,13 @@ names across split files, GSC front-end options, and two processes building one 
 from __future__ import annotations
 
 import math
-import multiprocessing
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_at_once
 from gsc_files import make_gsc_root
 from spike_files import make_shd_root, make_ssc_root, write_spike_h5
 
@@ -212,17 +212,7 @@ def _load_in_child(kind: str, root: str, start, out) -> None:
 
 
 def _load_in_two_processes(kind: str, root: Path) -> list[tuple[list, int]]:
-    ctx = multiprocessing.get_context("spawn")
-    start, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_load_in_child, args=(kind, str(root), start, out)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    start.set()
-    results = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return results
+    return run_at_once(_load_in_child, kind, str(root))
 
 
 def _digest(data) -> list:

@@ -20,6 +20,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import run_at_once
 from hydra import compose, initialize_config_dir
 from spike_files import make_shd_root, make_spike_dataset, make_ssc_root, write_spike_h5
 
@@ -499,20 +500,8 @@ def _fetch_in_child(root: str, url: str, md5: str, start, out) -> None:
 def test_two_processes_download_once(served, tmp_path):
     """Every rank of a torchrun job downloaded the file (8 downloads of SSC on a node of 8
     GPUs); one downloads now while the other waits, then finds the file."""
-    import multiprocessing
-
     archive = served / "shd_train.h5.zip"
-    ctx = multiprocessing.get_context("spawn")
-    start, out = ctx.Event(), ctx.Queue()
-    args = (str(tmp_path / "root"), archive.as_uri(), _md5(archive), start, out)
-    procs = [ctx.Process(target=_fetch_in_child, args=args) for _ in range(2)]
-    for p in procs:
-        p.start()
-    start.set()
-    results = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_at_once(_fetch_in_child, str(tmp_path / "root"), archive.as_uri(), _md5(archive))
     assert all(same for same, _ in results) and sum(n for _, n in results) == 1, results
     assert _leftovers(tmp_path / "root") == ["shd_train.h5"]
 
