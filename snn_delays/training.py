@@ -557,7 +557,9 @@ def fit(
                     save_checkpoint(payload, ckpt_dir / "last.pt")
                 if on_epoch_end is not None:
                     on_epoch_end(core, state)
-        state.stopped_by = stop.signum
+        # A signal after the last epoch's training (its checkpoint, its figures) stopped nothing:
+        # the run is finished, not pre-empted (W&B's state, the "resume" advice).
+        state.stopped_by = stop.signum if state.epoch < cfg.epochs else None
     return state
 
 

@@ -150,7 +150,9 @@ def test_the_logged_config_holds_what_the_run_derived(tmp_path):
 def test_logger_is_told_of_a_stop_by_signal(tmp_path, monkeypatch):
     """SIGTERM (SLURM pre-emption, ``scancel``) stops training after the epoch in progress; the
     logger hears ``preempted(signum)`` before ``finish`` (W&B then marks the run pre-empted), and
-    only then. A run that completes is finished plainly."""
+    only then. A run that completes is finished plainly, even when the signal comes after its
+    last epoch's training (during that epoch's checkpoint or figures): it was marked pre-empted,
+    and told to resume, though nothing was left to train."""
     import os
     import signal
 
@@ -166,10 +168,10 @@ def test_logger_is_told_of_a_stop_by_signal(tmp_path, monkeypatch):
     monkeypatch.setattr(CSVLogger, "log_metrics", log_metrics)
     monkeypatch.setattr(CSVLogger, "preempted", lambda self, signum: calls.append(("preempted", signum)))
     monkeypatch.setattr(CSVLogger, "finish", lambda self: calls.append(("finish",)))
-    for stop_after, name in ((1, "cut"), (None, "whole")):
+    for stop_after, name in ((1, "cut"), (None, "whole"), (3, "signal_after_the_last_epoch")):
         calls.clear()
         metrics = _run(tmp_path / name, "logger=csv", "logger.figure_every=0", "trainer.epochs=3")
-        if stop_after is not None:
+        if stop_after == 1:
             assert metrics["epochs"] == 1
             assert calls[-2:] == [("preempted", signal.SIGTERM), ("finish",)]
         else:
