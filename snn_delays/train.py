@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -297,6 +298,10 @@ def _train(
     if device.type == "cpu":
         fast_delays.keep_freed_memory()  # activations reused, not re-faulted every step
     seed_everything(rank_seed(cfg.seed, dist.rank))
+    # The checkpoint is read, and checked against the config, before the data: a resume with
+    # another dataset or preprocessing is refused at once, naming the key, not after a download.
+    ckpt = resume_path(cfg, run_dir)
+    saved = read_for_resume(ckpt, cfg) if ckpt is not None else None
     with progress_bars(fit_cfg.progress and dist.is_main):  # downloads, binning, features
         data = build(cfg.dataset)
     model = build_model(cfg.model, data.n_inputs, data.n_classes, data.dt_ms).to(device)
@@ -305,9 +310,10 @@ def _train(
     augment = build(cfg.augment, n_classes=data.n_classes)
     config = OmegaConf.to_container(cfg, resolve=True)
     state, logger_kwargs = TrainState.fresh(cfg.seed), {}
-    ckpt = resume_path(cfg, run_dir)
     if ckpt is not None:
-        state, logger_kwargs = load_for_resume(ckpt, cfg, model, opt, dist)
+        state, logger_kwargs = load_for_resume(ckpt, cfg, model, opt, dist, saved)
+        if dist.is_main and fit_cfg.save_checkpoints:
+            keep_best_checkpoint(ckpt, saved, state, run_dir)
     net = model
     if dist.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -431,9 +437,9 @@ def figure_hook(
     return on_epoch_end
 
 
-def load_for_resume(
-    path: Path, cfg: DictConfig, model: DelaySNN, opt: Optimization, dist: Distributed | None = None
-) -> tuple[TrainState, dict]:
+def read_for_resume(path: Path, cfg: DictConfig) -> dict[str, Any]:
+    """The checkpoint a run resumes from, refused (naming the file, or the keys that differ) when
+    it is unreadable or its config differs from ``cfg``."""
     try:
         ckpt = read_checkpoint(path)
         if not {"model", "optim", "state", "rng"} <= set(ckpt):
@@ -446,6 +452,20 @@ def load_for_resume(
             f"trainer.resume={path.parent / 'best.pt'}"
         ) from e
     check_compatible(ckpt.get("config", {}), OmegaConf.to_container(cfg, resolve=True), path)
+    return ckpt
+
+
+def load_for_resume(
+    path: Path,
+    cfg: DictConfig,
+    model: DelaySNN,
+    opt: Optimization,
+    dist: Distributed | None = None,
+    ckpt: dict[str, Any] | None = None,
+) -> tuple[TrainState, dict]:
+    """Load the checkpoint at ``path`` (``ckpt``: as :func:`read_for_resume` read it) into
+    ``model`` and ``opt``; the state to continue from, and the logger's run id."""
+    ckpt = ckpt if ckpt is not None else read_for_resume(path, cfg)
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optim"])
     set_capturable(False, opt.weights, opt.positions)  # on again in fit() if graphs are on
@@ -463,6 +483,35 @@ def load_for_resume(
     run_id = ckpt.get("logger_run_id")
     return state, (
         {"run_id": run_id} if run_id and cfg.logger.get("_target_", "").endswith("WandbLogger") else {}
+    )
+
+
+def keep_best_checkpoint(path: Path, saved: dict[str, Any], state: TrainState, run_dir: Path) -> None:
+    """A run resumed from another folder's checkpoint (or whose best.pt is gone) has no best.pt
+    of its best epoch so far, and writes one only at a better epoch: its folder would lack the
+    checkpoint metrics.json's test_acc was scored on (snn-delays-eval's default). The one beside
+    ``path`` (or ``path`` itself) is copied in when it holds that epoch; else a warning."""
+    best = run_dir / "checkpoints" / "best.pt"
+    if best.is_file() or state.best_epoch < 1:
+        return
+    beside = path.parent / "best.pt"
+    for source in (beside, path):
+        try:
+            epoch = saved["state"]["epoch"] if source == path else read_checkpoint(source)["state"]["epoch"]
+        except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable: the next candidate
+            continue
+        if epoch == state.best_epoch:
+            best.parent.mkdir(parents=True, exist_ok=True)
+            tmp = best.with_suffix(".tmp")
+            shutil.copyfile(source, tmp)
+            tmp.replace(best)
+            log.info("%s: the best epoch so far (%d), copied from %s", best, epoch, source)
+            return
+    log.warning(
+        "no checkpoint of the best epoch so far (%d) beside %s: %s will hold a later best epoch only",
+        state.best_epoch,
+        path,
+        best,
     )
 
 

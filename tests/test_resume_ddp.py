@@ -152,6 +152,53 @@ def test_resume_from_another_model_says_which_keys_differ(tmp_path):
     assert "model.n_hidden: 64 -> 32" in proc.stderr
 
 
+def test_resume_with_another_dataset_is_refused_before_the_data_is_read(tmp_path):
+    """The checkpoint was checked against the config only once the data was ready: resuming with
+    another dataset first prepared it (SHD's download, by default) and then refused, and without
+    the files it failed on them instead, never naming the key that differs."""
+    from test_train_cli import compose_train
+
+    from snn_delays import train
+
+    out, empty = tmp_path / "run", tmp_path / "no_data"
+    empty.mkdir()
+    quiet = ["trainer.progress=false", "logger=none"]
+    train.run(compose_train(*RUN[:1], "trainer.epochs=1", *quiet), out)
+    cfg = compose_train(
+        *RUN[:1], "trainer.epochs=1", *quiet, "dataset=shd", f"dataset.root={empty}", "dataset.download=false"
+    )
+    cfg.trainer.resume = True
+    with pytest.raises(ValueError, match=r"cannot resume from .*last\.pt: its config differs .*dataset\."):
+        train.run(cfg, out)
+
+
+def test_a_run_resumed_from_another_folder_keeps_its_best_checkpoint(tmp_path, monkeypatch):
+    """Resumed from another run's checkpoint, a folder got best.pt only at a later best epoch:
+    with the best epoch before the resume, it had none, and snn-delays-eval of the folder (its
+    best.pt) failed, though metrics.json reported test_acc at that epoch."""
+    from test_train_cli import compose_train
+
+    from snn_delays import train
+    from snn_delays.loggers import NullLogger
+
+    def log_metrics(self, metrics, step):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)  # pre-empted after epoch 6, as SLURM would
+
+    monkeypatch.setattr(NullLogger, "log_metrics", log_metrics)
+    first, second = tmp_path / "first", tmp_path / "second"
+    train.run(compose_train(*RUN), first)
+    assert torch.load(first / "checkpoints" / "last.pt", weights_only=False)["state"]["epoch"] == 6
+    monkeypatch.undo()
+    metrics = train.run(compose_train(*RUN, f"trainer.resume={first}"), second)
+    assert metrics["epochs"] == 12 and metrics["best_epoch"] < 6  # no better epoch after the resume
+    best = torch.load(second / "checkpoints" / "best.pt", weights_only=False)
+    assert best["state"]["epoch"] == metrics["best_epoch"]
+    assert (second / "checkpoints" / "best.pt").read_bytes() == (
+        first / "checkpoints" / "best.pt"
+    ).read_bytes()
+
+
 def test_wandb_run_resumes_under_the_same_id(tmp_path):
     out = tmp_path / "run"
     args = [
