@@ -403,6 +403,13 @@ def test_valid_fraction_is_refused(gsc_root):
         load_gsc(root=gsc_root[0], download=False, valid_fraction=0.1)
 
 
+@pytest.mark.parametrize("top_db", [-80.0, 0.0, float("nan")])
+def test_a_top_db_that_is_not_positive_is_refused(gsc_root, top_db):
+    """<= 0 would floor every value at the clip's peak (constant features), NaN give NaNs."""
+    with pytest.raises(ValueError, match="top_db"):
+        load_gsc(root=gsc_root[0], download=False, cache=False, top_db=top_db)
+
+
 @pytest.fixture
 def archive(tmp_path):
     """A flat .tar.gz like the official one, built from a generated folder."""

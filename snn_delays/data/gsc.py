@@ -106,6 +106,12 @@ def load_gsc(
             f"need dataset.n_mels >= 1 and dataset.feature_batch_size >= 1, got {n_mels} and "
             f"{feature_batch_size}"
         )
+    # top_db <= 0 floors every value at the clip's peak (constant features), NaN makes them NaN:
+    # either would be computed and cached without a word.
+    if top_db is not None and not top_db > 0:
+        raise ValueError(
+            f"dataset.top_db must be a number > 0 (dB below each clip's peak) or null, got {top_db}"
+        )
     fe = FrontEnd.published(n_mels, top_db) if faithful else FrontEnd(n_mels=n_mels, top_db=top_db)
     root = Path(root).expanduser()
     data_dir = ensure_extracted(root, download)
