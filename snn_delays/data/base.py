@@ -249,3 +249,31 @@ def file_stamp(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_size, st.st_mtime_ns
+
+
+def build_once(
+    path: Path,
+    read: Callable[[Path], Any],
+    make: Callable[[], Any],
+    save: Callable[[Path, Any], None],
+    what: str,
+) -> tuple[Any, bool]:
+    r"""The value cached at ``path``, or ``make()``'s, then ``save``\ d there; and whether it came
+    from the cache. ``read`` gives ``None`` for a file it cannot use (and says why).
+
+    torchrun's ranks all reach a missing cache at once: under ``<folder>/.lock``
+    (:func:`one_process_at_a_time`, ``what`` naming the work) the first makes it while the
+    others wait, then read what it wrote."""
+    seen = file_stamp(path)
+    value = read(path) if seen is not None else None
+    if value is not None:
+        return value, True
+    with one_process_at_a_time(path.parent / ".lock", what):
+        now = file_stamp(path)
+        if now is not None and now != seen:  # written meanwhile
+            value = read(path)
+        if value is not None:
+            return value, True
+        value = make()
+        save(path, value)
+    return value, False

@@ -46,7 +46,7 @@ from snn_delays.data.audio import FrontEnd, log_mel, pad_or_cut
 from snn_delays.data.base import (
     DataBundle,
     Split,
-    file_stamp,
+    build_once,
     one_process_at_a_time,
     progress_bar,
     save_cache,
@@ -407,6 +407,11 @@ def _read_cache(path: Path, files: dict[str, list[str]], fe: FrontEnd) -> dict[s
     return xs
 
 
+def _write_cache(path: Path, xs: dict[str, Tensor]) -> None:
+    if (err := save_cache(path, xs)) is not None:
+        log.warning("could not write the GSC cache %s (%s); continuing without it", path, err)
+
+
 def _compute_all(
     data_dir: Path, files: dict[str, list[str]], fe: FrontEnd, batch_size: int
 ) -> dict[str, Tensor]:
@@ -417,20 +422,16 @@ def _cached_features(
     cache_dir: Path, data_dir: Path, files: dict[str, list[str]], fe: FrontEnd, cache: bool, batch_size: int
 ) -> dict[str, Split]:
     path = cache_dir / f"gsc_{cache_key(fe, files, data_dir)}.pt" if cache else None
-    seen = file_stamp(path) if path is not None else None
-    xs = _read_cache(path, files, fe) if seen is not None else None
-    if xs is None and path is not None:
-        # torchrun's ranks: one computes and caches the features, the others wait and read them
-        with one_process_at_a_time(cache_dir / ".lock", "computing the GSC features"):
-            now = file_stamp(path)
-            if now is not None and now != seen:  # written meanwhile
-                xs = _read_cache(path, files, fe)
-            if xs is None:
-                xs = _compute_all(data_dir, files, fe, batch_size)
-                if (err := save_cache(path, xs)) is not None:
-                    log.warning("could not write the GSC cache %s (%s); continuing without it", path, err)
-    elif xs is None:
+    if path is None:
         xs = _compute_all(data_dir, files, fe, batch_size)
+    else:
+        xs, _ = build_once(
+            path,
+            lambda p: _read_cache(p, files, fe),
+            lambda: _compute_all(data_dir, files, fe, batch_size),
+            _write_cache,
+            "computing the GSC features",
+        )
     return {
         name: Split(xs[name], torch.full((len(fl),), fe.n_frames), _labels(fl)) for name, fl in files.items()
     }

@@ -40,8 +40,7 @@ import torch
 from snn_delays.data.base import (
     DataBundle,
     Split,
-    file_stamp,
-    one_process_at_a_time,
+    build_once,
     progress_bar,
     save_cache,
     stratified_split,
@@ -268,18 +267,11 @@ def _write_cache(path: Path, data: dict[str, Any]) -> None:
 
 def _binned_through_cache(path: Path, binning: dict[str, Any], cache_dir: Path) -> dict[str, Any]:
     cached = cache_path(path, cache_dir, binning)
-    seen = file_stamp(cached)
-    data = _read_cache(cached)
-    if data is None:
-        # torchrun's ranks: one bins and caches the file, the others wait and read the cache
-        with one_process_at_a_time(cache_dir / ".lock", f"binning {path.name}"):
-            if file_stamp(cached) != seen:  # written meanwhile
-                data = _read_cache(cached)
-            if data is None:
-                data = read_spike_file(path, binning)
-                _write_cache(cached, data)
-                return data
-    log.info("%s binned, from cache %s", path.name, cached)
+    data, from_cache = build_once(
+        cached, _read_cache, lambda: read_spike_file(path, binning), _write_cache, f"binning {path.name}"
+    )
+    if from_cache:
+        log.info("%s binned, from cache %s", path.name, cached)
     return data
 
 
