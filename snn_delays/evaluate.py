@@ -115,12 +115,13 @@ def dataset_config(
 
 
 def evaluate_checkpoint(
-    cfg: DictConfig, overrides: Sequence[str] | None = None
+    cfg: DictConfig, overrides: Sequence[str] | None = None, checkpoint: Path | None = None
 ) -> dict[str, dict[str, float]]:
     """Evaluate ``cfg.checkpoint`` on ``cfg.splits``.
 
     ``overrides``: the command line's overrides (Hydra's, when it runs this); without them every key
-    of ``cfg.dataset`` counts as requested.
+    of ``cfg.dataset`` counts as requested. ``checkpoint``: :func:`checkpoint_file`'s answer,
+    where the caller has it.
     """
     check_keys(cfg)
     if cfg.batch_size is not None and (
@@ -129,7 +130,7 @@ def evaluate_checkpoint(
         raise ValueError(
             f"batch_size must be a whole number >= 1 (or null: the run's), got {cfg.batch_size!r}"
         )
-    path = checkpoint_file(cfg)
+    path = checkpoint or checkpoint_file(cfg)
     requested = cfg.get("dataset")
     if overrides is None:
         if HydraConfig.initialized():
@@ -193,7 +194,7 @@ def output_path(cfg: DictConfig, checkpoint: Path | None = None) -> Path:
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         checkpoint = checkpoint_file(cfg)
-        results = evaluate_checkpoint(cfg)
+        results = evaluate_checkpoint(cfg, checkpoint=checkpoint)
     except (FileNotFoundError, ValueError) as err:  # Unreadable- and ForeignCheckpointError are ValueErrors
         print(f"snn-delays-eval: {err}", file=sys.stderr)
         sys.exit(2)
