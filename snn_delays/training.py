@@ -145,6 +145,13 @@ class Distributed:
         wait for them forever in DistributedDataParallel's gradient all-reduce."""
         return self.shard(indices[: len(indices) - len(indices) % self.world_size])
 
+    def batch_shard(self, n: int, batch_size: int) -> Tensor:
+        """This rank's samples of ``0..n-1`` in whole batches: every ``world_size``-th batch of
+        the one-process batching, in order, so the ranks' batches (and their padding) are one
+        process's."""
+        index = torch.arange(n)
+        return index[index // batch_size % self.world_size == self.rank]
+
     def share_buffers(self, module: nn.Module) -> None:
         """Rank 0's buffers (BatchNorm's running statistics, which each rank updates with its own
         batches) on every rank: all evaluate the network rank 0 saves. Said here rather than
@@ -259,8 +266,7 @@ def evaluate(
     model.eval()
     sums = torch.zeros(3, device=split.x.device, dtype=torch.float64)  # loss*n, correct, n
     into = graphs.buffer if graphs is not None else None  # batches written where the graph reads them
-    index = torch.arange(len(split))
-    shard = index[index // batch_size % dist.world_size == dist.rank]  # whole batches, in order
+    shard = dist.batch_shard(len(split), batch_size)
     bar = tqdm(
         batches(split, batch_size, indices=shard, into=into),
         total=math.ceil(len(shard) / batch_size),
