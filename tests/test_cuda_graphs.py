@@ -378,3 +378,30 @@ def test_a_graphed_runs_checkpoint_resumes_eagerly_on_the_cpu(tmp_path):
     load_for_resume(tmp_path / "last.pt", cfg, model, opt)
     assert not any(g["capturable"] for o in (opt.weights, opt.positions) for g in o.param_groups)
     train_step(model, opt, x, y)  # a capturable Adam would refuse these CPU parameters
+
+
+def test_a_batch_of_another_dtype_runs_eagerly():
+    """A graph replays the dtype it was captured with: a batch of the graph's shape but another
+    dtype is not cast into its buffer, it runs eagerly in its own."""
+    steps = GraphedSteps(
+        lambda x, t: (x.sum(), torch.tensor(x.dtype == torch.float64)), eager_capture, side_stream=False
+    )
+    for _ in range(3):  # a warm-up, the capture, a replay
+        steps(torch.ones(2, 3), torch.zeros(2))
+    x = torch.full((2, 3), 1.0 + 2.0**-40, dtype=torch.float64)  # not exact in float32
+    total, is_double = steps(x, torch.zeros(2))
+    assert bool(is_double) and total.dtype == torch.float64 and float(total) == float(x.sum())
+    assert (steps.captures, steps.replays) == (1, 1)
+
+
+def test_static_inputs_keep_one_buffer_per_stride():
+    """Batches written through ``buffer`` get the strides asked for (``batches(into=)`` asks
+    for the sample-major layout of the batch it would gather): one buffer per layout, strides
+    included, not a buffer of the same shape in another layout."""
+    inputs = StaticInputs()
+    cpu = torch.device("cpu")
+    rows = inputs.buffer((2, 3), (3, 1), torch.float32, cpu)
+    cols = inputs.buffer((2, 3), (1, 2), torch.float32, cpu)
+    assert rows.stride() == (3, 1) and cols.stride() == (1, 2) and cols is not rows
+    assert inputs.buffer((2, 3), (1, 2), torch.float32, cpu) is cols
+    assert inputs.buffer((2, 3), (3, 1), torch.float32, cpu) is rows

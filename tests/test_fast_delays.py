@@ -710,3 +710,102 @@ def test_tf32_follows_the_convolutions_under_either_precision_api(setup, conv_tf
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split("\n")[-2] == f"{[conv_tf32, False, conv_tf32]} True"
+
+
+@pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_event_kernel_gradient_over_several_blocks_of_samples(threads, monkeypatch):
+    """The event path's dL/dk runs over blocks of samples of ``EVENT_BLOCK_BYTES`` of dL/dy rows,
+    each block's sums added to the previous blocks': one block in the small cases above, about 20
+    in an SHD hidden layer at batch 256. Here blocks of 2 samples, the last one partial."""
+    monkeypatch.setitem(fast_delays._FORCE, "forward", "events")
+    monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", "c")
+    t, b, n_in, n_out, k = 20, 7, 5, 18, 25
+    kp = fast_delays._tap_chunks(k)[1]
+    monkeypatch.setattr(fast_delays, "EVENT_BLOCK_BYTES", 2 * (t + kp - 1) * 32 * 4)  # 2 samples' rows
+    n_blocks = []
+    real_events = fast_delays._ChanEvents
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        events = real_events(*args, **kwargs)
+        n_blocks.append(events.n_blk)
+        return events
+
+    monkeypatch.setattr(fast_delays, "_ChanEvents", counted)
+    torch.manual_seed(10)
+    ref, fast = _pair(n_in, n_out, k, 1.0)
+    x = _input(t, b, n_in, 0.2)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for layer in (ref, fast):
+            y = layer(x)
+            y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(1)))
+            results.append([y.detach(), layer.dcls.weight.grad, layer.dcls.P.grad])
+    finally:
+        torch.set_num_threads(old)
+    assert n_blocks == [4]
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("impl", ["c", "gemm", "dense"])
+def test_evaluation_with_gradients_equals_dcls(impl, monkeypatch):
+    """``eval()`` with autograd on (input saliency, an attack, a loss on the evaluated network):
+    the integer-delay network's gradients to the input and the weights, as the reference's.
+    The fast evaluation kernels (C scatter and taps, the GEMM without gradients) give no
+    gradient: they must run only under ``no_grad`` or for tensors that need none."""
+    if impl == "c" and not fast_delays.c_kernels_available():
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", impl)
+    torch.manual_seed(11)
+    ref, fast = _pair(6, 5, 9, 0.23)
+    ref.eval(), fast.eval()
+    x = _input(16, 3, 6, 0.2)
+    results = []
+    for layer in (ref, fast):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(1)))
+        results.append([y.detach(), xi.grad, layer.dcls.weight.grad])
+    for got, want in zip(results[1], results[0], strict=True):
+        assert got is not None
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("impl", ["c", "gemm", "fft", "dense"])
+def test_a_negative_sigma_is_its_absolute_value(impl, monkeypatch):
+    """DCLS's width is ``|sigma| + 0.27``; ``set_sigma`` takes any number, so a negative sigma
+    gives the kernel of its absolute value on every path, as in the reference."""
+    if impl == "c" and not fast_delays.c_kernels_available():
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", impl)
+    torch.manual_seed(12)
+    ref, fast = _pair(4, 5, 9, 1.5)
+    x = _input(20, 2, 4, 0.5)
+    positive = fast(x).detach()
+    for layer in (ref, fast):
+        layer.set_sigma(-1.5)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast(x), positive, rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_of_the_wrong_shape_are_refused():
+    """The C kernels read x, the weights and the positions or delays by the sizes they are
+    given: a mismatch (positions transposed, an input of another width) would read out of
+    bounds, so it is refused first, by the functions and by the layer."""
+    torch.manual_seed(13)
+    x, w = torch.rand(10, 2, 3), torch.randn(4, 3)
+    pos, delays = torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="delay convolution: x must be"):
+        fast_delays.delay_conv(x, w, pos.t(), 1.0, 5)
+    with pytest.raises(ValueError, match="delay convolution: x must be"):
+        fast_delays.delay_conv(torch.rand(10, 2, 4), w, pos, 1.0, 5)
+    with pytest.raises(ValueError, match="delay convolution: x must be"):
+        fast_delays.integer_delay_conv(x, w, delays.t(), 5)
+    layer = DelayLayer(3, 4, 5)
+    for bad in (torch.rand(10, 2, 4), torch.rand(10, 3)):
+        for mode in (True, False):
+            with pytest.raises(ValueError, match=r"takes time-major input \(T, B, 3\)"):
+                layer.train(mode)(bad)
