@@ -271,3 +271,65 @@ BAD = [
 def test_bad_settings_fail_at_construction(kwargs):
     with pytest.raises(ValueError, match="augment"):
         Augment(**kwargs)
+
+
+# --- audit: Augment's wiring ----------------------------------------------------------------
+def test_cutmix_after_masks_weighs_labels_by_the_lengths_before_them(monkeypatch):
+    """Masks come first, so a segment carries the partner's masked steps with it; and a mask
+    over a sample's last steps does not make it shorter: the label weight is the share of the
+    steps that came from the partner, its masked ones included (every sample here fills the
+    batch, so lam = w / T)."""
+    import snn_delays.augment as augment
+
+    def zero_last_steps_of_even_samples(x, n_masks, max_width, p=1.0):
+        out = x.clone()
+        out[-max_width:, 0::2] = 0
+        return out
+
+    monkeypatch.setattr(augment, "time_mask", zero_last_steps_of_even_samples)
+    t, b, tail = 20, 300, 8
+    x = coded_batch(t, b, 2)
+    y = torch.arange(b) % 2  # each sample's partner has the other label
+    aug = Augment(time_masks=1, time_mask_steps=tail, cutmix_prob=1.0, n_classes=2)
+    torch.manual_seed(13)
+    out, target = aug(x, y)
+    in_tail = 0
+    for i in range(1, b, 2):  # odd samples: unmasked themselves, their partner's tail masked
+        taken = (out[:, i] != x[:, i]).any(-1)  # the pasted segment (partner values or zeros)
+        assert runs(taken) <= 1
+        partner_values = x[:, (i + 1) % b]
+        assert torch.equal(out[:-tail, i][taken[:-tail]], partner_values[:-tail][taken[:-tail]])
+        assert (out[-tail:, i][taken[-tail:]] == 0).all(), "the partner's mask travels with it"
+        in_tail += int(taken[-tail:].any())
+        lam = float(taken.sum()) / t
+        assert target[i].tolist() == pytest.approx([lam, 1 - lam]), (i, taken)
+    assert in_tail > 50, "the seed should paste many segments over the masked steps"
+
+
+@pytest.mark.parametrize("which", ["time", "channel"])
+def test_augment_applies_mask_prob_to_each_kind_of_mask(which):
+    """``mask_prob`` keeps each band with that probability, for the time and the channel masks
+    alike: with width U{0..1}, a sample is masked with probability p / 2."""
+    kind = (
+        dict(time_masks=1, time_mask_steps=1)
+        if which == "time"
+        else dict(channel_masks=1, channel_mask_width=1)
+    )
+    aug = Augment(**kind, mask_prob=0.3)
+    torch.manual_seed(14)
+    x = nonzero_batch(t=10, b=4000, c=10)
+    out, _ = aug(x, torch.zeros(4000, dtype=torch.long))
+    zero = out == 0
+    masked = zero.all(-1).any(0) if which == "time" else zero.all(0).any(-1)  # (B,)
+    assert abs(float(masked.float().mean()) - 0.3 / 2) < 0.03
+
+
+def test_sample_lengths_of_sparse_spike_counts():
+    """A step belongs to a sample up to its last step with any nonzero channel (spike counts
+    are sparse: one channel is enough), zero steps inside it included; an empty sample has 0."""
+    from snn_delays.augment import sample_lengths
+
+    x = torch.zeros(6, 3, 4)
+    x[0, 0, 1] = x[4, 0, 2] = 1.0  # sample 0: steps 0 and 4, a gap between
+    x[5, 2, 0] = 3.0  # sample 2: its only spike on the last step; sample 1 empty
+    assert sample_lengths(x).tolist() == [5, 0, 6]

@@ -630,3 +630,146 @@ def test_class_names_of_wrong_count_are_dropped(tmp_path):
     assert names == [] and str(path) in str(record[0].message)
     write_spike_h5(path, times, units, labels, keys=["a", "b", "c", "d"])
     assert _load_bad(path, n_classes=4)[1] == ["a", "b", "c", "d"]
+
+
+# --- audit: bin edges, chunked reads, split files, pinned checksums, batches ------------------
+
+
+def test_times_on_a_bin_edge_in_float32_open_their_bin(tmp_path):
+    """float32 stores 10 ms as 9.99999978 ms: rounded to whole microseconds it opens bin 1 (as it
+    would in exact arithmetic), not bin 0. Differences from the first spike are taken after the
+    rounding too (80 ms - 70 ms is one bin, although 0.08f - 0.07f < 0.01)."""
+    times = [np.array([0.0, 0.01, 0.02, 0.03], np.float32), np.array([0.07, 0.08], np.float32)]
+    units = [np.array([0, 5, 10, 0]), np.array([0, 0])]
+    path = write_spike_h5(tmp_path / "a.h5", times, units, [0, 1], time_dtype=np.float32)
+    binning = spikes._binning(10.0, 5, 15, None, True)
+    split, _ = spikes.load_spike_split(path, binning, n_classes=2, cache_dir=None)
+    expected = np.zeros((2, 4, 3), np.int64)
+    for b, c in ((0, 0), (1, 1), (2, 2), (3, 0)):  # 0, 10, 20, 30 ms, channels 0, 5, 10, 0
+        expected[0, b, c] = 1
+    expected[1, 0, 0] = expected[1, 1, 0] = 1  # 0 and 10 ms after the first spike
+    np.testing.assert_array_equal(split.x.numpy(), expected)
+    assert split.lengths.tolist() == [4, 2]
+
+
+def test_counts_above_255_survive_a_read_in_chunks(tmp_path):
+    """A file is binned in chunks of samples, each kept in its narrowest dtype, then stacked:
+    a count of 256 in a later chunk (and the longest sample there) must come out exact, with
+    every sample in its place."""
+    times = [
+        np.array([0.0]),
+        np.array([0.0, 0.015]),
+        np.array([0.0, *[0.005] * 256, 0.045]),  # 256 spikes in bin 0 of channel group 1
+        np.array([]),
+        np.array([0.0, 0.012]),
+    ]
+    units = [np.array([0]), np.array([1, 2]), np.array([0, *[7] * 256, 699]), np.array([], np.int64)]
+    units.append(np.array([699, 699]))
+    path = write_spike_h5(tmp_path / "a.h5", times, units, [0, 1, 2, 3, 4], time_dtype=np.float64)
+    binning = spikes._binning(10.0, 5, 700, None, True)
+    expected = np.zeros((5, 5, 140), np.int64)
+    expected[0, 0, 0] = 1
+    expected[1, 0, 0] = expected[1, 1, 0] = 1
+    expected[2, 0, 0], expected[2, 0, 1], expected[2, 4, 139] = 1, 256, 1
+    expected[4, 0, 139] = expected[4, 1, 139] = 1
+    for chunk in (2, 512):  # three chunks (2 + 2 + 1 samples), then one
+        data = spikes.read_spike_file(path, binning, chunk=chunk)
+        np.testing.assert_array_equal(data["x"].numpy(), expected)
+        assert data["lengths"].tolist() == [1, 2, 5, 1, 2] and data["y"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_errors_name_the_sample_by_its_index_in_the_file(tmp_path):
+    """Files are binned in chunks: a bad spike in a later chunk names its index in the file."""
+    times, units = [np.array([0.1])] * 5, [np.array([1])] * 5
+    units[3] = np.array([700])
+    path = write_spike_h5(tmp_path / "a.h5", times, units, [0, 1, 0, 1, 0], unit_dtype=np.int16)
+    binning = spikes._binning(10.0, 5, 700, None, True)
+    with pytest.raises(spikes.DatasetFormatError, match="sample 3 has unit 700"):
+        spikes.read_spike_file(path, binning, chunk=2)
+
+
+def test_ssc_splits_come_from_their_own_files(tmp_path):
+    """Validation from ssc_valid.h5 and test from ssc_test.h5, not the other way round (with
+    files of one size, a swap went unseen)."""
+    make_ssc_root(tmp_path, n_train=35, n_valid=35, n_test=70)
+    data = spikes.load_ssc(tmp_path, download=False, cache=False)
+    assert (len(data.train), len(data.valid), len(data.test)) == (35, 35, 70)
+    for split, name in ((data.train, "train"), (data.valid, "valid"), (data.test, "test")):
+        with h5py.File(tmp_path / f"ssc_{name}.h5", "r") as f:
+            assert split.y.tolist() == f["labels"][()].tolist(), name
+            spikes_per_sample = [len(t) for t in f["spikes/times"]]
+        assert split.x.sum((1, 2)).tolist() == spikes_per_sample, name
+
+
+def test_load_shd_verifies_the_pinned_md5(served, tmp_path, monkeypatch):
+    """The loaders pass each file's pinned md5 to the download: a mirror serving another file is
+    refused, and nothing is left under the file's name."""
+    shutil.copy(served / "shd_train.h5.zip", served / "shd_test.h5.zip")
+    monkeypatch.setattr(spikes, "MIRRORS", (served.as_uri() + "/",))
+    monkeypatch.setattr(spikes, "ZIP_MD5", {"shd_train.h5": "0" * 32, "shd_test.h5": "0" * 32})
+    root = tmp_path / "root"
+    with pytest.raises(download.MissingDataError, match="md5 mismatch") as info:
+        spikes.load_shd(root, n_classes=2, valid_fraction=0.0)
+    assert _md5(served / "shd_train.h5.zip") in str(info.value)
+    assert _leftovers(root) == []
+
+
+def test_a_truncated_archive_leaves_no_partial_file(served, tmp_path):
+    """Unpacking goes through a temporary file: a .gz cut short (an interrupted copy on the
+    mirror) must not leave a half file under the final name, which later runs would take as
+    complete."""
+    bad = tmp_path / "bad" / "shd_train.h5.gz"
+    bad.parent.mkdir()
+    good = (served / "shd_train.h5.gz").read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    root = tmp_path / "root"
+    with pytest.raises(download.MissingDataError, match="not a valid archive"):
+        download.ensure_file(root, "shd_train.h5", [bad.as_uri()], None, True)
+    assert _leftovers(root) == []
+
+
+def test_a_zip_holding_two_spike_files_is_refused(served, tmp_path):
+    two = tmp_path / "two" / "shd_train.h5.zip"
+    two.parent.mkdir()
+    with zipfile.ZipFile(two, "w") as zf:
+        zf.write(served / "shd_train.h5", "shd_test.h5")
+        zf.write(served / "shd_train.h5", "shd_train.h5")
+    root = tmp_path / "root"
+    with pytest.raises(download.MissingDataError, match="one .h5 file"):
+        download.ensure_file(root, "shd_train.h5", [two.as_uri()], None, True)
+    assert _leftovers(root) == []
+
+
+def test_download_false_never_fetches(served, tmp_path):
+    """With download=False a missing file is an error even when a URL would serve it."""
+    root = tmp_path / "root"
+    archive = served / "shd_train.h5.zip"
+    with pytest.raises(download.MissingDataError, match="dataset.download=true"):
+        download.ensure_file(root, "shd_train.h5", [archive.as_uri()], _md5(archive), False)
+    assert _leftovers(root) == []
+
+
+def test_batches_are_padded_to_their_longest_sample_and_shuffled_by_the_generator():
+    from snn_delays.data.base import Split, batches
+
+    lengths = torch.tensor([2, 5, 3, 1, 4])
+    x = torch.zeros(5, 6, 2, dtype=torch.uint8)  # padded to 6 steps in the split
+    for i, n in enumerate(lengths.tolist()):
+        x[i, :n] = 10 * i + torch.arange(1, n + 1)[:, None]  # nonzero on the sample's own steps
+    split = Split(x, lengths, torch.arange(5))
+    got = list(batches(split, 2))
+    assert [tuple(b.shape) for b, _, _ in got] == [(5, 2, 2), (3, 2, 2), (4, 1, 2)]
+    for xb, yb, idx in got:
+        assert yb.tolist() == idx.tolist()
+        for j, i in enumerate(idx.tolist()):
+            torch.testing.assert_close(xb[:, j], x[i, : len(xb)].float())  # time-major (T, B, C)
+
+    def order(seed: int) -> list[int]:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.cat([idx for _, _, idx in batches(split, 2, shuffle=True, generator=gen)]).tolist()
+
+    torch.manual_seed(0)
+    first = order(1)
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert order(1) == first and sorted(first) == list(range(5))
+    assert any(order(s) != first for s in range(2, 6))

@@ -597,3 +597,87 @@ def test_two_processes_preparing_gsc_at_once_wait_for_each_other(tmp_path, archi
     assert results == [str(root / gsc.FOLDER)] * 2
     assert (root / gsc.FOLDER / gsc.MARKER).is_file() and not (root / (gsc.FOLDER + ".extracting")).exists()
     assert len(load_gsc(root=root, download=False, cache=False).train) == 35
+
+
+# ---------------------------------------------------------------- audit: front end and lists
+
+
+def reference_log_mel(x: np.ndarray, fe: FrontEnd) -> np.ndarray:
+    """The default front end on a clip already at ``fe.target_rate``, written out in numpy:
+    reflect-padded centred frames, a periodic Hann window of ``win_length`` centred in
+    ``n_fft``, power ``|rfft|^2``, HTK mel triangles, then ``10 log10(max(., 1e-10))``."""
+    half = fe.n_fft // 2
+    padded = np.pad(np.asarray(x, np.float64), half, mode="reflect")
+    n = np.arange(fe.win_length)
+    window = np.zeros(fe.n_fft)
+    left = (fe.n_fft - fe.win_length) // 2
+    window[left : left + fe.win_length] = 0.5 - 0.5 * np.cos(2 * np.pi * n / fe.win_length)
+    starts = range(0, len(x) + 1, fe.hop_length)
+    frames = np.stack([padded[s : s + fe.n_fft] * window for s in starts])
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2
+    freqs = np.arange(half + 1) * fe.target_rate / fe.n_fft
+    mel = power @ reference_mel_filters(freqs, fe.f_min, fe.target_rate / 2, fe.n_mels)
+    return 10.0 * np.log10(np.maximum(mel, 1e-10))
+
+
+def test_log_mel_matches_a_numpy_reference():
+    """Window, padding and power of the spectrogram, checked without torchaudio (whose test
+    is skipped where it is not importable): the default front end, resampling left out."""
+    fe = FrontEnd(sample_rate=8000, target_rate=8000)
+    x = 0.1 * noise(8000, 3)
+    ours = log_mel(x, fe)
+    assert ours.shape == (101, 140)
+    np.testing.assert_allclose(ours.numpy(), reference_log_mel(x.numpy(), fe), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("fe", [FrontEnd(), FrontEnd.published()], ids=["default", "faithful"])
+def test_log_mel_band_limits_before_it_decimates(fe):
+    """A 6 kHz tone is above the 4 kHz Nyquist frequency of 8 kHz: the front end must filter it
+    out, not fold it onto 2 kHz (what keeping every other sample does)."""
+    above = log_mel(tone(6000.0, 16000, 16000), fe)[10:-10]  # away from the clip's edges
+    inside = log_mel(tone(2000.0, 16000, 16000), fe)[10:-10]
+    assert float(above.max()) < float(inside.max()) - 40.0
+
+
+def test_a_split_without_some_word_keeps_the_word_labels(fresh_root):
+    """Labels are the word's index among the 35, whatever words a split happens to hold."""
+    root, files = fresh_root
+    valid = [f for f in files.valid if not f.startswith("backward/")]
+    (files.data_dir / "validation_list.txt").write_text("".join(f"{r}\n" for r in valid))
+    data = load_gsc(root=root, download=False, cache=False)
+    assert len(data.valid) == 34 and len(data.train) == 36
+    assert data.valid.y.tolist() == [WORDS.index(f.split("/")[0]) for f in sorted(valid)]
+    assert data.valid.y.min() == 1  # "backward" (label 0) is absent, nothing shifted onto it
+
+
+def test_a_clip_in_both_lists_is_refused(fresh_root):
+    """A clip in validation_list.txt and testing_list.txt would score the model on a clip it was
+    selected on: an error naming it."""
+    _, files = fresh_root
+    _append(files.data_dir / "testing_list.txt", files.valid[3])
+    with pytest.raises(GSCDataError, match=re.escape(files.valid[3])):
+        gsc.split_files(files.data_dir)
+
+
+def test_an_archive_already_in_the_root_is_verified_before_use(tmp_path, archive, monkeypatch):
+    """An archive under the download's name (left there, or another version) is used only if its
+    sha256 is the pinned one; otherwise the download replaces it."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / archive.name).write_bytes(b"not the speech commands archive")
+    monkeypatch.setattr(gsc, "ARCHIVE_URL", archive.as_uri())
+    monkeypatch.setattr(gsc, "ARCHIVE_SHA256", gsc.sha256sum(archive))
+    data_dir = gsc.ensure_extracted(root, True)
+    assert (data_dir / gsc.MARKER).is_file() and not (root / archive.name).exists()
+    assert sum(len(v) for v in gsc.split_files(data_dir).values()) == 3 * 35
+
+
+def test_files_left_by_an_interrupted_extraction_do_not_enter_the_dataset(tmp_path, archive, monkeypatch):
+    root = tmp_path / "root"
+    stale = root / (gsc.FOLDER + ".extracting") / "yes" / "0stale_nohash_0.wav"
+    write_wav(stale, np.zeros(16000, np.float32))
+    monkeypatch.setattr(gsc, "ARCHIVE_URL", archive.as_uri())
+    monkeypatch.setattr(gsc, "ARCHIVE_SHA256", gsc.sha256sum(archive))
+    data_dir = gsc.ensure_extracted(root, True)
+    assert not (data_dir / "yes" / stale.name).exists()
+    assert "yes/" + stale.name not in gsc.split_files(data_dir)["train"]
