@@ -59,10 +59,11 @@ def batchnorm_lif(y: Tensor, bn: nn.BatchNorm1d, neurons: SpikingNeurons) -> Ten
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}"
         )
-    factor = 0.0
+    factor = 0.0 if bn.momentum is None else bn.momentum  # as nn.BatchNorm1d's forward
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
-        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        if bn.momentum is None:  # a cumulative average
+            factor = 1.0 / float(bn.num_batches_tracked)
     lif = (neurons.kernels(y), float(neurons.node.tau), float(neurons.threshold), float(neurons.alpha))
     return _BatchNormLIF.apply(y, bn.weight, bn.bias, bn.running_mean, bn.running_var, factor, bn.eps, lif)
 

@@ -120,7 +120,7 @@ def _forward_torch(
     x: Tensor, tau: float, thr: float, want: tuple[bool, bool, bool], affine: tuple[Tensor, Tensor] | None
 ) -> list[Tensor | None]:
     outs = [torch.empty_like(x) if w else None for w in want]  # spikes, pre- and post-reset membranes
-    v = torch.zeros_like(x[0])
+    v = x.new_zeros(x.shape[1:])  # x[0] would fail on zero steps
     for t, cur in enumerate(x):
         if affine is not None:
             cur = cur * affine[0] + affine[1]  # a multiply, then an add: the C loop's roundings
@@ -134,7 +134,7 @@ def _forward_torch(
 
 def _backward_torch(gs, gv, h, tau, thr, alpha, gx=None):  # noqa: ANN001, ANN202
     gx = torch.empty_like(h) if gx is None else gx
-    carry = torch.zeros_like(h[0])
+    carry = h.new_zeros(h.shape[1:])
     slope = math.pi / 2 * alpha
     for t in range(h.shape[0] - 1, -1, -1):
         keep = (~(h[t] >= thr)).to(h.dtype)  # 1 where no spike, NaN included (as spikingjelly's 1 - s)
@@ -162,7 +162,7 @@ def lif_forward(
     x = x.contiguous()
     if not use_c:
         return _forward_torch(x, tau, thr, want, affine)
-    t_len, m = x.shape[0], x[0].numel()
+    t_len, m = x.shape[0], math.prod(x.shape[1:])
     outs = [torch.empty_like(x) if w else None for w in want]
     scale, shift = (None, None) if affine is None else (t.contiguous() for t in affine)
     sync_threads()
@@ -188,7 +188,7 @@ def lif_backward(
     if not use_c:
         return _backward_torch(gs, gv, h, tau, thr, alpha, h if over_h else None)
     gx = h if over_h else torch.empty_like(h)
-    t_len, m = h.shape[0], h[0].numel()
+    t_len, m = h.shape[0], math.prod(h.shape[1:])
     sync_threads()
     _LIB.lif_backward(
         _ptr(gs), _ptr(gv), _ptr(h), _ptr(gx), t_len, m, tau, thr, alpha / 2, math.pi / 2 * alpha

@@ -59,6 +59,22 @@ def test_fused_step_equals_batchnorm_then_lif(impl, momentum, request, monkeypat
     assert int(bn_fused.num_batches_tracked) == int(bn.num_batches_tracked) == 2
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_statistics_without_a_batch_counter_follow_batchnorm(momentum, request, monkeypatch):
+    """A BatchNorm whose ``num_batches_tracked`` is None (set so by user code, or from an old
+    state dict) still updates its running statistics by its momentum; without a momentum it
+    keeps them, as ``nn.BatchNorm1d`` does."""
+    bn, bn_fused, neurons = _pair("torch", request, monkeypatch, momentum)
+    bn.num_batches_tracked = bn_fused.num_batches_tracked = None
+    before = bn.running_mean.clone()
+    y = torch.randn(20, 4, 64, generator=torch.Generator().manual_seed(3)) + 1.0
+    neurons(bn(y))
+    batchnorm_lif(y, bn_fused, neurons)
+    torch.testing.assert_close(bn_fused.running_mean, bn.running_mean)
+    torch.testing.assert_close(bn_fused.running_var, bn.running_var)
+    assert torch.equal(bn.running_mean, before) == (momentum is None)
+
+
 def test_one_value_per_channel_is_refused_as_batchnorm_refuses_it(request, monkeypatch):
     """T B = 1 in training: BatchNorm raises; the fused step did not, and left NaN in running_var."""
     bn, bn_fused, neurons = _pair("c", request, monkeypatch)
@@ -137,3 +153,69 @@ def test_model_trains_with_the_fused_step_and_evaluates_without_it(monkeypatch):
     with torch.no_grad():
         model(x)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_affine_current_over_many_chunks_takes_each_columns_channel(impl, request):
+    """The folded affine over more neurons than one C chunk (512) or Triton program (256), with a
+    channel count that divides neither: each column's channel is its index modulo C in
+    whichever chunk or program holds it (as the unfused current ``x * scale + shift``)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(20, 9, 100, generator=g)  # 900 columns
+    scale, shift = torch.rand(100, generator=g) + 0.5, torch.randn(100, generator=g)
+    want = fast_neurons.lif_forward(x * scale + shift, 1.5, 1.0, (True, True, True), use_c=False)
+    if impl == "triton":
+        request.getfixturevalue("triton_interpreted")
+        from snn_delays import triton_neurons
+
+        got = triton_neurons.lif_forward(x, 1.5, 1.0, (True, True, True), (scale, shift))
+    else:
+        got = fast_neurons.lif_forward(x, 1.5, 1.0, (True, True, True), impl == "c", (scale, shift))
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_step_uses_the_neurons_alpha_and_batchnorms_eps(impl, request, monkeypatch):
+    """A surrogate alpha and a BatchNorm eps other than the defaults reach the fused step: the
+    spikes and gradients of BatchNorm then LIF with those settings."""
+    bn, bn_fused, _ = _pair(impl, request, monkeypatch)
+    bn.eps = bn_fused.eps = 0.5
+    neurons = SpikingNeurons(2.0, alpha=2.0, impl="triton" if impl == "triton" else None)
+    y = torch.randn(30, 8, 64, generator=torch.Generator().manual_seed(1)) + 0.3
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    out = {}
+    for fused, module in ((False, bn), (True, bn_fused)):
+        x = y.clone().requires_grad_()
+        spikes = batchnorm_lif(x, module, neurons) if fused else neurons(module(x))
+        spikes.backward(grad)
+        out[fused] = (spikes.detach(), x.grad, module.weight.grad, module.bias.grad)
+    assert 0.05 < float(out[True][0].mean()) < 0.6
+    assert torch.equal(out[True][0], out[False][0])
+    for got, want in zip(out[True][1:], out[False][1:], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(bn_fused.running_var, bn.running_var)
+
+
+def test_fusable_only_for_a_training_batchnorm_before_hidden_fused_neurons(request, monkeypatch):
+    """A BatchNorm in eval mode (frozen inside a training model) normalises with its running
+    statistics and leaves them alone: not the fused step, which uses and updates the batch's.
+    Nor a readout, spikingjelly's LIF, another dtype, or a BatchNorm without affine parameters
+    or running statistics."""
+    bn, _, neurons = _pair("c", request, monkeypatch)
+    y = torch.randn(10, 4, 64)
+    assert fusable(bn, neurons, y)
+    assert not fusable(bn.eval(), neurons, y)
+    bn.train()
+    assert not fusable(bn, SpikingNeurons(2.0, readout=True), y)
+    assert not fusable(bn, SpikingNeurons(2.0, impl="spikingjelly"), y)
+    assert not fusable(bn, neurons, y.double())
+    assert not fusable(TimeBatchNorm(64, affine=False), neurons, y)
+    assert not fusable(TimeBatchNorm(64, track_running_stats=False), neurons, y)
+    torch.manual_seed(0)
+    model = DelaySNN(12, 3, n_hidden=24, n_layers=1, kernel_size=7)
+    model.set_sigma(1.0)
+    frozen = model.blocks[0][1].eval()
+    before = [b.clone() for b in frozen.buffers()]
+    model((torch.rand(30, 8, 12) < 0.3).float()).square().mean().backward()
+    assert all(torch.equal(a, b) for a, b in zip(frozen.buffers(), before, strict=True))

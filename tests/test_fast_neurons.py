@@ -152,6 +152,20 @@ def test_triton_lif_takes_empty_inputs(triton_interpreted, shape):
         assert y.shape == shape and x.grad.shape == shape
 
 
+@pytest.mark.parametrize("use_c", [True, False])
+@pytest.mark.parametrize("shape", [(0, 3, 4), (5, 0, 4)])
+def test_cpu_lif_takes_empty_inputs(use_c, shape):
+    """The C kernel and the torch loop, as the Triton LIF: zero steps or zero neurons give
+    empty spikes, membranes and gradients, not an IndexError."""
+    if use_c and not fast_neurons.c_kernels_available():
+        pytest.skip("no C compiler")
+    for return_v in (False, True):
+        x = torch.zeros(shape, requires_grad=True)
+        y = fast_neurons.lif_multi_step(x, 1.5, return_v=return_v, use_c=use_c)
+        y.sum().backward()
+        assert y.shape == shape and x.grad.shape == shape
+
+
 def test_auto_runs_the_triton_lif_on_cuda_tensors(triton_interpreted, monkeypatch):
     """``auto`` on a float32 CUDA tensor (stood in for by the interpreter's CPU tensors) runs the
     Triton LIF, which keeps only the pre-reset membrane; PLIF and CPU tensors do not."""
@@ -177,3 +191,75 @@ def test_auto_runs_the_triton_lif_on_cuda_tensors(triton_interpreted, monkeypatc
 
 def test_c_kernel_compiles():
     assert fast_neurons.c_kernels_available()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_membrane_exactly_at_threshold_spikes(impl, request):
+    """spikingjelly fires where ``v >= threshold`` (its Heaviside is ``x >= 0``): a membrane that
+    lands exactly on the threshold spikes and resets, and its gradient is a spike's (surrogate,
+    reset path cut). Currents on a coarse binary grid with tau = 2 make such membranes common."""
+    x = torch.randint(-4, 7, (40, 4, 64), generator=torch.Generator().manual_seed(8)) / 4
+    assert (lif_reference(x, 2.0)[1] == 1.0).float().mean() > 0.01
+    node = _sj(2.0, 1.0, 5.0, readout=False)
+    xs = x.clone().requires_grad_()
+    want = node(xs)
+    gout = torch.randn_like(want, generator=torch.Generator().manual_seed(1))
+    want.backward(gout)
+    xf = x.clone().requires_grad_()
+    got = _lif(xf, 2.0, 1.0, 5.0, impl, request)
+    got.backward(gout)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(xf.grad, xs.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_membrane_of_a_spiking_population_equals_spikingjelly(impl, request):
+    """``return_v`` with a threshold that is reached: the post-reset membrane (0 after a spike)
+    and its gradient, which the detached reset cuts at every spike, as spikingjelly's ``v_seq``."""
+    x = _current(29, 3, 70, seed=9)
+    node = _sj(1.5, 1.0, 5.0, readout=True)  # store_v_seq
+    xs = x.clone().requires_grad_()
+    assert 0.05 < float(node(xs).detach().mean()) < 0.6
+    want = node.v_seq
+    gout = torch.randn_like(want, generator=torch.Generator().manual_seed(2))
+    want.backward(gout)
+    xf = x.clone().requires_grad_()
+    got = _lif(xf, 1.5, 1.0, 5.0, impl, request, return_v=True)
+    got.backward(gout)
+    assert torch.equal(got, want)
+    torch.testing.assert_close(xf.grad, xs.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_module_passes_its_surrogate_alpha_to_the_kernels(impl, request, monkeypatch):
+    """``SpikingNeurons(alpha=...)`` (``model.surrogate_alpha``) reaches every implementation:
+    the gradient is spikingjelly's with ATan(alpha), not with the default alpha."""
+    if impl == "triton":
+        request.getfixturevalue("triton_interpreted")
+    if impl == "torch":
+        monkeypatch.setattr(fast_neurons, "_load_lib", lambda: None)
+    x = _current(20, 4, 33, seed=10).requires_grad_()
+    gout = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    for readout in (False, True):
+        neurons = SpikingNeurons(1.5, alpha=2.0, readout=readout, impl="triton" if impl == "triton" else None)
+        assert neurons.kernels(x) == impl
+        got = neurons(x)
+        want = SpikingNeurons(1.5, alpha=2.0, readout=readout, impl="spikingjelly")(x)
+        assert torch.equal(got, want)
+        g = torch.autograd.grad(got, x, gout)[0]
+        torch.testing.assert_close(g, torch.autograd.grad(want, x, gout)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_other_dtypes_stay_off_the_float32_kernels():
+    """The fused kernels read float32: a float64 current runs spikingjelly under ``auto``, and
+    ``lif_multi_step(use_c=True)`` its torch loop, both in float64 (not its bytes as float32)."""
+    x = _current(20, 4, 33, seed=11).double().requires_grad_()
+    want = SpikingNeurons(1.5, impl="spikingjelly")(x)
+    neurons = SpikingNeurons(1.5)
+    assert neurons.kernels(x) == "spikingjelly"
+    got = neurons(x)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+    got = fast_neurons.lif_multi_step(x, 1.5, use_c=True)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+    g = torch.autograd.grad(got.sum(), x)[0]
+    torch.testing.assert_close(g, torch.autograd.grad(want.sum(), x)[0])

@@ -294,3 +294,17 @@ def test_a_runs_peak_memory_leaves_out_the_sweep_jobs_before_it(tmp_path):
     )
     before, peak = map(float, proc.stdout.split())
     assert before > 1500 and peak < before - 1000, (before, peak)
+
+
+def test_outputs_written_into_older_tensors_and_every_output_of_an_op_count():
+    """``out=`` into a tensor made before the block allocates nothing; an operator with several
+    outputs (BatchNorm: output, mean, inverse deviation) counts each of them."""
+    x, buf = torch.randn(250_000), torch.empty(250_000)
+    with TensorMemory() as mem:
+        torch.mul(x, 2, out=buf)
+        torch.add(x, 1, out=buf)
+    assert mem.allocated_bytes == 0
+    y = torch.randn(1000, 250)
+    with TensorMemory() as mem:
+        outs = torch.native_batch_norm(y, None, None, None, None, True, 0.1, 1e-5)
+    assert mem.allocated_bytes == sum(t.untyped_storage().nbytes() for t in outs) == y.nbytes + 2 * 250 * 4
