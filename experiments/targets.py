@@ -16,7 +16,8 @@ float16 operands) shows which of them meet every target. The default is marked: 
 on CUDA (the trainer replays its steps from CUDA graphs there), ``fast`` on the CPU. A row
 benchmarked at another batch or number of steps than the target's is judged but flagged, and a
 ``+graphs`` row whose capture failed (it ran eagerly) is not the default. Exit status: 1 when the
-default misses a target or was not benchmarked where a target applies, or bench.py was stopped
+default misses a target or was not benchmarked where a target applies, no row was judged (no
+target applies to the networks benchmarked, e.g. SSC alone on the CPU), or bench.py was stopped
 before its last row (``meta.finished`` false), else 0.
 """
 
@@ -150,7 +151,11 @@ def judge(data: dict, source: str = "") -> dict:
         if not seen_default and kind in DEFAULT:
             print(f"  the default ({DEFAULT[kind]}) was not benchmarked")
             default_met = False
-    if verdicts:
+    if not verdicts:
+        have = ", ".join(sorted({net for net, _ in groups})) or "no rows"
+        want = ", ".join(sorted(targets)) or "none"
+        print(f"no row judged: {have} benchmarked, targets on {kind}: {want} (exit status 1)")
+    else:
         print(
             f"default ({DEFAULT.get(kind)}, marked *): {'meets every target' if default_met else 'MISSES a target'}"
         )

@@ -823,3 +823,247 @@ def test_bench_names_an_unknown_network(capsys):
     assert (
         exit_.value.code == 2 and "argument --networks: unknown foo: use shd, ssc" in capsys.readouterr().err
     )
+
+
+# --- bench.py's numbers on tiny networks (seconds each), and targets.py's verdicts ---------------
+TINY_NETWORKS = {  # bench.NETWORKS' fields: n_inputs, n_classes, n_hidden, n_layers, K, tau, dropout, batch
+    "shd": (6, 3, 8, 1, 5, 1.005, 0.4, 3),
+    "ssc": (5, 4, 8, 2, 7, 1.5, 0.25, 2),
+}
+
+
+def _tiny_bench(monkeypatch):  # noqa: ANN001, ANN202
+    """bench.py with its published networks shrunk (the same code paths, a fraction of the time)."""
+    bench = _load_experiment("bench")
+    monkeypatch.setattr(bench, "NETWORKS", TINY_NETWORKS)
+    return bench
+
+
+def _spec_recorder(bench, monkeypatch) -> list[str]:  # noqa: ANN001
+    """The ``--backends`` entry of the row being benchmarked, last in the returned list."""
+    specs: list[str] = []
+    parse = bench.parse_backend
+
+    def recording(spec, device):  # noqa: ANN001, ANN202
+        specs.append(spec)
+        return parse(spec, device)
+
+    monkeypatch.setattr(bench, "parse_backend", recording)
+    return specs
+
+
+def test_bench_ratios_and_printed_numbers_are_the_references_time_over_each_rows(
+    monkeypatch, tmp_path, capsys
+):
+    """``train_speedup`` is the reference's (first row's) training time over the row's,
+    ``eval_speedup`` the same of the evaluation step; the printed line of each row shows its ms,
+    both ratios and both peaks, the numbers of its JSON row. Timings and peaks are stood in for."""
+    import json
+    import re
+
+    bench = _tiny_bench(monkeypatch)
+    seconds = {"dcls": (0.8, 0.3), "fast": (0.1, 0.06), "fast:dense": (0.4, 0.5)}  # train, eval
+    peaks = {"dcls": (700.0, 90.0), "fast": (300.0, 40.0), "fast:dense": (500.0, 60.0)}
+    specs = _spec_recorder(bench, monkeypatch)
+    calls: list[tuple[str, str]] = []
+
+    def fake(kind: str, table: dict):  # noqa: ANN202 - a row's first call is its training step's
+        def measure(*_):  # noqa: ANN002, ANN202
+            calls.append((kind, specs[-1]))
+            return table[specs[-1]][calls.count((kind, specs[-1])) - 1]
+
+        return measure
+
+    monkeypatch.setattr(bench, "_time", fake("time", seconds))
+    monkeypatch.setattr(bench, "peak_mib", fake("peak", peaks))
+    out = tmp_path / "bench.json"
+    small = ["--time-steps", "6", "--sigma", "0.23", "--repeats", "1", "--json", str(out)]
+    rows = bench.main([*small, "--backends", "dcls,fast,fast:dense"])
+    (ref_train, ref_eval) = seconds["dcls"]
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("shd ")]
+    number = r"\s*([0-9.]+)"
+    pattern = re.compile(
+        rf"train{number} ms \(x{number}\)\s+eval{number} ms \(x{number}\)\s+peak{number} /{number} MiB"
+    )
+    assert [r["backend"] for r in rows] == list(seconds) and len(printed) == 3
+    for row, line in zip(rows, printed, strict=True):
+        train, evaluation = seconds[row["backend"]]
+        want = dict(train_speedup=ref_train / train, eval_speedup=ref_eval / evaluation)
+        assert (row["train_s"], row["eval_s"]) == (train, evaluation)
+        assert {k: row[k] for k in want} == pytest.approx(want)
+        assert (row["peak_mib"], row["eval_peak_mib"]) == peaks[row["backend"]]
+        shown = [float(v) for v in pattern.search(line).groups()]
+        expected = [train * 1e3, want["train_speedup"], evaluation * 1e3, want["eval_speedup"]]
+        assert shown == pytest.approx([*expected, *peaks[row["backend"]]], abs=0.01), line
+    assert json.loads(out.read_text())["results"] == rows
+
+
+def test_bench_peaks_are_each_steps_own(monkeypatch):
+    """``peak_mib`` is the training step's high-water mark and ``eval_peak_mib`` the evaluation
+    step's: the meter is reset before each, so neither a row's evaluation peak includes its
+    training step nor a row's training peak the row before it. A stand-in meter that each
+    step raises to its own footprint shows it."""
+    bench = _tiny_bench(monkeypatch)
+    footprint = {"dcls": (400.0, 300.0), "fast": (100.0, 20.0)}  # train, eval (MiB)
+    meter = {"high": 0.0}
+    specs = _spec_recorder(bench, monkeypatch)
+    real_bodies = bench.step_bodies
+
+    def metered(model):  # noqa: ANN001, ANN202
+        bodies = real_bodies(model)
+        train_mib, eval_mib = footprint[specs[-1]]
+
+        def wrap(body, mib):  # noqa: ANN001, ANN202
+            def run(*args):  # noqa: ANN002, ANN202
+                meter["high"] = max(meter["high"], mib)
+                return body(*args)
+
+            return run
+
+        return wrap(bodies[0], train_mib), wrap(bodies[1], eval_mib)
+
+    monkeypatch.setattr(bench, "step_bodies", metered)
+    monkeypatch.setattr(bench, "_reset_peak", lambda device: meter.update(high=0.0))
+    monkeypatch.setattr(bench, "peak_mib", lambda device: meter["high"])
+    small = ["--time-steps", "6", "--sigma", "0.23", "--repeats", "1", "--steps", "2"]
+    rows = bench.main([*small, "--backends", "dcls,fast"])
+    assert [(r["peak_mib"], r["eval_peak_mib"]) for r in rows] == list(footprint.values())
+
+
+def test_bench_times_the_best_mean_of_synchronised_calls_after_a_warm_up(monkeypatch):
+    """``_time``: one warm-up call (not timed, its work finished before the clock starts), then
+    the best of ``repeats`` means over ``steps`` calls, each timing ended by a synchronisation.
+    A stand-in for CUDA: a call only queues its work; the clock moves when the queue is drained."""
+    import types
+
+    bench = _load_experiment("bench")
+    clock = {"now": 0.0, "queued": 0.0}
+
+    def synchronize(device=None):  # noqa: ANN001, ANN202
+        clock["now"] += clock["queued"]
+        clock["queued"] = 0.0
+
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    for repeats, costs in ((1, [50.0, 3.0, 5.0]), (3, [50.0, 3.0, 5.0, 1.0, 2.0, 2.0, 2.0])):
+        queue = list(costs)  # per call, in order: the warm-up, then `steps` calls per repeat
+        clock.update(now=0.0, queued=0.0)
+
+        def call(queue=queue):  # noqa: ANN001, ANN202
+            clock["queued"] += queue.pop(0)
+
+        steps = 2
+        means = [sum(costs[1 + i * steps : 1 + (i + 1) * steps]) / steps for i in range(repeats)]
+        assert bench._time(call, torch.device("cuda"), steps, repeats) == pytest.approx(min(means))
+        assert queue == [] and clock["queued"] == 0.0  # every call made, and waited for
+
+
+def test_bench_rows_name_their_network_sigma_and_published_batch(monkeypatch, tmp_path):
+    """Two networks and two sigmas: each row names its network, the sigma its model ran at (K//2
+    of that network's kernel) and that network's published batch when --batch is not given; the
+    JSON holds the same rows, and targets.py judges each row against the reference of its own
+    network and sigma."""
+    import json
+
+    bench = _tiny_bench(monkeypatch)
+    monkeypatch.setattr(bench, "_time", lambda fn, *_: fn() or 1.0)  # not what is checked here: one call
+    monkeypatch.setattr(bench, "collect", lambda device: None)
+    models = []
+    build = bench.build_network
+    monkeypatch.setattr(bench, "build_network", lambda *a, **kw: models.append(build(*a, **kw)) or models[-1])
+    out = tmp_path / "bench.json"
+    small = ["--time-steps", "4", "--repeats", "1", "--json", str(out)]
+    rows = bench.main([*small, "--networks", "shd,ssc", "--sigma", "K//2,0.5", "--backends", "dcls,fast"])
+    want = [
+        (net, float(sigma), backend)
+        for net, k in (("shd", 5), ("ssc", 7))
+        for sigma in (k // 2, 0.5)
+        for backend in ("dcls", "fast")
+    ]
+    assert [(r["network"], r["sigma"], r["backend"]) for r in rows] == want
+    assert [(r["batch"], r["time_steps"]) for r in rows] == [(TINY_NETWORKS[n][7], 4) for n, _, _ in want]
+    assert [len(m.blocks) for m in models] == [TINY_NETWORKS[n][3] for n, _, _ in want]
+    assert [m.delay_layers()[-1].sigma for m in models] == pytest.approx([s for _, s, _ in want])
+    saved = json.loads(out.read_text())
+    assert saved["results"] == rows and saved["meta"]["finished"] and saved["meta"]["device"] == "cpu"
+    (report,) = _load_experiment("targets").main([str(out)])  # CPU targets: SHD only
+    assert [(v["network"], v["sigma"], v["backend"]) for v in report["verdicts"]] == [
+        ("shd", 2.0, "fast"),
+        ("shd", 0.5, "fast"),
+    ]
+
+
+def test_targets_judge_speedups_and_limits_against_each_sigmas_reference(tmp_path):
+    """CPU: training at least 5x faster than the reference of the same network and sigma,
+    evaluation at least 10x (the reference's time over the row's; the limit itself meets it);
+    CUDA: a time or peak equal to its limit meets it. The exit status is 1 when the default
+    misses a target in any of the files given."""
+    import json
+    import subprocess
+    import sys
+
+    targets = _load_experiment("targets")
+
+    def row(backend, sigma, train_s, eval_s, **extra):  # noqa: ANN001, ANN003, ANN202
+        return dict(
+            network="shd",
+            backend=backend,
+            sigma=sigma,
+            batch=256,
+            time_steps=100,
+            train_s=train_s,
+            eval_s=eval_s,
+            **extra,
+        )
+
+    cpu = [
+        row("dcls", 0.23, 0.625, 1.25),
+        row("fast", 0.23, 0.125, 0.125),  # x5 and x10: at the limits, met
+        row("fast:dense", 0.23, 0.0625, 0.25),  # x10 and x5: evaluation missed
+        row("dcls", 12.0, 2.5, 2.5),
+        row("fast", 12.0, 0.25, 0.125),  # x10 and x20 of its own reference (x2.5, x10 of sigma 0.23's)
+    ]
+    good = tmp_path / "cpu.json"
+    good.write_text(json.dumps(dict(meta=dict(device="cpu"), results=cpu)))
+    (report,) = targets.main([str(good)])
+    assert [(v["sigma"], v["backend"], v["default"], v["met"]) for v in report["verdicts"]] == [
+        (0.23, "fast", True, True),
+        (0.23, "fast:dense", False, False),
+        (12.0, "fast", True, True),
+    ]
+    checks = {(v["sigma"], v["backend"]): v["checks"] for v in report["verdicts"]}
+    assert checks[0.23, "fast:dense"] == [("train x10.00 (>= 5)", True), ("eval x5.00 (>= 10)", False)]
+    assert checks[12.0, "fast"] == [("train x10.00 (>= 5)", True), ("eval x20.00 (>= 10)", True)]
+    assert report["default_met"]
+
+    peaks = dict(peak_mib=300.0, eval_peak_mib=90.0)
+    gpu = [row("dcls", 0.23, 0.009, 0.004, **peaks), row("fast+graphs", 0.23, 0.005, 0.002, **peaks)]
+    (cuda,) = targets.judge(dict(meta=dict(device="cuda"), results=gpu))["verdicts"]
+    assert cuda["met"] and [ok for _, ok in cuda["checks"]] == [True] * 4  # all at their limits
+
+    bad = tmp_path / "cpu_slow.json"
+    cpu[1]["eval_s"] = 0.25  # the default's evaluation x5: missed
+    bad.write_text(json.dumps(dict(meta=dict(device="cpu"), results=cpu)))
+    script = Path(__file__).parent.parent / "experiments/targets.py"
+    status = [
+        subprocess.run([sys.executable, script, *files], capture_output=True).returncode
+        for files in ([good], [good, bad], [bad, good])
+    ]
+    assert status == [0, 1, 1]
+
+
+def test_targets_say_why_a_file_with_no_judged_row_fails(tmp_path, capsys):
+    """SSC alone on the CPU has no target: nothing is judged, and the output says so beside
+    the exit status 1, naming what was benchmarked and what has targets."""
+    import json
+
+    targets = _load_experiment("targets")
+    rows = [
+        dict(network="ssc", backend=b, sigma=0.23, batch=128, time_steps=100, train_s=1.0, eval_s=1.0)
+        for b in ("dcls", "fast")
+    ]
+    path = tmp_path / "ssc.json"
+    path.write_text(json.dumps(dict(meta=dict(device="cpu"), results=rows)))
+    (report,) = targets.main([str(path)])
+    assert report["verdicts"] == [] and not report["default_met"]
+    assert "no row judged: ssc benchmarked, targets on cpu: shd (exit status 1)" in capsys.readouterr().out

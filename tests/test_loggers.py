@@ -210,3 +210,27 @@ def test_wandb_run_stopped_by_a_signal_is_marked_preempted(tmp_path, monkeypatch
         "stopped": (True, 128 + signal.SIGTERM),
         "stopped_in_sweep": (False, 0),
     }
+
+
+def test_csv_logger_writes_every_step_with_the_keys_it_logged(tmp_path):
+    """Every logged step is a row of logs/metrics.csv, its own values under the union of the keys
+    logged so far: a step that logs fewer keys than an earlier one (a metric of some epochs only)
+    leaves those empty, and the earlier rows keep theirs."""
+    import csv
+
+    from snn_delays.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path)
+    logged = {
+        1: {"train/loss": 1.5, "memory/peak_mib": 300.0},
+        2: {"train/loss": 1.25},
+        3: {"train/loss": 1.0, "valid/acc": 0.5},
+        4: {"valid/acc": 0.75},
+    }
+    for step, metrics in logged.items():
+        logger.log_metrics(metrics, step=step)
+    with open(tmp_path / "logs" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [{k: v for k, v in row.items() if v != ""} for row in rows] == [
+        {"step": str(step), **{k: str(v) for k, v in metrics.items()}} for step, metrics in logged.items()
+    ]

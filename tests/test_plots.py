@@ -601,3 +601,98 @@ def test_plot_command_expands_a_tilde_in_out(run_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert plot_cli.main([str(run_dir), "--no-data", "--out", "~/figs"]) == 0  # as from --out=~/figs
     assert written["out"] == tmp_path / "figs" and not (tmp_path / "~").exists()
+
+
+def test_spike_raster_draws_each_layers_spikes_and_the_membrane_in_ms(model):
+    """Each hidden panel draws its own layer's spikes in the middle of their 10 ms bins (neuron on
+    the y axis), titled with that layer's count and rate in Hz per neuron; the input panel spans
+    the input's duration in ms; the output panel draws each class's membrane potential in the
+    middle of its bins."""
+    import re
+
+    dt = 10.0
+    torch.manual_seed(1)
+    x = (torch.rand(12, 6) < 0.3).float() * 3
+    with torch.no_grad():
+        u, spikes = model(x[:, None], return_spikes=True)
+    fig = plots.spike_raster(model, x)
+    assert fig.axes[0].images[0].get_extent() == pytest.approx([0, 12 * dt, -0.5, 5.5])
+    assert len(fig.axes) == len(spikes) + 2
+    for ax, s in zip(fig.axes[1:-1], spikes, strict=True):
+        s = s[:, 0].numpy()
+        t, neuron = np.nonzero(s)
+        assert t.size > 0, "a panel with spikes to place"
+        np.testing.assert_allclose(ax.collections[0].get_offsets(), np.column_stack([(t + 0.5) * dt, neuron]))
+        count, rate = re.search(r": (\d+) spikes, ([0-9.]+) Hz per neuron$", ax.get_title()).groups()
+        seconds = s.shape[0] * dt / 1000
+        assert int(count) == s.sum() and float(rate) == pytest.approx(
+            s.sum() / s.shape[1] / seconds, abs=0.05
+        )
+    lines = fig.axes[-1].get_lines()
+    assert len(lines) == u.shape[2]
+    for c, line in enumerate(lines):
+        np.testing.assert_allclose(line.get_xdata(), (np.arange(u.shape[0]) + 0.5) * dt)
+        np.testing.assert_allclose(line.get_ydata(), u[:, 0, c].numpy())
+
+
+def test_weight_vs_delay_puts_each_synapse_at_its_delay_in_ms(model):
+    """Every synapse of a small layer is a point: its weight at its rounded delay in ms (dt = 10
+    ms), spread by at most 0.3 step."""
+    fig = plots.weight_vs_delay(model)
+    for ax, layer in zip(fig.axes, model.delay_layers(), strict=True):
+        d, w = layer.delays().numpy().ravel(), layer.weight.detach().numpy().ravel()
+        x, y = np.asarray(ax.collections[0].get_offsets()).T
+        np.testing.assert_allclose(y, w)
+        assert np.abs(x / 10.0 - d).max() <= 0.3 + 1e-9
+
+
+def test_training_curves_draw_each_layers_spread_around_its_mean():
+    """The mean delay panel: per layer, its mean and, dashed, its mean minus and plus its own std."""
+    rows = history()
+    for e, row in enumerate(rows):
+        for i in range(N_LAYERS + 1):
+            row[f"delay/mean_ms/layer{i}"] = 20.0 + 5 * i + e
+            row[f"delay/std_ms/layer{i}"] = 1.0 + i
+    fig = plots.training_curves(rows)
+    (ax,) = [a for a in fig.axes if a.get_title().startswith("mean delay per layer")]
+    lines = ax.get_lines()
+    for i in range(N_LAYERS + 1):
+        mean = np.array([r[f"delay/mean_ms/layer{i}"] for r in rows])
+        mean_line, low, high = lines[3 * i : 3 * i + 3]
+        np.testing.assert_allclose(mean_line.get_ydata(), mean)
+        np.testing.assert_allclose(low.get_ydata(), mean - (1.0 + i))
+        np.testing.assert_allclose(high.get_ydata(), mean + (1.0 + i))
+        assert low.get_linestyle() == high.get_linestyle() == "--"
+
+
+def test_plot_command_draws_the_sample_it_is_given_at_its_dpi(run_dir, tmp_path, monkeypatch):
+    """``--sample 1 --dpi 37``: the raster draws test sample 1 and names its label; the PNGs are
+    written at 37 dpi."""
+    from snn_delays.checkpoints import build_data
+
+    written: dict = {}
+
+    def fake_log_figures(logger, figures, step, out_dir, dpi):
+        raster = figures["spikes/raster"]
+        written.update(dpi=dpi, title=raster.axes[-1].get_title(), x=raster.axes[0].images[0].get_array())
+        return [plots.figure_path(out_dir, name) for name in figures]
+
+    monkeypatch.setattr(plot_cli, "log_figures", fake_log_figures)
+    assert plot_cli.main([str(run_dir), "--out", str(tmp_path), "--dpi", "37", "--sample", "1"]) == 0
+    config = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)["config"]
+    test = build_data(config).test
+    length, label = int(test.lengths[1]), int(test.y[1])
+    assert written["dpi"] == 37
+    np.testing.assert_array_equal(np.asarray(written["x"]), test.x[1, :length].float().numpy().T)
+    assert f"label {build_data(config).class_names[label]})" in written["title"]
+
+
+def test_training_curves_mark_the_first_of_tied_best_epochs():
+    """The trainer keeps best.pt at the first epoch reaching the best validation accuracy (a later
+    epoch that only ties it does not replace it): the dotted line marks that epoch."""
+    rows = history()
+    for row, acc in zip(rows, (0.5, 0.7, 0.7), strict=True):
+        row["valid/acc"] = acc
+    fig = plots.training_curves(rows)
+    assert "epoch 2, best on validation" in fig._suptitle.get_text()
+    assert all(ax.get_lines()[-1].get_xdata()[0] == 2 for ax in fig.axes)

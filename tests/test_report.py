@@ -247,3 +247,16 @@ def test_an_ignore_key_no_run_has_is_a_warning(tmp_path: Path, capsys: pytest.Ca
     rep.main([str(tmp_path / "sweep"), "--ignore", "optim.weights"])  # a prefix of a key does count
     out = capsys.readouterr()
     assert "no run has that key" not in out.err and "configurations: 1" in out.out
+
+
+def test_a_run_stopped_in_its_last_epoch_is_skipped(tmp_path: Path) -> None:
+    """Only a run that finished every configured epoch counts: one stopped one epoch short (in its
+    last epoch) is skipped, as one stopped early is."""
+    sweep = tmp_path / "sweep"
+    accs = {"test_acc": 0.5, "best_valid_acc": 0.6, "best_test_acc": 0.7}
+    _fake_run(sweep, "0_done", ["seed=0"], accs, epochs=10)
+    _fake_run(sweep, "1_short", ["seed=1"], accs, epochs=10)
+    (sweep / "1_short" / "metrics.json").write_text(json.dumps({**accs, "train_seconds": 5.0, "epochs": 9}))
+    groups, warnings = rep.report(sweep)
+    assert [[r.path.name for r in g.runs] for g in groups] == [["0_done"]]
+    assert warnings == ["skipped 1_short: stopped after epoch 9 of 10 (resume it with trainer.resume=true)"]
