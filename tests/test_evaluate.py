@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -215,3 +217,66 @@ def test_eval_draws_a_bar_per_split_unless_told_not_to(run_dir, capsys, progress
     for split in ("valid", "test"):
         assert (f"{split}:   0%" in err and "0/4" in err) is (progress == "true"), err  # 4 batches
     assert progress == "true" or err == ""
+
+
+def test_evaluation_scores_are_the_integer_delay_networks_over_every_sample():
+    """evaluate(): the mean over samples of SPEC's loss and the share of argmax hits, of the
+    evaluated network (eval mode: running BatchNorm statistics, rounded delays), whatever the
+    batch size (a last, smaller batch included)."""
+    from test_trainer_settings import _tiny_net, _written_out_loss
+
+    from snn_delays.data.base import Split
+    from snn_delays.training import evaluate
+
+    model = _tiny_net()
+    with torch.no_grad():  # running statistics that differ from a batch's own
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    torch.manual_seed(1)
+    n = 11
+    x = (torch.rand(n, 15, 6) < 0.3).float()
+    split = Split(x, torch.full((n,), 15), torch.randint(3, (n,)))
+    reference = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        losses, p = _written_out_loss(reference(x.transpose(0, 1)), split.y)
+    want_acc = float((p.argmax(-1) == split.y).double().mean())
+    model.train()  # evaluate() switches to the evaluated network itself
+    for batch in (4, n):
+        got = evaluate(model, split, batch)
+        assert got["loss"] == pytest.approx(float(losses.mean()), rel=1e-5)
+        assert got["acc"] == pytest.approx(want_acc)
+
+
+def test_eval_scores_each_split_as_the_run_did_at_its_best_epoch(run_dir):
+    """best.pt evaluated on each split gives the loss and accuracy the run recorded for that
+    split at its best epoch (the same integer-delay network, data and batches): the valid
+    result is the validation split's, the test result the test split's."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    row = rows[metrics["best_epoch"] - 1]
+    results = evaluate_checkpoint(
+        eval_cfg(f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "progress=false"), []
+    )
+    assert set(results) == {"valid", "test"}
+    for split in ("valid", "test"):
+        assert results[split]["acc"] == pytest.approx(float(row[f"{split}/acc"]), abs=1e-12), split
+        assert results[split]["loss"] == pytest.approx(float(row[f"{split}/loss"]), rel=1e-6), split
+    assert results["valid"]["loss"] != results["test"]["loss"]  # two splits, two scores
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused(run_dir, tmp_path):
+    """A checkpoint whose model lacks a tensor (sigma, a BatchNorm statistic) cannot be the
+    trained network: loaded anyway, the fresh model's value would stand in for it (a running
+    variance of 1, sigma K // 2) and another network than the one trained be evaluated."""
+    payload = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=False)
+    for suffix in ("running_var", "SIG"):
+        broken = {**payload, "model": dict(payload["model"])}
+        key = next(k for k in broken["model"] if k.endswith(suffix))
+        del broken["model"][key]
+        path = tmp_path / f"no_{suffix}.pt"
+        torch.save(broken, path)
+        with pytest.raises(ForeignCheckpointError, match=f"Missing key.*{key}"):
+            evaluate_checkpoint(eval_cfg(f"checkpoint={path}"), [])

@@ -130,3 +130,30 @@ def test_delay_convolutions_called_directly_refuse_mismatched_shapes():
         torch.rand(20, 2, 6), w, torch.zeros(4, 6, dtype=torch.long), 9, impl="c"
     )
     assert y.shape == (24, 2, 4)
+
+
+def test_dropout_keeps_one_mask_per_sample_and_neuron_over_time():
+    """SPEC, "The network": Dropout with one mask shared over time (a neuron silenced for a
+    sample is silent at every step), kept units scaled by 1 / (1 - p); nothing dropped in eval."""
+    from snn_delays.model import TimeDropout
+
+    torch.manual_seed(0)
+    drop = TimeDropout(0.25).train()
+    out = drop(torch.ones(40, 64, 32))
+    assert torch.equal(out, out[:1].expand_as(out)), "one mask for every time step"
+    assert torch.unique(out).tolist() == pytest.approx([0.0, 1 / 0.75])
+    assert float((out[0] == 0).float().mean()) == pytest.approx(0.25, abs=0.04)
+    x = torch.rand(5, 2, 3)
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_plif_reports_the_time_constant_it_learns():
+    """``SpikingNeurons.tau`` of a PLIF (logged and plotted) is spikingjelly's 1 / sigmoid(w):
+    its initial value at the start, the learned one after w moves."""
+    from snn_delays.neurons import SpikingNeurons
+
+    plif = SpikingNeurons(1.5, kind="plif")
+    assert plif.tau == pytest.approx(1.5)
+    with torch.no_grad():
+        plif.node.w.fill_(0.0)  # sigmoid(0) = 1/2
+    assert plif.tau == pytest.approx(2.0)
