@@ -129,9 +129,14 @@ def test_no_state_leaks_between_calls():
     assert torch.equal(neurons(x), first)
 
 
-def test_sigma_is_read_again_only_when_it_changes():
-    """The host copy of sigma follows set_sigma, load_state_dict and in-place edits."""
-    layer = DelayLayer(3, 4, 7, backend="fast", sigma_init=2.0)
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))],
+)
+def test_sigma_is_read_again_only_when_it_changes(device):
+    """The host copy of sigma follows set_sigma, load_state_dict and in-place edits (off the
+    CPU it is cached by the parameter's storage and version)."""
+    layer = DelayLayer(3, 4, 7, backend="fast", sigma_init=2.0).to(device)
     assert layer.sigma == 2.0
     layer.set_sigma(0.5)
     assert layer.sigma == 0.5
@@ -249,19 +254,3 @@ def test_clamp_is_to_the_spec_range_on_both_sides():
     torch.testing.assert_close(layer.positions.detach(), torch.tensor([[-4.0, -4.0, -0.5], [0.5, 4.0, 4.0]]))
     # evaluation: d = K//2 - round(p), torch's round (half to even, as the published P.round_())
     assert layer.delays().tolist() == [[8, 8, 4], [4, 0, 0]]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_sigma_is_read_again_only_when_it_changes_on_the_gpu():
-    """Off the CPU the host copy of sigma is cached by the parameter's storage and version: it
-    must follow set_sigma, load_state_dict and in-place edits there too."""
-    layer = DelayLayer(3, 4, 7, backend="fast", sigma_init=2.0).cuda()
-    assert layer.sigma == 2.0
-    layer.set_sigma(0.5)
-    assert layer.sigma == 0.5
-    other = DelayLayer(3, 4, 7, backend="fast", sigma_init=1.25)
-    layer.load_state_dict(other.state_dict())
-    assert layer.sigma == 1.25
-    with torch.no_grad():
-        layer.dcls.SIG.mul_(2)
-    assert layer.sigma == 2.5
