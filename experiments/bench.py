@@ -62,7 +62,7 @@ import torch
 from snn_delays.cuda_graphs import Body as GraphBody
 from snn_delays.cuda_graphs import Capture, GraphedSteps, StaticInputs, cuda_capture
 from snn_delays.fast_delays import IMPLS, keep_freed_memory
-from snn_delays.memtrack import TensorMemory, peak_mib
+from snn_delays.memtrack import TensorMemory, peak_mib, reset_peak_memory
 from snn_delays.model import DelaySNN
 
 NETWORKS = {  # n_inputs, n_classes, n_hidden, n_layers, K, tau, dropout, batch
@@ -106,18 +106,12 @@ def collect(device: torch.device) -> float | None:
 
 
 def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # glibc: hand the free heap back first (keep_freed_memory holds on to it) ...
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:  # ... then reset the resident high-water mark (VmHWM) to what is live now (Linux)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+    if device.type != "cuda":
+        try:  # glibc: hand the free heap back first (keep_freed_memory holds on to it) ...
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+    reset_peak_memory(device)  # ... then the peak starts from what is live now
 
 
 def build_network(net: str, backend: str, delays: str = "learned") -> DelaySNN:
