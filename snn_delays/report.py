@@ -270,20 +270,19 @@ def report(
         raise SystemExit(
             f"snn-delays-report: none of the {len(run_dirs)} runs under {root} has usable metrics"
         )
+    printed = len(warnings)
     for key in ignored:
         if key not in IGNORED and not any(is_ignored(k, (key,)) for run in runs for k in run.keys):
-            line = f"--ignore {key}: no run has that key, so it ignored nothing (a typo?)"
-            warnings.append(line)
-            print(f"warning: {line}", file=sys.stderr)
+            warnings.append(f"--ignore {key}: no run has that key, so it ignored nothing (a typo?)")
     groups = group_runs(runs)
     for g in groups:
         seeds = [r.seed for r in g.runs]
         if len(set(seeds)) < len(seeds):
-            line = (
+            warnings.append(
                 f"{g.label}: the same seed more than once ({' '.join(seeds)}): those runs are not independent"
             )
-            warnings.append(line)
-            print(f"warning: {line}", file=sys.stderr)
+    for line in warnings[printed:]:
+        print(f"warning: {line}", file=sys.stderr)
     out = out or root
     try:
         out.mkdir(parents=True, exist_ok=True)
