@@ -558,6 +558,50 @@ def test_c_gaussian_kernel_and_its_gradients(sigma):
 
 
 @pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
+@pytest.mark.parametrize("n_in", [37, 48])  # a partial last block of 16 channels, and none
+def test_row_events_list_every_nonzero_by_sample_step_channel(n_in):
+    """The C event lists (counted, then filled by threads over time steps, each row compacted
+    without branches and cut at its count) hold x's nonzeros in (b, t, i) order."""
+    torch.manual_seed(11)
+    x = (torch.rand(7, 5, n_in) < 0.08) * torch.randint(1, 4, (7, 5, n_in)).float()
+    x[1, 2] = torch.arange(1.0, n_in + 1)  # a full row
+    x[3, 0] = 0.0  # an empty row (others are empty by chance too)
+    x[0, 0, n_in - 1] = 5.0  # the last channel, alone in its row
+    x[0, 0, : n_in - 1] = 0.0
+    x[2, 1, 5] = -0.0  # a zero all the same
+    x[4, 3, 0] = float("nan")  # not zero: kept, as the dense paths propagate it
+    rows = fast_delays._RowEvents(x).fill()
+    xb = x.transpose(0, 1)  # (B, T, I): the rows' order
+    nonzero = xb != 0
+    assert rows.nnz == int(nonzero.sum())
+    torch.testing.assert_close(
+        rows.ptr, torch.cat([torch.zeros(1, dtype=torch.int64), nonzero.sum(-1).flatten().cumsum(0)])
+    )
+    assert torch.equal(rows.i.long(), nonzero.nonzero()[:, 2])
+    torch.testing.assert_close(rows.v, xb[nonzero], equal_nan=True)
+
+
+@pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
+def test_c_gaussian_kernel_writes_no_subnormals():
+    """A narrow Gaussian's far taps underflow to subnormals, which slow every product on Intel
+    CPUs ~4x: the C kernel writes them as zeros (each below 1.2e-38), the formula keeps them."""
+    torch.manual_seed(10)
+    w = torch.empty(16, 12).uniform_(-1, 1)
+    p = torch.empty(16, 12).uniform_(-12, 12)
+    tiny = torch.finfo(torch.float32).tiny
+
+    def subnormal(t):
+        return (t != 0) & (t.abs() < tiny)
+
+    assert subnormal(fast_delays.gaussian_kernel(w, p, 0.23, 25)).any()  # the case exists
+    kernel = fast_delays._GaussKernelCPU.apply(w.clone().requires_grad_(), p, 0.23, 25)
+    assert not subnormal(kernel).any()
+    torch.testing.assert_close(kernel, fast_delays.gaussian_kernel(w, p, 0.23, 25), rtol=1e-5, atol=1e-30)
+    _, _, gn = kernel.grad_fn.saved_tensors  # the normalised Gaussian kept for the backward
+    assert not subnormal(gn).any() and (gn == 0).any()
+
+
+@pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
 @pytest.mark.parametrize("length,n", [(13, 27), (25, 50), (40, 64), (6, 11)])  # odd and even n
 def test_direct_dfts_equal_torch_fft(length, n):
     torch.manual_seed(9)
