@@ -1317,8 +1317,10 @@ class _DelayConvCPU(torch.autograd.Function):
             y = _fft_forward(x, kernel_d, t_out, ctx.spectra)
         if not any(ctx.needs_input_grad[:2]):
             ctx.spectra = None  # nothing to share with a backward
-        ctx.rows, ctx.start, ctx.j = rows, start, j
-        ctx.save_for_backward(x, kernel_d)
+        ctx.rows, ctx.start, ctx.j, ctx.t_len = rows, start, j, t_len
+        # the events give dL/dk without x: it is not kept (nor packed and unpacked by the
+        # model's SavedSpikes hooks, two passes over a (T, B, in) tensor)
+        ctx.save_for_backward(x if rows is None else None, kernel_d)
         return y.contiguous()
 
     @staticmethod
@@ -1326,7 +1328,7 @@ class _DelayConvCPU(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor):  # noqa: ANN001, ANN205
         x, kernel = ctx.saved_tensors
         n_out, n_in, ksize = kernel.shape
-        t_len = x.shape[0]
+        t_len = ctx.t_len
         grad_y = grad_y.contiguous()
         grad_x = grad_k = None
         if ctx.needs_input_grad[0]:

@@ -511,6 +511,31 @@ def test_keep_freed_memory_takes_and_can_be_switched_off(monkeypatch):
 
 @pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
 @pytest.mark.parametrize("forward", ["events", "taps", "fft"])
+def test_cpu_conv_keeps_its_input_only_where_its_backward_reads_it(forward, monkeypatch):
+    """dL/dk comes from the forward's event lists on the event path, so x is not kept for the
+    backward there (nor packed and unpacked by the model's SavedSpikes hooks); the taps and
+    spectral forwards keep it for their spectral dL/dk. The gradients equal the kept-x path's."""
+    torch.manual_seed(12)
+    x = _input(33, 21, 6, 0.2)
+    kernel = torch.randn(18, 6, 25)
+    start = torch.zeros(18, 6, dtype=torch.int32)  # every tap in the window
+    grad_y = torch.randn(33 + 12, 21, 18)
+    grads = {}
+    for path in (forward, "fft"):
+        monkeypatch.setitem(fast_delays._FORCE, "forward", path)
+        k = kernel.clone().requires_grad_()
+        xi = x.clone().requires_grad_()
+        y = fast_delays._DelayConvCPU.apply(xi, k, start, 25)
+        saved_x, _ = y.grad_fn.saved_tensors
+        assert (saved_x is None) == (path == "events")
+        y.backward(grad_y)
+        grads[path] = (xi.grad, k.grad)
+    for got, want in zip(grads[forward], grads["fft"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
+@pytest.mark.parametrize("forward", ["events", "taps", "fft"])
 @pytest.mark.parametrize("grad_input", ["taps", "fft"])
 @pytest.mark.parametrize("sigma", [0.23, 3.0])
 def test_every_cpu_path_equals_dcls(forward, grad_input, sigma, monkeypatch):
