@@ -9,7 +9,8 @@ plain fully connected ones (the paper's no-delay baseline).
 While training, a hidden block's BatchNorm and LIF run as one step wherever the fused LIF
 kernels run (:mod:`snn_delays.bn_lif`: the same function, BatchNorm's input the only (T, B, C)
 tensor kept for the backward), and the dropout outputs the next layer saves are kept as bytes
-(:class:`SavedSpikes`).
+(:class:`SavedSpikes`). In evaluation on the CPU's C LIF kernel, BatchNorm's affine is folded
+into the LIF (:func:`~snn_delays.bn_lif.batchnorm_lif_eval`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from snn_delays.bn_lif import batchnorm_lif, fusable
+from snn_delays.bn_lif import batchnorm_lif, batchnorm_lif_eval, eval_fusable, fusable
 from snn_delays.delays import DelayLayer, max_delay_steps
 from snn_delays.neurons import SpikingNeurons
 
@@ -197,7 +198,9 @@ class DelaySNN(nn.Module):
                 later[0].spikes_in = True
 
     compact_saved_spikes = True  # SavedSpikes while training (False: float32, for comparisons)
-    fuse_batchnorm_lif = True  # snn_delays.bn_lif while training (False: two modules, for comparisons)
+    fuse_batchnorm_lif = (
+        True  # snn_delays.bn_lif: training, CPU evaluation (False: two modules, for comparisons)
+    )
 
     def forward(self, x: Tensor, return_spikes: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """``x`` (T, B, n_inputs) -> membrane ``u`` (T + (L+1)(K-1)//2, B, n_classes)."""
@@ -225,6 +228,8 @@ class DelaySNN(nn.Module):
                 x = synapses(x)
                 if training and self.fuse_batchnorm_lif and fusable(bn, neurons, x):
                     x = batchnorm_lif(x, bn, neurons)
+                elif self.fuse_batchnorm_lif and eval_fusable(bn, neurons, x):
+                    x = batchnorm_lif_eval(x, bn, neurons)
                 else:
                     x = bn(x)  # one statement each: the delay output dies before the LIF runs
                     x = neurons(x)

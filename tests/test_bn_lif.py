@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from snn_delays import fast_neurons
-from snn_delays.bn_lif import batchnorm_lif, fusable
+from snn_delays.bn_lif import batchnorm_lif, batchnorm_lif_eval, eval_fusable, fusable
 from snn_delays.memtrack import TensorMemory
 from snn_delays.model import DelaySNN, TimeBatchNorm
 from snn_delays.neurons import SpikingNeurons
@@ -126,7 +126,8 @@ def test_lif_forward_folds_the_affine_current_in():
 
 def test_model_trains_with_the_fused_step_and_evaluates_without_it(monkeypatch):
     """The model's hidden blocks run the fused step while training (the same loss and gradients
-    as the two modules to float32 rounding) and BatchNorm then LIF in evaluation."""
+    as the two modules to float32 rounding), and not in evaluation (its running statistics
+    are left alone; evaluation has its own fold, test_model_evaluates_with_batchnorm_folded)."""
     calls = []
     import snn_delays.model as model_module
 
@@ -219,3 +220,69 @@ def test_fusable_only_for_a_training_batchnorm_before_hidden_fused_neurons(reque
     before = [b.clone() for b in frozen.buffers()]
     model((torch.rand(30, 8, 12) < 0.3).float()).square().mean().backward()
     assert all(torch.equal(a, b) for a, b in zip(frozen.buffers(), before, strict=True))
+
+
+@pytest.mark.skipif(not fast_neurons.c_kernels_available(), reason="no C compiler")
+def test_evaluation_folds_batchnorm_into_the_c_lif(request, monkeypatch):
+    """Evaluation (running statistics, no gradients) on the C LIF: BatchNorm's per-channel
+    affine inside the LIF kernel gives the two modules' spikes."""
+    bn, _, neurons = _pair("c", request, monkeypatch)
+    with torch.no_grad():
+        bn.running_var.uniform_(0.5, 2.0)
+    bn.eval()
+    y = torch.randn(50, 8, 64, generator=torch.Generator().manual_seed(1)) * 2 + 0.3
+    with torch.no_grad():
+        assert eval_fusable(bn, neurons, y)
+        want = neurons(bn(y))
+        got = batchnorm_lif_eval(y, bn, neurons)
+    assert 0.1 < float(want.mean()) < 0.5  # spikes and silences both present
+    assert torch.equal(got, want)
+
+
+def test_evaluation_fold_only_without_gradients_on_the_c_lif(request, monkeypatch):
+    """Not while BatchNorm trains (batch statistics), with gradients on (evaluation with
+    gradients keeps autograd's two modules), for a readout, another LIF implementation, another
+    dtype, or a BatchNorm without affine parameters or running statistics."""
+    bn, _, neurons = _pair("c", request, monkeypatch)
+    y = torch.randn(10, 4, 64)
+    bn.eval()
+    with torch.no_grad():
+        assert eval_fusable(bn, neurons, y) == fast_neurons.c_kernels_available()
+        assert not eval_fusable(bn.train(), neurons, y)
+        bn.eval()
+        assert not eval_fusable(bn, SpikingNeurons(2.0, readout=True), y)
+        assert not eval_fusable(bn, SpikingNeurons(2.0, impl="spikingjelly"), y)
+        assert not eval_fusable(bn, neurons, y.double())
+        assert not eval_fusable(TimeBatchNorm(64, affine=False).eval(), neurons, y)
+        assert not eval_fusable(TimeBatchNorm(64, track_running_stats=False).eval(), neurons, y)
+        monkeypatch.setattr(fast_neurons, "_load_lib", lambda: None)  # the torch loop
+        assert not eval_fusable(bn, neurons, y)
+    monkeypatch.undo()
+    assert not eval_fusable(bn, neurons, y)  # gradients on
+
+
+@pytest.mark.skipif(not fast_neurons.c_kernels_available(), reason="no C compiler")
+def test_model_evaluates_with_batchnorm_folded(monkeypatch):
+    """A model in evaluation runs each hidden block's BatchNorm and LIF as one C pass, with the
+    two modules' output; with gradients on (or ``fuse_batchnorm_lif`` off) it runs both."""
+    calls = []
+    import snn_delays.model as model_module
+
+    real = model_module.batchnorm_lif_eval
+    monkeypatch.setattr(model_module, "batchnorm_lif_eval", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = DelaySNN(12, 3, n_hidden=24, n_layers=2, kernel_size=7, dropout=0.4)
+    model.set_sigma(1.0)
+    x = (torch.rand(30, 8, 12) < 0.3).float()
+    model(x).sum().backward()  # running statistics away from their initial values
+    model.eval()
+    out = {}
+    for fuse in (False, True):
+        monkeypatch.setattr(DelaySNN, "fuse_batchnorm_lif", fuse)
+        with torch.no_grad():
+            out[fuse], spikes = model(x, return_spikes=True)
+        assert len(calls) == 2 * fuse  # two hidden blocks
+        assert float(spikes[0].mean()) > 0.02
+    torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-6)
+    model(x)  # gradients on: the two modules
+    assert len(calls) == 2
