@@ -1240,7 +1240,8 @@ def _fft_grad_kernel(x: Tensor, grad_y: Tensor, ksize: int, spectra: _Spectra | 
 # (AVX-512, multiply-adds per ns): events 20 (plus ~0.05 ns per output row and 16-lane block),
 # taps 50, direct DFTs 32 forward / 38 inverse, complex products 44 (x4 real). They only pick a
 # path; every path computes the same function. Within a few tens of percent of the measured
-# times for the SHD and SSC layers (see experiments/FAST_DELAYS.md).
+# times for the SHD and SSC layers (see experiments/FAST_DELAYS.md); on a 2-core Intel Xeon
+# they pick the same paths as its measured times do.
 class _Shape:
     def __init__(self, t_len: int, batch: int, n_in: int, n_out: int, ksize: int) -> None:
         self.t, self.b, self.i, self.o, self.k = t_len, batch, n_in, n_out, ksize
