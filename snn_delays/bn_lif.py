@@ -78,7 +78,8 @@ def batchnorm_lif_eval(y: Tensor, bn: nn.BatchNorm1d, neurons: SpikingNeurons) -
     normalised (T, B, C) copy is neither written nor read (one pass over y, ~7 % of an SHD
     evaluation step on the CPU). The same spikes, but where the fused rounding (one, for two)
     moves a membrane across the threshold."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    invstd = 1.0 / torch.sqrt(bn.running_var + bn.eps)  # float32 throughout, as aten's CPU kernel
+    scale = invstd * bn.weight
     shift = bn.bias - bn.running_mean * scale
     tau, thr = float(neurons.node.tau), float(neurons.threshold)
     return fast_neurons.lif_forward(y, tau, thr, (True, False, False), use_c=True, affine=(scale, shift))[0]

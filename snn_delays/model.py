@@ -198,9 +198,8 @@ class DelaySNN(nn.Module):
                 later[0].spikes_in = True
 
     compact_saved_spikes = True  # SavedSpikes while training (False: float32, for comparisons)
-    fuse_batchnorm_lif = (
-        True  # snn_delays.bn_lif: training, CPU evaluation (False: two modules, for comparisons)
-    )
+    # snn_delays.bn_lif while training and in CPU evaluation (False: two modules, for comparisons)
+    fuse_batchnorm_lif = True
 
     def forward(self, x: Tensor, return_spikes: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """``x`` (T, B, n_inputs) -> membrane ``u`` (T + (L+1)(K-1)//2, B, n_classes)."""
