@@ -220,6 +220,7 @@ void row_fill(const float* x, int64_t T, int64_t B, int64_t I, const int64_t* pt
                         n += r[i] != 0.0f;
                     }
                 }
+                if (n == 0) continue;  /* the lists may be empty (NULL): no memcpy at all */
                 memcpy(ev_i + e, ri, n * sizeof(int32_t));
                 memcpy(ev_v + e, rv, n * sizeof(float));
             }
@@ -809,7 +810,7 @@ class _RowEvents:
         t_len, batch, n_in = x.shape
         self.x = x.detach().contiguous()
         counts = torch.empty(batch * t_len, dtype=torch.int64)
-        _LIB.row_count(_p(self.x), t_len, batch, n_in, _p(counts))
+        _lib().row_count(_p(self.x), t_len, batch, n_in, _p(counts))  # torch's thread count
         self.ptr = F.pad(counts.cumsum(0), (1, 0)).contiguous()
         self.nnz = int(self.ptr[-1])
         self.density = self.nnz / max(1, x.numel())
@@ -819,7 +820,7 @@ class _RowEvents:
         t_len, batch, n_in = self.shape
         self.i = torch.empty(self.nnz, dtype=torch.int32)
         self.v = torch.empty(self.nnz, dtype=torch.float32)
-        _LIB.row_fill(_p(self.x), t_len, batch, n_in, _p(self.ptr), _p(self.i), _p(self.v))
+        _lib().row_fill(_p(self.x), t_len, batch, n_in, _p(self.ptr), _p(self.i), _p(self.v))
         del self.x
         return self
 

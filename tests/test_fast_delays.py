@@ -604,6 +604,8 @@ def test_row_events_list_every_nonzero_by_sample_step_channel(n_in):
     )
     assert torch.equal(rows.i.long(), nonzero.nonzero()[:, 2])
     torch.testing.assert_close(rows.v, xb[nonzero], equal_nan=True)
+    silent = fast_delays._RowEvents(torch.zeros(3, 2, n_in)).fill()  # no events: empty lists
+    assert silent.nnz == 0 and silent.i.numel() == silent.v.numel() == 0 and int(silent.ptr[-1]) == 0
 
 
 @pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
