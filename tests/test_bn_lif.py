@@ -124,19 +124,25 @@ def test_lif_forward_folds_the_affine_current_in():
             assert torch.equal(a, b)
 
 
+def _model_counting(monkeypatch, name: str):  # noqa: ANN001, ANN202
+    """(calls, model, x): a seeded 2-hidden-block model whose calls of ``model.<name>`` (a
+    bn_lif function) are appended to ``calls``, and a spike input for it."""
+    import snn_delays.model as model_module
+
+    calls = []
+    real = getattr(model_module, name)
+    monkeypatch.setattr(model_module, name, lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = DelaySNN(12, 3, n_hidden=24, n_layers=2, kernel_size=7, dropout=0.4)
+    model.set_sigma(1.0)
+    return calls, model, (torch.rand(30, 8, 12) < 0.3).float()
+
+
 def test_model_trains_with_the_fused_step_and_evaluates_without_it(monkeypatch):
     """The model's hidden blocks run the fused step while training (the same loss and gradients
     as the two modules to float32 rounding), and not in evaluation (its running statistics
     are left alone; evaluation has its own fold, test_model_evaluates_with_batchnorm_folded)."""
-    calls = []
-    import snn_delays.model as model_module
-
-    real = model_module.batchnorm_lif
-    monkeypatch.setattr(model_module, "batchnorm_lif", lambda *a: calls.append(1) or real(*a))
-    torch.manual_seed(0)
-    model = DelaySNN(12, 3, n_hidden=24, n_layers=2, kernel_size=7, dropout=0.4)
-    model.set_sigma(1.0)
-    x = (torch.rand(30, 8, 12) < 0.3).float()
+    calls, model, x = _model_counting(monkeypatch, "batchnorm_lif")
     out = {}
     for fuse in (False, True):
         monkeypatch.setattr(DelaySNN, "fuse_batchnorm_lif", fuse)
@@ -265,15 +271,7 @@ def test_evaluation_fold_only_without_gradients_on_the_c_lif(request, monkeypatc
 def test_model_evaluates_with_batchnorm_folded(monkeypatch):
     """A model in evaluation runs each hidden block's BatchNorm and LIF as one C pass, with the
     two modules' output; with gradients on (or ``fuse_batchnorm_lif`` off) it runs both."""
-    calls = []
-    import snn_delays.model as model_module
-
-    real = model_module.batchnorm_lif_eval
-    monkeypatch.setattr(model_module, "batchnorm_lif_eval", lambda *a: calls.append(1) or real(*a))
-    torch.manual_seed(0)
-    model = DelaySNN(12, 3, n_hidden=24, n_layers=2, kernel_size=7, dropout=0.4)
-    model.set_sigma(1.0)
-    x = (torch.rand(30, 8, 12) < 0.3).float()
+    calls, model, x = _model_counting(monkeypatch, "batchnorm_lif_eval")
     model(x).sum().backward()  # running statistics away from their initial values
     model.eval()
     out = {}
