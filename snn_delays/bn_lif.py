@@ -37,11 +37,11 @@ from snn_delays.fast_delays import first_derivative_only
 from snn_delays.neurons import SpikingNeurons
 
 
-def fusable(bn: nn.Module, neurons: nn.Module, y: Tensor) -> bool:
-    """:func:`batchnorm_lif` computes ``neurons(bn(y))`` for a training step."""
+def _batchnorm_before_hidden_lif(bn: nn.Module, neurons: nn.Module, y: Tensor) -> bool:
+    """What both folds need: the model's BatchNorm (affine parameters, running statistics)
+    before hidden LIF neurons, on a float32 (T, B, C) input of its width."""
     return (
         isinstance(bn, nn.BatchNorm1d)
-        and bn.training
         and bn.affine
         and bn.track_running_stats
         and isinstance(neurons, SpikingNeurons)
@@ -49,7 +49,13 @@ def fusable(bn: nn.Module, neurons: nn.Module, y: Tensor) -> bool:
         and y.dim() == 3
         and y.shape[-1] == bn.num_features
         and y.dtype == torch.float32
-        and neurons.kernels(y) != "spikingjelly"
+    )
+
+
+def fusable(bn: nn.Module, neurons: nn.Module, y: Tensor) -> bool:
+    """:func:`batchnorm_lif` computes ``neurons(bn(y))`` for a training step."""
+    return (
+        _batchnorm_before_hidden_lif(bn, neurons, y) and bn.training and neurons.kernels(y) != "spikingjelly"
     )
 
 
@@ -57,17 +63,10 @@ def eval_fusable(bn: nn.Module, neurons: nn.Module, y: Tensor) -> bool:
     """:func:`batchnorm_lif_eval` computes ``neurons(bn(y))``: an evaluation step (BatchNorm
     on its running statistics, no gradients) on the C LIF kernel (the CPU's)."""
     return (
-        isinstance(bn, nn.BatchNorm1d)
+        _batchnorm_before_hidden_lif(bn, neurons, y)
         and not bn.training
-        and bn.affine
-        and bn.track_running_stats
         and bn.running_mean is not None
         and not torch.is_grad_enabled()
-        and isinstance(neurons, SpikingNeurons)
-        and not neurons.readout
-        and y.dim() == 3
-        and y.shape[-1] == bn.num_features
-        and y.dtype == torch.float32
         and neurons.kernels(y) == "c"
     )
 
