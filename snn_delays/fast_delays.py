@@ -1322,7 +1322,7 @@ class _DelayConvCPU(torch.autograd.Function):
             y = _fft_forward(x, kernel_d, t_out, ctx.spectra)
         if not any(ctx.needs_input_grad[:2]):
             ctx.spectra = None  # nothing to share with a backward
-        ctx.rows, ctx.start, ctx.j, ctx.t_len = rows, start, j, t_len
+        ctx.rows, ctx.start, ctx.j = rows, start, j
         # the events give dL/dk without x: it is not kept (nor packed and unpacked by the
         # model's SavedSpikes hooks, two passes over a (T, B, in) tensor)
         ctx.save_for_backward(x if rows is None else None, kernel_d)
@@ -1333,7 +1333,7 @@ class _DelayConvCPU(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor):  # noqa: ANN001, ANN205
         x, kernel = ctx.saved_tensors
         n_out, n_in, ksize = kernel.shape
-        t_len = ctx.t_len
+        t_len = ctx.shape.t
         grad_y = grad_y.contiguous()
         grad_x = grad_k = None
         if ctx.needs_input_grad[0]:
