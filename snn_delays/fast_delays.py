@@ -62,6 +62,7 @@ NORM_EPS = 1e-7
 TAP_TOL = 1e-8  # a dropped tap weighs less than this times its synapse's peak tap
 FREQ_CHUNKS = 4  # spectrum-sized work in this many blocks (products written over an operand, copies)
 SCATTER_DENSITY_MAX = 0.1  # evaluation: scalar adds per input spike below this density, else taps
+DENSITY_SAMPLES = 16  # evaluation: samples of a batch whose nonzeros pick the path above
 
 # --------------------------------------------------------------------------------------
 # Pure functions shared by every path
@@ -899,6 +900,15 @@ def _tap_conv(src: Tensor, coef: Tensor, start: Tensor, t_dst: int, lo: int = 0,
     out = torch.empty(t_dst, batch, n_out, dtype=torch.float32)
     lib.tap_unpack(_p(dst), _p(out), nb, n_out, t_dst, batch)
     return out
+
+
+def _nonzero_fraction(x: Tensor) -> float:
+    """Fraction of nonzeros of x (T, B, I), counted on :data:`DENSITY_SAMPLES` samples spread
+    over the batch (every sample of a smaller one). It only picks the evaluation's path (both
+    compute the same function); counting every row took 1.0-2.4 ms a layer of a 70-80 ms SHD
+    evaluation step on a 2-core Xeon, 16 samples ~0.55 ms."""
+    sub = x[:, :: max(1, x.shape[1] // DENSITY_SAMPLES)]
+    return int(torch.count_nonzero(sub)) / max(1, sub.numel())
 
 
 def _delay_scatter(x: Tensor, weight: Tensor, delays: Tensor, t_out: int, ksize: int) -> Tensor:
@@ -1928,7 +1938,7 @@ def integer_delay_conv(
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if path == "c" and not grad:
         w = weight.detach().float()
-        if _RowEvents(x).density <= SCATTER_DENSITY_MAX:
+        if _nonzero_fraction(x) <= SCATTER_DENSITY_MAX:
             return _delay_scatter(x, w, delays, x.shape[0] + (kernel_size - 1) // 2, kernel_size)
         return _taps_forward(x, w.unsqueeze(-1), taps, kernel_size).contiguous()
     if path == "gemm" and not grad:

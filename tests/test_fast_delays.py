@@ -495,6 +495,33 @@ def test_integer_path_sparse_and_dense_inputs(density, threads):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
+def test_evaluation_path_follows_the_density_of_samples_spread_over_the_batch(monkeypatch):
+    """Scalar adds at most SCATTER_DENSITY_MAX nonzeros, the taps above; the density is counted
+    on DENSITY_SAMPLES samples spread over the batch, not its first ones."""
+    torch.manual_seed(7)
+    ran = []
+    for name in ("_delay_scatter", "_taps_forward"):
+        orig = getattr(fast_delays, name)
+        monkeypatch.setattr(fast_delays, name, lambda *a, _o=orig, _n=name: ran.append(_n) or _o(*a))
+    w, d = torch.randn(5, 6), torch.randint(0, 9, (5, 6))
+    silent_first = torch.zeros(20, 128, 6)
+    silent_first[:, 64:] = (torch.rand(20, 64, 6) < 0.5).float()  # half the batch at 0.5: 0.25
+    small = (torch.rand(20, 3, 6) < 0.05).float()
+    small[:, 2] = 1.0  # a batch under DENSITY_SAMPLES: every sample counted (0.05 of two, 1 of one)
+    for x, fraction, path in (
+        (silent_first, float(silent_first.count_nonzero()) / silent_first.numel(), "_taps_forward"),
+        (small, float(small.count_nonzero()) / small.numel(), "_taps_forward"),
+        ((torch.rand(20, 128, 6) < 0.05).float(), None, "_delay_scatter"),
+    ):
+        if fraction is not None:
+            assert fast_delays._nonzero_fraction(x) == pytest.approx(fraction, abs=0.02)
+        ran.clear()
+        got = fast_delays.integer_delay_conv(x, w, d, 9, impl="c")
+        assert ran == [path]
+        torch.testing.assert_close(got, fast_delays.integer_delay_conv(x, w, d, 9, impl="dense"))
+
+
 def test_keep_freed_memory_takes_and_can_be_switched_off(monkeypatch):
     import platform
 
