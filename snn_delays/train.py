@@ -313,6 +313,7 @@ def _train(
     if ckpt is not None:
         state, logger_kwargs = load_for_resume(ckpt, cfg, model, opt, dist, saved)
         if dist.is_main and fit_cfg.save_checkpoints:
+            keep_resume_point(ckpt, run_dir)
             keep_best_checkpoint(ckpt, saved, state, run_dir)
     net = model
     if dist.world_size > 1:
@@ -484,6 +485,21 @@ def load_for_resume(
     return state, (
         {"run_id": run_id} if run_id and cfg.logger.get("_target_", "").endswith("WandbLogger") else {}
     )
+
+
+def keep_resume_point(path: Path, run_dir: Path) -> None:
+    """A run resumed from another folder's checkpoint wrote its own last.pt only at the end of its
+    first epoch: until then, and for good when no epoch was left, its folder held nothing to
+    resume from, and ``trainer.resume=true`` there started over. The checkpoint it continues
+    from is copied in as its last.pt (the next epoch's replaces it)."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.is_file():  # this run's own (resumed in its folder), or one written already
+        return
+    last.parent.mkdir(parents=True, exist_ok=True)
+    tmp = last.with_suffix(".tmp")
+    shutil.copyfile(path, tmp)
+    tmp.replace(last)
+    log.info("%s: the checkpoint this run continues from, copied from %s", last, path)
 
 
 def keep_best_checkpoint(path: Path, saved: dict[str, Any], state: TrainState, run_dir: Path) -> None:

@@ -199,6 +199,27 @@ def test_a_run_resumed_from_another_folder_keeps_its_best_checkpoint(tmp_path, m
     ).read_bytes()
 
 
+def test_a_run_resumed_from_another_folder_can_itself_be_resumed(tmp_path):
+    """Resumed from another run's finished checkpoint, a folder got best.pt but no last.pt (no
+    epoch was left to write one), so trainer.resume=true there started over from scratch."""
+    from test_train_cli import compose_train
+
+    from snn_delays import train
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    done = train.run(compose_train(*RUN[:1], "trainer.epochs=3", *RUN[2:]), first)
+    again = train.run(
+        compose_train(*RUN[:1], "trainer.epochs=3", *RUN[2:], f"trainer.resume={first}"), second
+    )
+    last = second / "checkpoints" / "last.pt"
+    assert last.read_bytes() == (first / "checkpoints" / "last.pt").read_bytes()
+    resumed = train.run(compose_train(*RUN[:1], "trainer.epochs=3", *RUN[2:], "trainer.resume=true"), second)
+    assert done["test_acc"] == again["test_acc"] == resumed["test_acc"]
+    assert (
+        resumed["epochs"] == 3 and len(history(second)) == 3
+    )  # the epochs of the first run, none trained again
+
+
 def test_wandb_run_resumes_under_the_same_id(tmp_path):
     out = tmp_path / "run"
     args = [
