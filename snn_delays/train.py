@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -46,6 +45,7 @@ from snn_delays.training import (
     Optimization,
     StopFlag,
     TrainState,
+    copy_checkpoint,
     fit,
     set_random_states,
     summary,
@@ -495,10 +495,7 @@ def keep_resume_point(path: Path, run_dir: Path) -> None:
     last = run_dir / "checkpoints" / "last.pt"
     if last.is_file():  # this run's own (resumed in its folder), or one written already
         return
-    last.parent.mkdir(parents=True, exist_ok=True)
-    tmp = last.with_suffix(".tmp")
-    shutil.copyfile(path, tmp)
-    tmp.replace(last)
+    copy_checkpoint(path, last)
     log.info("%s: the checkpoint this run continues from, copied from %s", last, path)
 
 
@@ -517,10 +514,7 @@ def keep_best_checkpoint(path: Path, saved: dict[str, Any], state: TrainState, r
         except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable: the next candidate
             continue
         if epoch == state.best_epoch:
-            best.parent.mkdir(parents=True, exist_ok=True)
-            tmp = best.with_suffix(".tmp")
-            shutil.copyfile(source, tmp)
-            tmp.replace(best)
+            copy_checkpoint(source, best)
             log.info("%s: the best epoch so far (%d), copied from %s", best, epoch, source)
             return
     log.warning(

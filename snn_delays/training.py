@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 import random
+import shutil
 import signal
 import sys
 import time
@@ -637,9 +638,18 @@ def checkpoint_payload(
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     """Write through a temporary file, so a killed job never leaves a half-written checkpoint."""
+    _write_through_tmp(path, lambda tmp: torch.save(payload, tmp))
+
+
+def copy_checkpoint(source: Path, path: Path) -> None:
+    """``source``'s bytes to ``path``, through a temporary file as :func:`save_checkpoint`."""
+    _write_through_tmp(path, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def _write_through_tmp(path: Path, write: Callable[[Path], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
+    write(tmp)
     tmp.replace(path)
 
 
