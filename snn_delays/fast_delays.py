@@ -998,24 +998,30 @@ def _fft_len(t_len: int, ksize: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _dft_basis(n: int, length: int, flip: bool = False, dtype: torch.dtype = torch.float32) -> Tensor:
-    """(L, F, 2): ``exp(-2 pi i f m / n)`` (re, im) at row r, m = r (``flip``: m = L-1-r)."""
+def _dft_basis(
+    n: int, length: int, flip: bool = False, dtype: torch.dtype = torch.float32, conj: bool = False
+) -> Tensor:
+    """(L, F, 2): ``exp(-2 pi i f m / n)`` (re, im) at row r, m = r (``flip``: m = L-1-r);
+    ``conj``: its conjugate, the transform's conjugate for a real series."""
     f = torch.arange(n // 2 + 1, dtype=torch.float64)
     m = torch.arange(length, dtype=torch.float64)
     angle = 2 * math.pi * torch.outer(m.flip(0) if flip else m, f) / n
-    return torch.stack([torch.cos(angle), -torch.sin(angle)], -1).to(dtype).contiguous()
+    sine = torch.sin(angle) if conj else -torch.sin(angle)
+    return torch.stack([torch.cos(angle), sine], -1).to(dtype).contiguous()
 
 
 @functools.lru_cache(maxsize=32)
-def _idft_basis(n: int, rows: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """(T, F, 2): the weights of ``irfft`` (1/n, twice for the frequencies with a mirror)."""
+def _idft_basis(n: int, rows: int, dtype: torch.dtype = torch.float32, conj: bool = False) -> Tensor:
+    """(T, F, 2): the weights of ``irfft`` (1/n, twice for the frequencies with a mirror);
+    ``conj``: those of ``irfft`` of the given spectrum's conjugate (the imaginary parts' negated)."""
     f = torch.arange(n // 2 + 1, dtype=torch.float64)
     weight = torch.full_like(f, 2.0 / n)
     weight[0] = 1.0 / n
     if n % 2 == 0:
         weight[-1] = 1.0 / n
     angle = 2 * math.pi * torch.outer(torch.arange(rows, dtype=torch.float64), f) / n
-    return torch.stack([weight * torch.cos(angle), -weight * torch.sin(angle)], -1).to(dtype).contiguous()
+    sine = weight * torch.sin(angle) if conj else -weight * torch.sin(angle)
+    return torch.stack([weight * torch.cos(angle), sine], -1).to(dtype).contiguous()
 
 
 DFT_IMPLS = ("matmul", "fft")
@@ -1031,15 +1037,18 @@ def dft_impl() -> str:
     return value
 
 
-def _rdft(x: Tensor, n: int, flip: bool = False) -> Tensor:
+def _rdft(x: Tensor, n: int, flip: bool = False, conj: bool = False) -> Tensor:
     """``torch.fft.rfft(x, n, dim=0)`` (``flip``: of ``x.flip(0)``) as direct sums: in C on the
-    CPU, elsewhere one float32 product with the (L, 2F) DFT matrix (:func:`dft_impl`).
+    CPU, elsewhere one float32 product with the (L, 2F) DFT matrix (:func:`dft_impl`). ``conj``
+    (the C path only): the spectrum's conjugate, at no cost (a basis with the sines negated).
 
     For the few hundred points here a direct sum runs at the FMA rate and beats the strided
     transforms of pocketfft several times over. The product needs no zero-padded (n, ...) copy
     of x, which ``rfft`` makes (36 MiB for an SHD hidden layer, at its backward's peak); its
     result has the frequencies innermost, as ``rfft``'s along dim 0."""
     use_c = _use_c(x)
+    if conj and not use_c:
+        raise ValueError("a conjugated spectrum is made only by the C kernels")
     if not use_c and dft_impl() == "fft":
         return torch.fft.rfft(x.flip(0) if flip else x, n=n, dim=0)
     length, rest = x.shape[0], x.shape[1:]
@@ -1049,7 +1058,7 @@ def _rdft(x: Tensor, n: int, flip: bool = False) -> Tensor:
         with _tf32(x.device, off=True):
             pairs = torch.matmul(series.T, _dft_columns(n, length, flip, x.device, x.dtype))  # (C, 2F)
         return torch.view_as_complex(pairs.view(cols, -1, 2)).T.view(-1, *rest)
-    basis = _dft_basis(n, length, flip)
+    basis = _dft_basis(n, length, flip, conj=conj)
     out = torch.empty(basis.shape[1], *rest, 2, dtype=torch.float32)
     step_t, step_col = series.stride()
     _lib().dft_cols(_p(series), step_t, step_col, _p(basis), _p(out), cols, length, basis.shape[1])
@@ -1068,13 +1077,16 @@ def _use_c_spectrum(spec: Tensor) -> bool:
     return spec.device.type == "cpu" and spec.dtype == torch.complex64 and _load_lib() is not None
 
 
-def _irdft(spec: Tensor, n: int, rows: int) -> Tensor:
-    """``torch.fft.irfft(spec, n, dim=0)[:rows]``, as direct sums in C."""
+def _irdft(spec: Tensor, n: int, rows: int, conj: bool = False) -> Tensor:
+    """``torch.fft.irfft(spec, n, dim=0)[:rows]``, as direct sums in C; ``conj`` (C only): of
+    ``spec.conj()``, at no cost (a basis with the sines negated)."""
     if not _use_c_spectrum(spec):
+        if conj:
+            raise ValueError("a conjugated spectrum is read only by the C kernels")
         return torch.fft.irfft(spec, n=n, dim=0)[:rows]
     rest = spec.shape[1:]
     s = torch.view_as_real(spec.contiguous())
-    basis = _idft_basis(n, rows)
+    basis = _idft_basis(n, rows, conj=conj)
     out = torch.empty(rows, *rest, dtype=torch.float32)
     _lib().idft_cols(_p(s), _p(basis), _p(out), out[0].numel(), spec.shape[0], rows)
     return out
@@ -1111,13 +1123,19 @@ def _kernel_spectrum(kernel: Tensor, n: int) -> Tensor:
 
 class _Spectra:
     """The spectra of one layer's x, kernel and dL/dy over n points, each computed once and
-    shared by the products that need it (forward, dL/dx, dL/dk)."""
+    shared by the products that need it (forward, dL/dx, dL/dk).
+
+    On the C path dL/dy's is kept conjugated (``g_conj``): both products that read it need
+    the conjugate of another operand (H's, X's), which CPU ``bmm`` would copy whole (~10 ms
+    for an SHD hidden layer); ``conj(G) H`` and ``conj(G)^T X`` are the conjugates of the
+    products wanted, which the C inverse transform reads as such at no cost."""
 
     def __init__(self, n: int) -> None:
         self.n = n
         self.x: Tensor | None = None
         self.h: Tensor | None = None
         self.g: Tensor | None = None
+        self.g_conj = False
 
     def of_x(self, x: Tensor) -> Tensor:
         if self.x is None:
@@ -1130,8 +1148,10 @@ class _Spectra:
         return self.h
 
     def of_g(self, grad_y: Tensor) -> Tensor:
+        """dL/dy's spectrum, conjugated where ``g_conj`` (the C path)."""
         if self.g is None:
-            self.g = _rdft(grad_y, self.n)
+            self.g_conj = _use_c(grad_y)
+            self.g = _rdft(grad_y, self.n, conj=self.g_conj)
         return self.g
 
     def sharing_h(self) -> _Spectra:
@@ -1183,14 +1203,15 @@ def _fft_grad_input(
     are dropped before the inverse transform runs."""
     spectra = spectra or _Spectra(_fft_len(t_len, kernel.shape[2]))
     g, h = spectra.of_g(grad_y), spectra.of_h(kernel)
+    conj = spectra.g_conj  # g is conj(G): the product is conj(G conj(H)), H as it lies
     if free:
         spectra.g = spectra.h = None
     if free and h.shape[1] == h.shape[2]:  # O == I: the product (F, B, I) over dL/dy's spectrum
-        spec = _product_over(g, lambda f: torch.matmul(g[f], h[f].conj()))
+        spec = _product_over(g, lambda f: torch.matmul(g[f], h[f] if conj else h[f].conj()))
     else:
-        spec = torch.matmul(g, h.conj())
+        spec = torch.matmul(g, h if conj else h.conj())
     g = h = None  # the closure's references too
-    grad_x = _irdft(spec, spectra.n, t_len)
+    grad_x = _irdft(spec, spectra.n, t_len, conj=conj)
     del spec
     return grad_x
 
@@ -1198,14 +1219,19 @@ def _fft_grad_input(
 def _fft_grad_kernel_spectrum(
     x: Tensor | None, grad_y: Tensor, spectra: _Spectra, free_x: bool = False
 ) -> Tensor:
-    """The spectrum (F, O, I) of dL/dh: sum over (t, b) of g's spectrum times x's, conjugated.
-    ``free_x``: x's spectrum is not used again; the product is written over it where B == O."""
+    """The spectrum (F, O, I) of dL/dh: sum over (t, b) of g's spectrum times x's, conjugated;
+    its conjugate where ``spectra.g_conj`` (``conj(G)^T X``, X as it lies), which
+    :func:`_grad_kernel_from_spectrum` is then told. ``free_x``: x's spectrum is not used
+    again; the product is written over it where B == O."""
     g, xs = spectra.of_g(grad_y), spectra.of_x(x)
+    conj = spectra.g_conj
     if free_x:
         spectra.x = None
         if g.shape[1] == g.shape[2]:  # B == O: (F, O, I) over x's spectrum (F, B, I)
-            return _product_over(xs, lambda f: torch.matmul(g[f].transpose(1, 2), xs[f].conj()))
-    return torch.matmul(g.transpose(1, 2), xs.conj())
+            return _product_over(
+                xs, lambda f: torch.matmul(g[f].transpose(1, 2), xs[f] if conj else xs[f].conj())
+            )
+    return torch.matmul(g.transpose(1, 2), xs if conj else xs.conj())
 
 
 @functools.cache  # never evicted: a captured CUDA graph reads it by address
@@ -1216,8 +1242,9 @@ def _idft_rows(n: int, rows: int, device: torch.device, dtype: torch.dtype) -> T
     return _idft_basis(n, rows, dtype).flip(0).reshape(rows, -1).T.contiguous().to(device)
 
 
-def _grad_kernel_from_spectrum(spec: Tensor, n: int, ksize: int) -> Tensor:
-    """dL/dk (O, I, K) from the spectrum (F, O, I) of dL/dh, h[m] = k[K-1-m].
+def _grad_kernel_from_spectrum(spec: Tensor, n: int, ksize: int, conj: bool = False) -> Tensor:
+    """dL/dk (O, I, K) from the spectrum (F, O, I) of dL/dh, h[m] = k[K-1-m] (``conj``, C path
+    only: from its conjugate).
 
     Off the C path, a real product for the K rows needed, in full float32, instead of an
     inverse transform over all n points (36 MiB for an SHD hidden layer, at its backward's
@@ -1225,8 +1252,10 @@ def _grad_kernel_from_spectrum(spec: Tensor, n: int, ksize: int) -> Tensor:
     spectrum) the spectrum is its left operand as it lies; else it is copied to that layout
     a block of columns at a time."""
     if _use_c_spectrum(spec):
-        gh = _irdft(spec, n, ksize)  # dL/dh (K, O, I)
+        gh = _irdft(spec, n, ksize, conj=conj)  # dL/dh (K, O, I)
         return gh.flip(0).permute(1, 2, 0)
+    if conj:
+        raise ValueError("a conjugated spectrum is read only by the C kernels")
     n_freq, n_out, n_in = spec.shape
     cols = n_out * n_in
     pairs = torch.view_as_real(spec).permute(1, 2, 0, 3)  # (O, I, F, 2)
@@ -1247,7 +1276,8 @@ def _grad_kernel_from_spectrum(spec: Tensor, n: int, ksize: int) -> Tensor:
 
 def _fft_grad_kernel(x: Tensor, grad_y: Tensor, ksize: int, spectra: _Spectra | None = None) -> Tensor:
     spectra = spectra or _Spectra(_fft_len(x.shape[0], ksize))
-    return _grad_kernel_from_spectrum(_fft_grad_kernel_spectrum(x, grad_y, spectra), spectra.n, ksize)
+    spec = _fft_grad_kernel_spectrum(x, grad_y, spectra)
+    return _grad_kernel_from_spectrum(spec, spectra.n, ksize, conj=spectra.g_conj)
 
 
 # Estimated times (ns) of each CPU path for one layer, from kernel timings on a 2-core AMD EPYC
@@ -1442,7 +1472,7 @@ class _DelayConvFFT(torch.autograd.Function):
                     del x  # a saved tensor kept compactly (model.SavedSpikes): freed once transformed
                     spectra.of_g(grad_y)
                     spec_k = _fft_grad_kernel_spectrum(None, grad_y, spectra, free_x=True)
-                    grad_k = _grad_kernel_from_spectrum(spec_k, ctx.n, kernel.shape[2])
+                    grad_k = _grad_kernel_from_spectrum(spec_k, ctx.n, kernel.shape[2], spectra.g_conj)
                     del spec_k
                 if ctx.needs_input_grad[0]:
                     grad_x = _fft_grad_input(grad_y, kernel, t_len, spectra, free=True).contiguous()
@@ -1450,10 +1480,11 @@ class _DelayConvFFT(torch.autograd.Function):
             if ctx.needs_input_grad[1]:  # dL/dk over every block, then x is no longer needed
                 spec_k = None
                 for block in ctx.blocks:
-                    part = _fft_grad_kernel_spectrum(x[:, block], grad_y[:, block], _Spectra(ctx.n))
+                    part_spectra = _Spectra(ctx.n)  # g_conj: the same for every block (one device)
+                    part = _fft_grad_kernel_spectrum(x[:, block], grad_y[:, block], part_spectra)
                     spec_k = part if spec_k is None else spec_k.add_(part)
                     del part
-                grad_k = _grad_kernel_from_spectrum(spec_k, ctx.n, kernel.shape[2])
+                grad_k = _grad_kernel_from_spectrum(spec_k, ctx.n, kernel.shape[2], part_spectra.g_conj)
                 del spec_k
             del x
             if ctx.needs_input_grad[0]:

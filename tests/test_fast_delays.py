@@ -700,6 +700,55 @@ def test_direct_dfts_equal_torch_fft(length, n):
     for rows in (length, 4):
         want = torch.fft.irfft(spec, n=n, dim=0)[:rows]
         torch.testing.assert_close(fast_delays._irdft(spec, n, rows), want, rtol=0, atol=1e-6 * scale)
+        want_conj = torch.fft.irfft(spec.conj(), n=n, dim=0)[:rows]
+        got_conj = fast_delays._irdft(spec, n, rows, conj=True)
+        torch.testing.assert_close(got_conj, want_conj, rtol=0, atol=1e-6 * scale)
+    torch.testing.assert_close(fast_delays._rdft(x, n, conj=True), spec.conj(), rtol=0, atol=2e-6 * scale)
+
+
+@pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
+@pytest.mark.parametrize("batch_blocks", [None, "3"])
+def test_c_spectral_backward_conjugates_no_spectrum(batch_blocks, monkeypatch):
+    """On the C path dL/dy's spectrum is made conjugated, so neither backward product needs the
+    conjugate of H or X, which CPU ``bmm`` would copy whole (``aten._conj`` then a copy of a
+    spectrum: ~10 ms each for an SHD hidden layer); the gradients stay those of dcls. Both
+    spectral layers: the C path's (shared spectra) and ``impl="fft"`` (written over its
+    operands, in one batch block or three)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    if batch_blocks:
+        monkeypatch.setenv("SNN_DELAYS_FFT_BATCH", batch_blocks)
+    monkeypatch.setitem(fast_delays._FORCE, "forward", "fft")
+    monkeypatch.setitem(fast_delays._FORCE, "grad_input", "fft")
+    torch.manual_seed(12)
+    x = _input(30, 8, 10, 0.2)
+    for impl in ("c", "fft"):
+        monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", impl)
+        ref, fast = _pair(10, 10, 25, 3.0)  # square: the fft impl's products written over operands
+        results = []
+        for layer in (ref, fast):
+            xi = x.clone().requires_grad_()
+            y = layer(xi)
+            dy = torch.randn_like(y, generator=torch.Generator().manual_seed(2))
+            if layer is fast:
+                with Ops() as ops:
+                    y.backward(dy)
+            else:
+                y.backward(dy)
+            results.append([xi.grad, layer.dcls.weight.grad, layer.dcls.P.grad])
+        assert "aten.bmm.default" in ops.names, impl  # the spectral products ran
+        assert "aten._conj.default" not in ops.names, impl
+        for got, want in zip(results[1], results[0], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
 @pytest.mark.parametrize(
