@@ -828,6 +828,15 @@ class _RowEvents:
         del self.x
         return self
 
+    @classmethod
+    def filled(cls, shape: tuple[int, int, int], ptr: Tensor, i: Tensor, v: Tensor) -> _RowEvents:
+        """The lists of :meth:`fill` again, from its tensors (a backward's saved tensors)."""
+        rows = cls.__new__(cls)
+        rows.shape, rows.ptr, rows.i, rows.v = shape, ptr, i, v
+        rows.nnz = i.numel()
+        rows.density = rows.nnz / max(1, math.prod(shape))
+        return rows
+
 
 class _ChanEvents:
     """The same events by (block of samples, channel); (b, t) ascending in a group.
@@ -1352,28 +1361,33 @@ class _DelayConvCPU(torch.autograd.Function):
         rows = _RowEvents(x)
         ctx.shape = _Shape(t_len, x.shape[1], x.shape[2], n_out, ksize)
         path = _forward_path(ctx.shape, rows.density, j)
-        ctx.spectra = _Spectra(_fft_len(t_len, ksize))
+        spectra = _Spectra(_fft_len(t_len, ksize))
         rows = rows.fill() if path == "events" else None
         if path == "events":
             y = _event_conv(rows, kernel_d, t_out)
         elif path == "taps":
             y = _taps_forward(x, _window_coef(kernel_d, start, j), start, ksize)
         else:
-            y = _fft_forward(x, kernel_d, t_out, ctx.spectra)
-        if not any(ctx.needs_input_grad[:2]):
-            ctx.spectra = None  # nothing to share with a backward
-        ctx.rows, ctx.start, ctx.j = rows, start, j
-        # the events give dL/dk without x: it is not kept (nor packed and unpacked by the
-        # model's SavedSpikes hooks, two passes over a (T, B, in) tensor)
-        ctx.save_for_backward(x if rows is None else None, kernel_d)
+            y = _fft_forward(x, kernel_d, t_out, spectra)
+        ctx.start, ctx.j, ctx.n = start, j, spectra.n
+        # Everything the backward reads is a saved tensor, which autograd frees after a
+        # backward (or keeps for another, with retain_graph=True). x only for the taps path:
+        # the events give dL/dk without it, and the spectral forward keeps x's spectrum, so
+        # neither keeps x (nor has the model's SavedSpikes hooks pack and unpack it).
+        keep = any(ctx.needs_input_grad[:2])
+        events = (rows.ptr, rows.i, rows.v) if rows is not None else (None, None, None)
+        spectra = (spectra.x, spectra.h) if keep else (None, None)
+        ctx.save_for_backward(x if path == "taps" else None, kernel_d, *events, *spectra)
         return y.contiguous()
 
     @staticmethod
     @first_derivative_only
     def backward(ctx, grad_y: Tensor):  # noqa: ANN001, ANN205
-        x, kernel = ctx.saved_tensors
+        x, kernel, ptr, idx, val, spec_x, spec_h = ctx.saved_tensors
         n_out, n_in, ksize = kernel.shape
         t_len = ctx.shape.t
+        spectra = _Spectra(ctx.n)  # the forward's (spectral path), shared by both products
+        spectra.x, spectra.h = spec_x, spec_h
         grad_y = grad_y.contiguous()
         grad_x = grad_k = None
         if ctx.needs_input_grad[0]:
@@ -1381,13 +1395,13 @@ class _DelayConvCPU(torch.autograd.Function):
                 coef = _window_coef(kernel, ctx.start, ctx.j)
                 grad_x = _taps_grad_input(grad_y, coef, ctx.start, ksize, t_len).contiguous()
             else:
-                grad_x = _fft_grad_input(grad_y, kernel, t_len, ctx.spectra).contiguous()
+                grad_x = _fft_grad_input(grad_y, kernel, t_len, spectra).contiguous()
         if ctx.needs_input_grad[1]:
-            if ctx.rows is not None:
-                grad_k = _event_grad(ctx.rows, grad_y, n_out, ksize)
+            if ptr is not None:
+                rows = _RowEvents.filled((t_len, ctx.shape.b, n_in), ptr, idx, val)
+                grad_k = _event_grad(rows, grad_y, n_out, ksize)
             else:
-                grad_k = _fft_grad_kernel(x, grad_y, ksize, ctx.spectra)
-        ctx.rows = ctx.spectra = None
+                grad_k = _fft_grad_kernel(x, grad_y, ksize, spectra)
         return grad_x, grad_k, None, None
 
 

@@ -539,25 +539,26 @@ def test_keep_freed_memory_takes_and_can_be_switched_off(monkeypatch):
 @pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
 @pytest.mark.parametrize("forward", ["events", "taps", "fft"])
 def test_cpu_conv_keeps_its_input_only_where_its_backward_reads_it(forward, monkeypatch):
-    """dL/dk comes from the forward's event lists on the event path, so x is not kept for the
-    backward there (nor packed and unpacked by the model's SavedSpikes hooks); the taps and
-    spectral forwards keep it for their spectral dL/dk. The gradients equal the kept-x path's."""
+    """dL/dk comes from the forward's event lists on the event path and from the forward's
+    spectrum of x on the spectral path, so x is kept for the backward (and packed and unpacked
+    by the model's SavedSpikes hooks) only by the taps forward, for its spectral dL/dk. The
+    gradients equal the kept-x path's."""
     torch.manual_seed(12)
     x = _input(33, 21, 6, 0.2)
     kernel = torch.randn(18, 6, 25)
     start = torch.zeros(18, 6, dtype=torch.int32)  # every tap in the window
     grad_y = torch.randn(33 + 12, 21, 18)
     grads = {}
-    for path in (forward, "fft"):
+    for path in (forward, "taps"):
         monkeypatch.setitem(fast_delays._FORCE, "forward", path)
         k = kernel.clone().requires_grad_()
         xi = x.clone().requires_grad_()
         y = fast_delays._DelayConvCPU.apply(xi, k, start, 25)
-        saved_x, _ = y.grad_fn.saved_tensors
-        assert (saved_x is None) == (path == "events")
+        saved_x = y.grad_fn.saved_tensors[0]
+        assert (saved_x is None) == (path != "taps")
         y.backward(grad_y)
         grads[path] = (xi.grad, k.grad)
-    for got, want in zip(grads[forward], grads["fft"], strict=True):
+    for got, want in zip(grads[forward], grads["taps"], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
@@ -589,6 +590,35 @@ def test_every_cpu_path_equals_dcls(forward, grad_input, sigma, monkeypatch):
     assert called == [fwd_name, f"_{grad_input}_grad_input"]
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    ("impl", "forward"),
+    [("c", "events"), ("c", "taps"), ("c", "fft"), ("fft", None), ("gemm", None), ("dense", None)],
+)
+def test_a_retained_graph_backpropagates_twice(impl, forward, monkeypatch):
+    """``backward(retain_graph=True)`` then another backward adds the same gradients again, on
+    every path (the C layer's event lists and spectra were attributes it dropped after one
+    backward: the second failed with an AttributeError); without ``retain_graph`` the second
+    backward fails with autograd's own error."""
+    if impl == "c" and not fast_delays.c_kernels_available():
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", impl)
+    if forward:  # the C layer's forward path
+        monkeypatch.setitem(fast_delays._FORCE, "forward", forward)
+    torch.manual_seed(13)
+    _, layer = _pair(6, 18, 25, 2.0)
+    x = _input(33, 21, 6, 0.2).requires_grad_()
+    loss = layer(x).square().sum()
+    loss.backward(retain_graph=True)
+    once = [t.grad.clone() for t in (x, layer.dcls.weight, layer.dcls.P)]
+    loss.backward()
+    for t, first in zip((x, layer.dcls.weight, layer.dcls.P), once, strict=True):
+        torch.testing.assert_close(t.grad, 2 * first, rtol=1e-5, atol=1e-6 * first.abs().max().item())
+    loss = layer(x).square().sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
 
 
 @pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")

@@ -153,8 +153,8 @@ def test_dropout_outputs_are_saved_as_bytes_with_the_same_gradients(backend, imp
     """While training, a hidden layer's dropout output (binary spikes times the mask) that the
     next delay layer saves for its backward is kept as ``x != 0`` plus the mask: the same
     gradients, bit for bit, and (fast backend) a quarter of the bytes between forward and
-    backward. ``impl=None``: the default path of this machine (the C kernels), on its spectral
-    forward: the event forward keeps no x at all (test_fast_delays)."""
+    backward. ``impl=None``: the default path of this machine (the C kernels), on its taps
+    forward: the event and spectral forwards keep no x at all (test_fast_delays)."""
     from snn_delays import fast_delays
     from snn_delays.memtrack import TensorMemory
 
@@ -162,7 +162,7 @@ def test_dropout_outputs_are_saved_as_bytes_with_the_same_gradients(backend, imp
         monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", impl)
         monkeypatch.setattr(fast_delays, "_load_lib", lambda: None)
     else:
-        monkeypatch.setitem(fast_delays._FORCE, "forward", "fft")
+        monkeypatch.setitem(fast_delays._FORCE, "forward", "taps")
     torch.manual_seed(0)
     model = DelaySNN(12, 3, n_hidden=24, n_layers=2, kernel_size=7, delay_backend=backend, dropout=0.4)
     model.set_sigma(1.0)
