@@ -284,3 +284,20 @@ def test_model_evaluates_with_batchnorm_folded(monkeypatch):
     torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-6)
     model(x)  # gradients on: the two modules
     assert len(calls) == 2
+
+
+@pytest.mark.skipif(not fast_neurons.c_kernels_available(), reason="no C compiler")
+def test_evaluation_fold_adds_batchnorms_eps_to_the_running_variance(request, monkeypatch):
+    """Running variances near zero (a channel that barely varied), where BatchNorm's eps sets
+    the scale: the fold divides by sqrt(var + eps) as BatchNorm does."""
+    bn, _, neurons = _pair("c", request, monkeypatch)
+    bn.eps = 1e-2
+    with torch.no_grad():
+        bn.running_var.uniform_(0.0, 0.02)
+    bn.eval()
+    y = torch.randn(50, 8, 64, generator=torch.Generator().manual_seed(1)) * 0.05
+    with torch.no_grad():
+        want = neurons(bn(y))
+        got = batchnorm_lif_eval(y, bn, neurons)
+    assert 0.05 < float(want.mean()) < 0.6  # spikes and silences both present
+    assert torch.equal(got, want)

@@ -592,6 +592,39 @@ def test_every_cpu_path_equals_dcls(forward, grad_input, sigma, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
+@pytest.mark.parametrize("forward", ["events", "taps", "fft"])
+def test_every_cpu_path_gives_the_kernel_gradients_for_an_input_without_one(forward, monkeypatch):
+    """A first layer: its input (the data) needs no gradient, its weights and positions do. The
+    spectral forward keeps x's spectrum (and not x) for dL/dk even then."""
+    monkeypatch.setitem(fast_delays._FORCE, "forward", forward)
+    monkeypatch.setenv("SNN_DELAYS_CONV_IMPL", "c")
+    torch.manual_seed(7)
+    ref, fast = _pair(6, 18, 25, 3.0)
+    x = _input(33, 21, 6, 0.2)  # requires_grad False
+    grads = []
+    for layer in (ref, fast):
+        y = layer(x)
+        y.backward(torch.randn_like(y, generator=torch.Generator().manual_seed(1)))
+        grads.append((layer.dcls.weight.grad, layer.dcls.P.grad))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.skipif(not fast_delays.c_kernels_available(), reason="no C compiler")
+def test_row_events_rebuilt_from_saved_tensors_are_the_filled_ones():
+    """The backward's event lists (_RowEvents.filled, from the saved tensors) count and
+    order the events as the forward's did (a short count would have the C code that groups
+    them by channel write past its buffers)."""
+    torch.manual_seed(11)
+    rows = fast_delays._RowEvents(_input(7, 5, 37, 0.1)).fill()
+    again = fast_delays._RowEvents.filled(rows.shape, rows.ptr, rows.i, rows.v)
+    assert (again.shape, again.nnz, again.density) == (rows.shape, rows.nnz, rows.density)
+    chans = [fast_delays._ChanEvents(r, row_bytes=64) for r in (rows, again)]
+    for name in ("ptr", "b", "t", "v"):
+        assert torch.equal(getattr(chans[1], name), getattr(chans[0], name)), name
+
+
 @pytest.mark.parametrize(
     ("impl", "forward"),
     [("c", "events"), ("c", "taps"), ("c", "fft"), ("fft", None), ("gemm", None), ("dense", None)],

@@ -497,3 +497,44 @@ def test_plain_torchrun_runs_get_their_own_folder_shared_by_their_ranks(monkeypa
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job42")
     assert _run_dir(train._torchrun_overrides([])) == "outputs/torchrun/job42"
     assert _run_dir(train._torchrun_overrides(["hydra.run.dir=out"])) is None
+
+
+def test_keep_resume_point_leaves_a_runs_own_last_checkpoint(tmp_path):
+    """Resumed in its own folder (from last.pt, or from its best.pt), a run keeps its last.pt;
+    resumed from elsewhere, the checkpoint it continues from becomes its last.pt."""
+    from snn_delays import train
+
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    (run / "last.pt").write_bytes(b"epoch 5")
+    (run / "best.pt").write_bytes(b"epoch 3")
+    train.keep_resume_point(run / "best.pt", run.parent)
+    assert (run / "last.pt").read_bytes() == b"epoch 5"
+    other = tmp_path / "other"
+    train.keep_resume_point(run / "best.pt", other)
+    assert (other / "checkpoints" / "last.pt").read_bytes() == b"epoch 3"
+    assert sorted(p.name for p in (other / "checkpoints").iterdir()) == ["last.pt"]
+
+
+def test_copy_checkpoint_never_leaves_a_half_written_copy(tmp_path, monkeypatch):
+    """A job killed while a checkpoint is copied leaves the previous copy whole, as
+    save_checkpoint does: the bytes go to a temporary file, renamed over the copy once written."""
+    from snn_delays import training
+
+    source = tmp_path / "first" / "last.pt"
+    source.parent.mkdir()
+    source.write_bytes(b"epoch 2" * 100)
+    dest = tmp_path / "second" / "checkpoints" / "last.pt"
+    training.copy_checkpoint(source, dest)
+    assert dest.read_bytes() == source.read_bytes()
+    source.write_bytes(b"epoch 3" * 100)
+
+    def killed(src, dst):  # noqa: ANN001, ANN202
+        with open(dst, "wb") as f:
+            f.write(b"epo")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.shutil, "copyfile", killed)
+    with pytest.raises(KeyboardInterrupt):
+        training.copy_checkpoint(source, dest)
+    assert dest.read_bytes() == b"epoch 2" * 100
