@@ -994,7 +994,8 @@ def _taps_grad_input(grad_y: Tensor, coef: Tensor, start: Tensor, ksize: int, t_
 
 
 def _fft_len(t_len: int, ksize: int) -> int:
-    """The smallest 5-smooth length >= T + K - 1 (pocketfft is fastest on those)."""
+    """The smallest 5-smooth length >= T + K - 1 (pocketfft and cuFFT are fastest on those;
+    the C path's direct sums take T + K - 1 itself, :class:`_DelayConvCPU`)."""
     n = t_len + ksize - 1
     while True:
         m = n
@@ -1299,7 +1300,7 @@ class _Shape:
     def __init__(self, t_len: int, batch: int, n_in: int, n_out: int, ksize: int) -> None:
         self.t, self.b, self.i, self.o, self.k = t_len, batch, n_in, n_out, ksize
         self.t_out = t_len + (ksize - 1) // 2
-        self.f = _fft_len(t_len, ksize) // 2 + 1
+        self.f = (t_len + ksize - 1) // 2 + 1  # the C path's transforms: T + K - 1 points
 
     def events(self, density: float) -> float:
         """Forward and dL/dk (dL/dk re-reads its accumulator per block: dearer beyond 384 out)."""
@@ -1361,7 +1362,9 @@ class _DelayConvCPU(torch.autograd.Function):
         rows = _RowEvents(x)
         ctx.shape = _Shape(t_len, x.shape[1], x.shape[2], n_out, ksize)
         path = _forward_path(ctx.shape, rows.density, j)
-        spectra = _Spectra(_fft_len(t_len, ksize))
+        # T + K - 1 points, no wraparound: the C transforms are direct sums, which need no
+        # 5-smooth length (SHD's hidden layer: 69 frequencies instead of _fft_len's 73)
+        spectra = _Spectra(t_len + ksize - 1)
         rows = rows.fill() if path == "events" else None
         if path == "events":
             y = _event_conv(rows, kernel_d, t_out)

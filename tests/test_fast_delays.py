@@ -554,8 +554,10 @@ def test_cpu_conv_keeps_its_input_only_where_its_backward_reads_it(forward, monk
         k = kernel.clone().requires_grad_()
         xi = x.clone().requires_grad_()
         y = fast_delays._DelayConvCPU.apply(xi, k, start, 25)
-        saved_x = y.grad_fn.saved_tensors[0]
+        saved_x, spec_x = y.grad_fn.saved_tensors[0], y.grad_fn.saved_tensors[5]
         assert (saved_x is None) == (path != "taps")
+        if path == "fft":  # x's spectrum over T + K - 1 = 57 points (direct sums: no 5-smooth 60)
+            assert spec_x.shape == (57 // 2 + 1, 21, 6)
         y.backward(grad_y)
         grads[path] = (xi.grad, k.grad)
     for got, want in zip(grads[forward], grads["taps"], strict=True):
