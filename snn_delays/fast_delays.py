@@ -1379,8 +1379,8 @@ class _DelayConvCPU(torch.autograd.Function):
         # neither keeps x (nor has the model's SavedSpikes hooks pack and unpack it).
         keep = any(ctx.needs_input_grad[:2])
         events = (rows.ptr, rows.i, rows.v) if rows is not None else (None, None, None)
-        spectra = (spectra.x, spectra.h) if keep else (None, None)
-        ctx.save_for_backward(x if path == "taps" else None, kernel_d, *events, *spectra)
+        kept_spectra = (spectra.x, spectra.h) if keep else (None, None)
+        ctx.save_for_backward(x if path == "taps" else None, kernel_d, *events, *kept_spectra)
         return y.contiguous()
 
     @staticmethod
