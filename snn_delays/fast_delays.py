@@ -1300,7 +1300,10 @@ class _Shape:
     def __init__(self, t_len: int, batch: int, n_in: int, n_out: int, ksize: int) -> None:
         self.t, self.b, self.i, self.o, self.k = t_len, batch, n_in, n_out, ksize
         self.t_out = t_len + (ksize - 1) // 2
-        self.f = (t_len + ksize - 1) // 2 + 1  # the C path's transforms: T + K - 1 points
+        # the C path's transforms: T + K - 1 points, no wraparound (direct sums, which need no
+        # 5-smooth length: SHD's hidden layer has 69 frequencies instead of _fft_len's 73)
+        self.n = t_len + ksize - 1
+        self.f = self.n // 2 + 1
 
     def events(self, density: float) -> float:
         """Forward and dL/dk (dL/dk re-reads its accumulator per block: dearer beyond 384 out)."""
@@ -1362,9 +1365,7 @@ class _DelayConvCPU(torch.autograd.Function):
         rows = _RowEvents(x)
         ctx.shape = _Shape(t_len, x.shape[1], x.shape[2], n_out, ksize)
         path = _forward_path(ctx.shape, rows.density, j)
-        # T + K - 1 points, no wraparound: the C transforms are direct sums, which need no
-        # 5-smooth length (SHD's hidden layer: 69 frequencies instead of _fft_len's 73)
-        spectra = _Spectra(t_len + ksize - 1)
+        spectra = _Spectra(ctx.shape.n)
         rows = rows.fill() if path == "events" else None
         if path == "events":
             y = _event_conv(rows, kernel_d, t_out)
