@@ -1373,7 +1373,7 @@ class _DelayConvCPU(torch.autograd.Function):
             y = _taps_forward(x, _window_coef(kernel_d, start, j), start, ksize)
         else:
             y = _fft_forward(x, kernel_d, t_out, spectra)
-        ctx.start, ctx.j, ctx.n = start, j, spectra.n
+        ctx.start, ctx.j = start, j
         # Everything the backward reads is a saved tensor, which autograd frees after a
         # backward (or keeps for another, with retain_graph=True). x only for the taps path:
         # the events give dL/dk without it, and the spectral forward keeps x's spectrum, so
@@ -1390,7 +1390,7 @@ class _DelayConvCPU(torch.autograd.Function):
         x, kernel, ptr, idx, val, spec_x, spec_h = ctx.saved_tensors
         n_out, n_in, ksize = kernel.shape
         t_len = ctx.shape.t
-        spectra = _Spectra(ctx.n)  # the forward's (spectral path), shared by both products
+        spectra = _Spectra(ctx.shape.n)  # the forward's (spectral path), shared by both products
         spectra.x, spectra.h = spec_x, spec_h
         grad_y = grad_y.contiguous()
         grad_x = grad_k = None
